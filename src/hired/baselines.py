@@ -1,0 +1,1 @@
+"""The other token-reduction methods, as pure tensor functions registered beside HiRED."""

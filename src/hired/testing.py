@@ -1,0 +1,156 @@
+"""Tiny, randomly initialised LLaVA models of the real classes and geometry, for tests and demos.
+
+They keep what matters to token selection (336 px tiles, 14 px patches, the llava-hf v1.6 grid
+pinpoints, a CLS-token ViT, the real processor classes) and shrink the widths and depths so that
+a forward pass takes milliseconds. Their answers are noise: never read them as results.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+IMAGE_TOKEN = "<image>"
+WORDS = (
+    "USER ASSISTANT : what is in the image ? describe it a an cat dog red blue green one two three "
+    "yes no left right top bottom text of and with on this picture color shape how many"
+).split()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with ``<image>`` as a special token; builds offline."""
+    specials = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+    vocab = {token: index for index, token in enumerate(specials + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _vision_config(layers: int, width: int, heads: int) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=336,
+        patch_size=14,
+        projection_dim=width,
+        hidden_act="quick_gelu",
+    )
+
+
+def _text_config(vocab_size: int, width: int, layers: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        pad_token_id=3,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def tiny_llava_next(
+    seed: int = 0,
+    vision_layers: int = 3,
+    vision_width: int = 32,
+    vision_heads: int = 4,
+    text_width: int = 64,
+    text_layers: int = 2,
+    attn_implementation: str = "sdpa",
+) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
+    """A random LLaVA-NeXT (CLIP tower, Llama decoder) and its real processor class."""
+    tokenizer = tiny_tokenizer()
+    config = LlavaNextConfig(
+        vision_config=_vision_config(vision_layers, vision_width, vision_heads),
+        text_config=_text_config(len(tokenizer), text_width, text_layers),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    _fix_generation(model, tokenizer)
+    return model, processor
+
+
+def tiny_llava(
+    seed: int = 0,
+    vision_layers: int = 3,
+    vision_width: int = 32,
+    vision_heads: int = 4,
+    text_width: int = 64,
+    text_layers: int = 2,
+    attn_implementation: str = "sdpa",
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A random LLaVA-1.5 (one 336 px partition) and its real processor class."""
+    tokenizer = tiny_tokenizer()
+    config = LlavaConfig(
+        vision_config=_vision_config(vision_layers, vision_width, vision_heads),
+        text_config=_text_config(len(tokenizer), text_width, text_layers),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    image_processor = LlavaImageProcessorPil(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    _fix_generation(model, tokenizer)
+    return model, processor
+
+
+def _fix_generation(model, tokenizer) -> None:
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
