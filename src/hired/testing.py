@@ -7,6 +7,8 @@ a forward pass takes milliseconds. Their answers are noise: never read them as r
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -31,10 +33,13 @@ WORDS = (
 ).split()
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer with ``<image>`` as a special token; builds offline."""
+def tiny_tokenizer(extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with ``<image>`` as a special token; builds offline.
+
+    ``extra_words`` extend the vocabulary (after the default words, duplicates ignored).
+    """
     specials = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
-    vocab = {token: index for index, token in enumerate(specials + WORDS)}
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(specials + WORDS + list(extra_words)))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
