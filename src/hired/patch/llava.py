@@ -404,9 +404,9 @@ class HiredLlavaNextProcessor(_HiredProcessorMixin, LlavaNextProcessor):
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
         data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, **kwargs)
         if image_sizes is not None:
-            data["num_image_tokens"] = [
+            data.num_image_tokens = [
                 stock if (count := self.hired_tokens(_as_pair(size))) is None else count
-                for stock, size in zip(data["num_image_tokens"], image_sizes)
+                for stock, size in zip(data.num_image_tokens, image_sizes)
             ]
         return data
 
@@ -429,7 +429,7 @@ class HiredLlavaProcessor(_HiredProcessorMixin, LlavaProcessor):
         data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, **kwargs)
         count = self.hired_tokens(self._square())
         if image_sizes is not None and count is not None:
-            data["num_image_tokens"] = [count] * len(image_sizes)
+            data.num_image_tokens = [count] * len(image_sizes)
         return data
 
 
