@@ -77,6 +77,10 @@ class Method:
         install: for ``"llm"`` methods, ``(inner_model, config) -> None`` patches the decoder in place
             (``inner_model`` is the ``LlavaNextModel``/``LlavaModel`` holding ``language_model``);
             ``uninstall: (inner_model) -> None`` undoes it.
+        check_options: ``(method_name, options) -> None`` raises ``ValueError`` for a bad value;
+            ``options`` holds every option, defaults filled in.
+        adaptive_option: name of a boolean option that switches the method to a count chosen from
+            the pixels (then the budget no longer fixes the token count).
     """
 
     name: str
@@ -88,12 +92,20 @@ class Method:
     stage: str = "vision"
     install: Callable[[Any, "HiredConfig"], None] | None = None
     uninstall: Callable[[Any], None] | None = None
+    check_options: Callable[[str, dict], None] | None = None
+    adaptive_option: str | None = None
 
     def validate(self, config: "HiredConfig") -> None:
         unknown = set(config.method_options) - set(self.options)
         if unknown:
             allowed = ", ".join(sorted(self.options)) or "none"
             raise ValueError(f"method {self.name!r} has no options {sorted(unknown)}; its options: {allowed}")
+        if self.check_options is not None:
+            self.check_options(self.name, {**self.options, **config.method_options})
+
+    def has_fixed_budget(self, config: "HiredConfig") -> bool:
+        """Whether, under ``config``, the token count depends only on the image size."""
+        return self.fixed_budget and not (self.adaptive_option and self.option(config, self.adaptive_option))
 
     def option(self, config: "HiredConfig", name: str):
         return config.method_options.get(name, self.options[name])

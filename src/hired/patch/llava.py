@@ -179,7 +179,7 @@ class _HiredMixin:
             )
             selection = method.select(evidence, budget, config)
             chosen = _selected_features(evidence, selection)
-            if method.fixed_budget and chosen.shape[0] != budget:
+            if method.has_fixed_budget(config) and chosen.shape[0] != budget:
                 raise RuntimeError(
                     f"method {method.name!r} returned {chosen.shape[0]} tokens for a budget of {budget}; "
                     "this is a bug in the method"
@@ -470,10 +470,11 @@ def apply(model, processor=None, config: HiredConfig | None = None):
     stock = _stock_family(inner)
     hired_model_class, stock_processor_class, hired_processor_class = _FAMILIES[stock]
     method = get_method(config.method)
-    if not method.fixed_budget:
+    if processor is not None and not method.has_fixed_budget(config):
         raise ValueError(
-            f"method {config.method!r} decides its token count from the pixels, so the processor cannot "
-            "emit placeholders ahead of the model; use its fixed-budget mode"
+            f"method {config.method!r} in this mode decides its token count from the pixels, so the processor "
+            "cannot emit placeholders ahead of the model; use its fixed-budget mode, or apply it without a "
+            "processor and build inputs with hired.patch.adaptive.prepare_inputs(model, processor, images, text)"
         )
     probe = VisionProbe(inner.vision_tower)
     feature_layer = _feature_layer_index(inner, inner.config.vision_feature_layer, probe.num_layers)
