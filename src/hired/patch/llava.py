@@ -198,31 +198,41 @@ class _HiredMixin:
             mask = (inputs_embeds == image_embedding).all(-1)
         else:
             mask = input_ids == self.config.image_token_id
-        placeholders, features = int(mask.sum()), int(image_features.shape[0])
-        if placeholders != features:
-            records = self._hired.records
-            stock = sum(r.stock_tokens + _newlines(r) for r in records) * max(1, features // max(1, _fed(records)))
-            cause = (
-                "the prompt was expanded by the stock processor"
-                if placeholders == stock
-                else "the prompt and the images do not match"
-            )
-            raise ValueError(
-                f"the prompt holds {placeholders} image placeholders but HiRED produced {features} image "
-                f"features ({', '.join(str(r.visual_tokens) for r in records)} per image): {cause}. Prepare "
-                "inputs with the processor returned by hired.apply(model, processor), with one <image> "
-                "token per image."
-            )
+        _check_counts(self._hired.records, int(mask.sum()), int(image_features.shape[0]))
         return mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
 
 
-def _fed(records: list[SelectionRecord]) -> int:
-    return sum(r.visual_tokens for r in records)
+def _check_counts(records: list[SelectionRecord], placeholders: int, features: int) -> None:
+    """Fail clearly when the prompt's image placeholders do not match the features produced."""
+    if placeholders == features:
+        return
+    fed = sum(r.visual_tokens for r in records)
+    stock = sum(r.stock_tokens + r.extras.get("newline_tokens", 0) for r in records)
+    copies = features // fed if fed and features % fed == 0 else 1  # beam search repeats the images
+    cause = (
+        "the prompt was expanded by the stock processor"
+        if placeholders == stock * copies
+        else "the prompt and the images do not match"
+    )
+    raise ValueError(
+        f"the prompt holds {placeholders} image placeholders but HiRED produced {features} image features "
+        f"({', '.join(str(r.visual_tokens) for r in records)} per image): {cause}. Prepare inputs with the "
+        "processor returned by hired.apply(model, processor), with one <image> token per image."
+    )
 
 
-def _newlines(record: SelectionRecord) -> int:
-    rows, cols = record.grid
-    return 0 if rows == 0 else record.extras.get("newline_tokens", 0)
+def _checked_expand(model):
+    """Wrap generate's per-sequence split of image features with the count check (beam search)."""
+    stock_expand = type(model)._expand_multimodal_outputs
+
+    def expand(input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
+        image = mm_encoder_output.get("image")
+        if image is not None and input_ids is not None and input_ids.numel():
+            placeholders = int((input_ids == model.config.image_token_id).sum())
+            _check_counts(model.model._hired.records, placeholders, sum(len(f) for f in image.pooler_output))
+        return stock_expand(model, input_ids, mm_encoder_output, expand_size=expand_size, inputs_embeds=inputs_embeds)
+
+    return expand
 
 
 def _selected_features(evidence: VisionEvidence, selection: Selection) -> torch.Tensor:
@@ -502,6 +512,8 @@ def apply(model, processor=None, config: HiredConfig | None = None):
     inner._hired = _HiredState(config, probe)
     if method.install is not None:
         method.install(inner, config)
+    if model is not inner:
+        model._expand_multimodal_outputs = _checked_expand(model)
     model.config.hired = config.to_dict()
     if model.config is not inner.config:
         inner.config.hired = config.to_dict()
@@ -513,6 +525,7 @@ def remove(model, processor=None):
     inner = _inner_model(model)
     stock = _stock_family(inner)
     _uninstall_llm_method(inner)
+    model.__dict__.pop("_expand_multimodal_outputs", None)
     if type(inner) is not stock:
         inner.__class__ = stock
         del inner._hired
