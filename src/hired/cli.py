@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 # Modules that contribute subcommands, in the order --help lists them.
-SUBCOMMAND_MODULES = ("hired.cli",)
+SUBCOMMAND_MODULES = ("hired.cli", "hired.bench.cli")
 
 
 class CliError(Exception):
@@ -76,11 +76,12 @@ def load_model(name: str, dtype: str):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name == "tiny-random":
         from .testing import tiny_llava_next
 
-        return tiny_llava_next()
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        model, processor = tiny_llava_next()
+        return model.to(dtypes[dtype]), processor
     try:
         model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtypes[dtype]).eval()
         processor = AutoProcessor.from_pretrained(name)
@@ -117,7 +118,10 @@ def _generate(args: argparse.Namespace) -> None:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    answer = processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    new_tokens = output[0, inputs["input_ids"].shape[1]:]
+    answer = processor.decode(new_tokens, skip_special_tokens=True).strip()
+    if not answer:
+        answer = f"(no text: the model generated {len(new_tokens)} special tokens, ids {new_tokens.tolist()})"
     records = [record.to_dict() for record in hired.selections(model)]
     fed = sum(r["visual_tokens"] for r in records)
     stock = sum(r["stock_tokens"] + r.get("newline_tokens", 0) for r in records)
