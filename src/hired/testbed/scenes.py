@@ -1,8 +1,8 @@
 """Generated scenes: patterned shapes on plain, noisy and real-photo backgrounds, with known evidence.
 
 Each image is laid out on a LLaVA-NeXT canvas (1x2, 2x1, 2x2, 1x3 or 3x1 tiles of 224 px, in
-turn, so that every grid occurs), drawn at 1x or 2x that size and trimmed by up to 8% along one
-side so that the stock model has padding to remove. Every object is a circle, square, triangle or
+turn, so that every grid occurs), drawn at 1x or 2x that size and, where the grid stays the same, trimmed by up to 8% along its
+shorter side so that the stock model has padding to remove. Every object is a circle, square, triangle or
 diamond of one of six colours (no two alike in a scene), 3 to 4 patches (42-56 px) across at tile resolution, filled with one
 of four patterns (plain, stripes, bars, checks). The patterns alternate a lighter and a darker shade
 of the colour with a 4 px period at tile resolution and have the colour as their mean, so the base
@@ -21,6 +21,7 @@ import functools
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..algorithm import select_best_resolution
 from .sample import Box, Sample
 
 TILE = 224
@@ -194,11 +195,15 @@ def draw_scene(
     rows, cols = grid
     scale = int(rng.integers(1, 3))
     width, height = cols * TILE * scale, rows * TILE * scale
+    # Trim the side with fewer tiles (either side of a square grid), unless that would make
+    # LLaVA-NeXT pick another grid (a 1x2 image at 2x is then closer to 1x3).
     trim = 1.0 - float(rng.uniform(0.0, 0.08))
-    if rng.random() < 0.5:
-        width = int(round(width * trim))
-    else:
-        height = int(round(height * trim))
+    trimmed = (width, int(round(height * trim)))
+    if cols < rows or (cols == rows and rng.random() < 0.5):
+        trimmed = (int(round(width * trim)), height)
+    pinpoints = [(r * TILE, c * TILE) for r, c in GRIDS]
+    if select_best_resolution((trimmed[1], trimmed[0]), pinpoints) == (rows * TILE, cols * TILE):
+        width, height = trimmed
     background = backgrounds[int(rng.integers(len(backgrounds)))]
     image = _background(background, (width, height), scale, rng)
 
