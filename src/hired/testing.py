@@ -22,8 +22,14 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
-from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+try:  # transformers >= 5.x with separate backends: the PIL one needs no torchvision
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil as LlavaImageProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil as LlavaNextImageProcessor,
+    )
+except ImportError:  # earlier 5.x releases: the default classes are PIL/numpy based
+    from transformers import LlavaImageProcessor, LlavaNextImageProcessor
 
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 IMAGE_TOKEN = "<image>"
@@ -104,7 +110,7 @@ def tiny_llava_next(
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config).eval()
     model.set_attn_implementation(attn_implementation)
-    image_processor = LlavaNextImageProcessorPil(
+    image_processor = LlavaNextImageProcessor(
         size={"shortest_edge": 336},
         crop_size={"height": 336, "width": 336},
         image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
@@ -141,7 +147,7 @@ def tiny_llava(
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     model.set_attn_implementation(attn_implementation)
-    image_processor = LlavaImageProcessorPil(
+    image_processor = LlavaImageProcessor(
         size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
     )
     processor = LlavaProcessor(

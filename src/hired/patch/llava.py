@@ -405,20 +405,13 @@ class HiredLlavaNextProcessor(_HiredProcessorMixin, LlavaNextProcessor):
     def _pinpoints(self):
         return self.image_processor.image_grid_pinpoints
 
-    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        count = self.hired_tokens(_as_pair(image_inputs["image_sizes"][image_idx]))
+    def _get_number_of_features(self, orig_height: int, orig_width: int, height: int, width: int) -> int:
+        # The one count both the prompt expansion and the serving-side token count go through. Callers
+        # subtract the CLS token afterwards under the "default" strategy, so it is added back here.
+        count = self.hired_tokens((orig_height, orig_width))
         if count is None:
-            return super().replace_image_token(image_inputs, image_idx, **kwargs)
-        return self.image_token * count
-
-    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
-        data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, **kwargs)
-        if image_sizes is not None:
-            data.num_image_tokens = [
-                stock if (count := self.hired_tokens(_as_pair(size))) is None else count
-                for stock, size in zip(data.num_image_tokens, image_sizes)
-            ]
-        return data
+            return super()._get_number_of_features(orig_height, orig_width, height, width)
+        return count + (1 if self.vision_feature_select_strategy == "default" else 0)
 
 
 class HiredLlavaProcessor(_HiredProcessorMixin, LlavaProcessor):
@@ -512,7 +505,7 @@ def apply(model, processor=None, config: HiredConfig | None = None):
     inner._hired = _HiredState(config, probe)
     if method.install is not None:
         method.install(inner, config)
-    if model is not inner:
+    if model is not inner and hasattr(type(model), "_expand_multimodal_outputs"):
         model._expand_multimodal_outputs = _checked_expand(model)
     model.config.hired = config.to_dict()
     if model.config is not inner.config:

@@ -45,13 +45,15 @@ class VisionProbe:
 
     def __init__(self, tower: nn.Module) -> None:
         self.tower = tower
-        embeddings = getattr(tower, "embeddings", None)
+        # Some transformers releases wrap the ViT body (CLIPVisionModel.vision_model).
+        body = getattr(tower, "vision_model", tower)
+        embeddings = getattr(body, "embeddings", None)
         if not (hasattr(embeddings, "class_embedding") or hasattr(embeddings, "cls_token")):
             raise ValueError(
                 f"the vision tower {type(tower).__name__} has no CLS token; HiRED scores tokens by CLS attention "
                 "and needs a ViT with one (CLIP, DINOv2, ViT)"
             )
-        self.encoder, self.layers_attribute = self._find_layers(tower)
+        self.encoder, self.layers_attribute = self._find_layers(body)
         self.num_heads = int(tower.config.num_attention_heads)
         self.queries, self.keys = [], []
         for index, layer in enumerate(self.layers):
