@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 # Modules that contribute subcommands, in the order --help lists them.
-SUBCOMMAND_MODULES = ("hired.cli", "hired.bench.cli")
+SUBCOMMAND_MODULES = ("hired.cli", "hired.bench.cli", "hired.visualize", "hired.testbed.evidence", "hired.testbed.evaluate")
 
 
 class CliError(Exception):
@@ -81,6 +81,14 @@ def load_model(name: str, dtype: str):
         from .testing import tiny_llava_next
 
         model, processor = tiny_llava_next()
+        return model.to(dtypes[dtype]), processor
+    if name == "offline":
+        from .testbed.encoder import build_offline_llava_next
+
+        try:
+            model, processor = build_offline_llava_next()
+        except ImportError as error:
+            raise CliError(str(error)) from None
         return model.to(dtypes[dtype]), processor
     try:
         model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtypes[dtype]).eval()

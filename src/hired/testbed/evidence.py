@@ -25,8 +25,8 @@ every configuration, so differences between methods are paired.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -378,15 +378,24 @@ def records_for(
 
 
 def load_split(split: str, seed: int, images: int) -> list[Sample]:
-    """The samples of a split: ``images`` generated images from ``seed``."""
+    """The samples of a split: ``images`` generated images from ``seed``.
+
+    Documents carry four questions per page, each with the box of the text that answers it.
+    In scenes every drawn object is an item (each is the answer region of some question), so a
+    scene contributes all its objects rather than the one its question names.
+    """
     if split == "documents":
         from .documents import generate_documents
 
-        return generate_documents(seed, images)
+        return generate_documents(seed, images, questions_per_image=4)
     if split == "scenes":
         from .scenes import generate_scenes
 
-        return generate_scenes(seed, images)
+        return [
+            dataclasses.replace(sample, evidence=[tuple(item["box"])], question_type="object")
+            for sample in generate_scenes(seed, images)
+            for item in sample.meta["objects"]
+        ]
     raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
 
 

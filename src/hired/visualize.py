@@ -1,0 +1,209 @@
+"""The picture of a selection: every partition with its kept tokens and its CLS-attention heat map.
+
+One column per partition (the base view, then the AnyRes tiles in row-major order), showing the
+pixels the vision tower saw (read back from the processor's ``pixel_values``): kept tokens
+outlined, dropped tokens dimmed, positions over padding hatched, the partition's budget in the
+title; below, the selection-layer CLS attention that ranked the tokens. For AnyRes models a first
+column shows the whole image with the tiles' regions and budgets, over the base view's
+distribution-layer attention that shared the budget among them (the paper's figure 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+PANEL_INCHES = 3.0
+TITLE_INCHES = 0.6
+DPI = 100
+
+
+def figure_size(num_partitions: int) -> tuple[int, int]:
+    """``(width, height)`` in pixels of the picture for an image of ``num_partitions`` partitions."""
+    columns = num_partitions + (1 if num_partitions > 1 else 0)
+    return round(columns * PANEL_INCHES * DPI), round((2 * PANEL_INCHES + TITLE_INCHES) * DPI)
+
+
+def select_tokens(model, processor, image: Image.Image, config):
+    """Patch ``model`` with ``config``, encode ``image`` and return its selection record and tiles.
+
+    Returns:
+        ``(record, tiles)``: the :class:`hired.SelectionRecord` and the ``(P, T, T, 3)`` pixels in
+        ``[0, 1]`` that each partition showed the vision tower.
+
+    Raises:
+        ValueError: the method or budget selects nothing on the vision side, so there is nothing to show.
+    """
+    import hired
+    from hired.methods import get_method
+
+    method = get_method(config.method)
+    if method.select is None or method.stage != "vision":
+        raise ValueError(
+            f"method {config.method!r} selects no visual tokens before the language model, so there is no "
+            "selection to show; pick a vision-side method (e.g. hired, random, spatial)"
+        )
+    hired.apply(model, processor, config)
+    inputs = processor.image_processor([image], return_tensors="pt")
+    pixel_values = inputs["pixel_values"].to(model.device, model.dtype)
+    with torch.inference_mode():
+        if "image_sizes" in inputs:
+            model.model.get_image_features(pixel_values=pixel_values, image_sizes=inputs["image_sizes"])
+        else:
+            model.model.get_image_features(pixel_values=pixel_values)
+    record = hired.selections(model)[0]
+    if record.selection_scores is None:
+        raise ValueError(
+            f"a budget of {config.budget if config.tokens is None else config.tokens} keeps every token of this "
+            f"{image.width}x{image.height} image, so nothing is selected; give a smaller --budget or --tokens"
+        )
+    tiles = pixel_values[0] if pixel_values.dim() == 5 else pixel_values
+    tiles = tiles[: len(record.kept)].float().cpu()
+    mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
+    return record, (tiles * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def draw_selection(image: Image.Image, record, tiles: np.ndarray, patch: int, pinpoints, path: Path) -> None:
+    """Write the picture of ``record`` (see the module docstring) to ``path`` as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from .algorithm import AnyresGeometry
+
+    partitions = len(record.kept)
+    tile = tiles.shape[1]
+    geometry = AnyresGeometry.create(record.image_size, tile, patch, pinpoints if partitions > 1 else None)
+    side = geometry.side
+    width, height = figure_size(partitions)
+    figure = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    columns = partitions + (1 if partitions > 1 else 0)
+    grid = figure.add_gridspec(2, columns, left=0.01, right=0.99, bottom=0.01,
+                               top=1 - TITLE_INCHES / (height / DPI), wspace=0.04, hspace=0.12)
+    total = int(record.budgets.sum())
+    figure.suptitle(
+        f"{record.method}: {record.visual_tokens} of {record.stock_tokens} visual tokens kept "
+        f"({100 * record.visual_tokens / record.stock_tokens:.0f}%), image {image.width}x{image.height}, "
+        + (f"grid {record.grid[0]}x{record.grid[1]}" if partitions > 1 else "one partition"),
+        fontsize=11,
+    )
+    candidates = geometry.candidates
+    first = 0
+    if partitions > 1:
+        first = 1
+        _draw_overview(figure, grid, image, record, geometry, Rectangle, total)
+    for p in range(partitions):
+        title = "base view" if p == 0 else f"tile {p} (row {(p - 1) // record.grid[1] + 1}, col {(p - 1) % record.grid[1] + 1})"
+        kept = torch.zeros(side * side, dtype=torch.bool)
+        kept[record.kept[p].long()] = True
+        top = figure.add_subplot(grid[0, first + p])
+        top.imshow(_dimmed(tiles[p], kept, candidates[p], side))
+        for index in record.kept[p].tolist():
+            row, col = divmod(index, side)
+            top.add_patch(Rectangle((col * patch - 0.5, row * patch - 0.5), patch, patch, fill=False,
+                                    edgecolor="#00e5ff", linewidth=0.8))
+        top.set_title(f"{title}: {int(record.budgets[p])} of {int(candidates[p].sum())} kept", fontsize=9)
+        bottom = figure.add_subplot(grid[1, first + p])
+        scores = record.selection_scores[p].float().view(side, side).numpy()
+        bottom.imshow(tiles[p].mean(axis=2), cmap="gray", vmin=0, vmax=1)
+        bottom.imshow(np.kron(scores, np.ones((patch, patch))), cmap="inferno", alpha=0.75, norm=_norm(scores))
+        bottom.set_title("selection-layer CLS attention (square-root scale)", fontsize=8)
+        for axis in (top, bottom):
+            axis.set_axis_off()
+    figure.savefig(path, dpi=DPI, format="png")
+    plt.close(figure)
+
+
+def _norm(scores: np.ndarray):
+    """Square-root colour scale: CLS attention is peaked, and a linear scale shows only its peak."""
+    from matplotlib.colors import PowerNorm
+
+    return PowerNorm(gamma=0.5, vmin=0.0, vmax=max(float(scores.max()), 1e-12))
+
+
+def _dimmed(pixels: np.ndarray, kept: torch.Tensor, candidates: torch.Tensor, side: int) -> np.ndarray:
+    """The partition with dropped tokens darkened and positions over padding striped."""
+    patch = pixels.shape[0] // side
+    factor = np.where(kept.view(side, side).numpy(), 1.0, 0.35)
+    shaded = pixels * np.kron(factor, np.ones((patch, patch)))[..., None]
+    padding = np.kron(~candidates.view(side, side).numpy(), np.ones((patch, patch), dtype=bool))
+    stripes = (np.add.outer(np.arange(pixels.shape[0]), np.arange(pixels.shape[1])) // 4) % 2 == 0
+    shaded[padding & stripes] = 0.6
+    return shaded
+
+
+def _draw_overview(figure, grid, image, record, geometry, Rectangle, total: int) -> None:
+    from .testbed.evidence import token_footprints
+
+    footprints = token_footprints(geometry)
+    top = figure.add_subplot(grid[0, 0])
+    top.imshow(image)
+    top.set_title(f"image: base view {int(record.budgets[0])}, tiles {total - int(record.budgets[0])}", fontsize=9)
+    bottom = figure.add_subplot(grid[1, 0])
+    side = geometry.side
+    scores = record.distribution_scores.float().view(side, side).numpy()
+    bottom.imshow(scores, cmap="inferno", extent=(0, image.width, image.height, 0), aspect="auto", norm=_norm(scores))
+    bottom.set_title("first-layer CLS attention of the base view (shares the budget)", fontsize=8)
+    for p in range(1, geometry.num_partitions):
+        boxes = footprints[p][geometry.candidates[p]]
+        x0, y0 = float(boxes[:, 0].min()), float(boxes[:, 1].min())
+        x1, y1 = float(boxes[:, 2].max()), float(boxes[:, 3].max())
+        for axis in (top, bottom):
+            axis.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="#00e5ff", linewidth=1.2))
+            axis.text(x0 + 0.04 * (x1 - x0), y0 + 0.12 * (y1 - y0), f"{p}: {int(record.budgets[p])}", color="white",
+                      fontsize=8, bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0})
+    for axis in (top, bottom):
+        axis.set_xlim(0, image.width)
+        axis.set_ylim(image.height, 0)
+        axis.set_axis_off()
+
+
+def show(model, processor, image: Image.Image, config, path: Path) -> None:
+    """Select tokens of ``image`` with ``config`` and write the picture of the selection to ``path``."""
+    record, tiles = select_tokens(model, processor, image, config)
+    draw_selection(image, record, tiles, model.config.vision_config.patch_size,
+                   getattr(model.config, "image_grid_pinpoints", None), path)
+
+
+def _run_cli(args: argparse.Namespace) -> None:
+    from .cli import CliError, config_from_args, emit, load_image, load_model
+
+    config = config_from_args(args)
+    image = load_image(args.image)
+    output = Path(args.output)
+    if output.suffix.lower() != ".png":
+        raise CliError(f"the picture is written as PNG; give an output path ending in .png, got {output}")
+    if not output.parent.is_dir():
+        raise CliError(f"output folder {output.parent} does not exist")
+    model, processor = load_model(args.model, args.dtype)
+    try:
+        show(model, processor, image, config, output)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    emit(args, {"output": str(output), "config": config.to_dict()}, f"wrote {output}")
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    from .cli import add_budget_arguments
+
+    parser = subparsers.add_parser(
+        "show", help="draw which tokens a method keeps in each partition, beside the CLS-attention maps",
+        description="Encode IMAGE, select tokens and write a PNG: the base view and each AnyRes tile with the "
+        "kept tokens outlined and the per-partition budgets, the selection-layer CLS attention below, and "
+        "the whole image with the tiles' budgets over the first-layer attention that shared them.",
+    )
+    parser.add_argument("image", help="image file")
+    parser.add_argument("--model", default="offline",
+                        help="'offline' (real DINOv2 encoder), 'tiny-random', a hub id or a local folder")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("-o", "--output", default="selection.png", help="PNG file to write")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_budget_arguments(parser)
+    parser.set_defaults(run=_run_cli)
