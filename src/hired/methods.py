@@ -150,3 +150,4 @@ register(Method("full", None, "the stock model: every token, with newline tokens
 
 # Importing the baselines registers them.
 from . import baselines  # noqa: E402,F401
+from .patch import fastv  # noqa: E402,F401

@@ -1,0 +1,176 @@
+"""FastV inside the tiny decoder: stock identity at full budget, exact KV cache, a manual reference."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.masking_utils import create_causal_mask
+
+import hired
+from hired.algorithm import AnyresGeometry
+from hired.testing import LLAVA_NEXT_PINPOINTS, tiny_llava, tiny_llava_next
+
+PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
+LAYERS = 4
+
+
+def picture(width, height, seed=0):
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [picture(800, 600, 0), picture(500, 1000, 1), picture(672, 672, 2)]
+
+
+def encode(processor, images):
+    return processor(images=images, text=[PROMPT] * len(images), return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("budget", [dict(budget=1.0), dict(tokens=100_000)])
+@pytest.mark.parametrize("factory", [tiny_llava_next, tiny_llava], ids=["llava-next", "llava-1.5"])
+def test_keep_all_is_the_stock_model(factory, budget, images):
+    model, processor = factory(text_layers=LAYERS)
+    inputs = encode(processor, images[:2])
+    with torch.no_grad():
+        stock_logits = model(**inputs).logits
+        stock_tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    hired.apply(model, processor, method="fastv", **budget)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(logits, stock_logits)
+    assert torch.equal(tokens, stock_tokens)
+
+
+def test_kv_cache_holds_exactly_the_kept_image_positions(images):
+    model, processor = tiny_llava_next(text_layers=LAYERS)
+    hired.apply(model, processor, method="fastv", budget=0.2)
+    inputs = encode(processor, images)
+    text = (inputs["attention_mask"].bool() & (inputs["input_ids"] != processor.image_token_id)).sum(dim=1)
+    kept = torch.tensor([hired.HiredConfig(budget=0.2).budget_for(r) for r in _stock_counts(model, images)])
+    with torch.no_grad():
+        output = model(**inputs, use_cache=True)
+    lengths = {layer.keys.shape[-2] for layer in output.past_key_values.layers}
+    assert lengths == {int((text + kept).max())}  # every layer, the longest row; others left-filled
+    plan = model.model._fastv.plan
+    assert plan.valid.sum(dim=1).tolist() == (text + kept).tolist()
+    assert plan.image_kept.tolist() == kept.tolist()
+    kept_ids = torch.gather(inputs["input_ids"], 1, plan.index).masked_fill(~plan.valid, -1)
+    assert (kept_ids == processor.image_token_id).sum(dim=1).tolist() == kept.tolist()
+    assert [r.extras["fastv_kept"] for r in hired.selections(model)] == kept.tolist()
+    assert output.logits.shape[1] == plan.length
+
+
+def _stock_counts(model, images):
+    return [
+        AnyresGeometry.create((im.height, im.width), 336, 14, LLAVA_NEXT_PINPOINTS).stock_tokens for im in images
+    ]
+
+
+def test_single_image_cache_length_on_llava_1_5():
+    model, processor = tiny_llava(text_layers=LAYERS)
+    hired.apply(model, processor, method="fastv", tokens=50, method_options={"layer": 3})
+    inputs = encode(processor, [picture(640, 480)])
+    with torch.no_grad():
+        output = model(**inputs, use_cache=True)
+    assert output.past_key_values.get_seq_length() == inputs["input_ids"].shape[1] - 576 + 50
+
+
+def test_prefill_matches_a_manual_reference(images):
+    """Eager attention maps pick the tokens; layers K.. run by hand on the kept hidden states."""
+    model, processor = tiny_llava_next(text_layers=LAYERS)
+    inputs = encode(processor, images[:1])
+    layer = 2
+    language_model = model.model.language_model
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        stock = model(**inputs, output_attentions=True, output_hidden_states=True)
+    model.set_attn_implementation("sdpa")
+    is_image = inputs["input_ids"][0] == processor.image_token_id
+    keep_count = hired.HiredConfig(budget=0.2).budget_for(_stock_counts(model, images[:1])[0])
+    attention = stock.attentions[layer - 1][0, :, -1].mean(dim=0)  # last token, heads averaged
+    image_positions = is_image.nonzero().flatten()
+    best = image_positions[attention[image_positions].sort(descending=True, stable=True).indices[:keep_count]]
+    keep = ~is_image
+    keep[best] = True
+    positions = keep.nonzero().flatten()
+
+    with torch.no_grad():
+        hidden = stock.hidden_states[layer][:, positions]
+        position_ids = positions[None]
+        rotary = language_model.rotary_emb(hidden, position_ids=position_ids)
+        mask = create_causal_mask(language_model.config, hidden, None, None)  # plain causal over kept tokens
+        for decoder_layer in language_model.layers[layer:]:
+            hidden = decoder_layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids)
+        expected = model.lm_head(language_model.norm(hidden))
+
+    hired.apply(model, processor, method="fastv", budget=0.2, method_options={"layer": layer})
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert torch.equal(model.model._fastv.plan.index[0], positions)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_batch_rows_match_single_runs_through_decoding(images):
+    """Left padding, filler slots and the decoding mask translation change nothing per row."""
+    model, processor = tiny_llava_next(text_layers=LAYERS)
+    hired.apply(model, processor, method="fastv", budget=0.1)
+
+    def steps(batch):
+        with torch.no_grad():
+            out = model.generate(
+                **encode(processor, batch), max_new_tokens=3, do_sample=False,
+                output_logits=True, return_dict_in_generate=True,
+            )
+        return torch.stack(out.logits, dim=1), out.sequences[:, -3:]
+
+    batch_logits, batch_tokens = steps(images[:2])
+    for row, image in enumerate(images[:2]):
+        single_logits, single_tokens = steps([image])
+        torch.testing.assert_close(batch_logits[row], single_logits[0], atol=1e-4, rtol=1e-4)
+        assert torch.equal(batch_tokens[row], single_tokens[0])
+
+
+def test_generate_with_beams(images):
+    model, processor = tiny_llava_next(text_layers=LAYERS)
+    hired.apply(model, processor, method="fastv", budget=0.2)
+    with torch.no_grad():
+        out = model.generate(**encode(processor, images[:2]), max_new_tokens=3, num_beams=2, do_sample=False)
+    assert out.shape[0] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_layer_beyond_the_decoder_is_refused():
+    model, processor = tiny_llava_next(text_layers=2)
+    with pytest.raises(ValueError, match="cannot prune after layer 2: the decoder has only 2 layers"):
+        hired.apply(model, processor, method="fastv", budget=0.2)
+
+
+@pytest.mark.parametrize("layer", [0, -1, 1.5, "2", True])
+def test_bad_layer_option(layer):
+    with pytest.raises(ValueError, match="option 'layer' must be an integer >= 1"):
+        hired.HiredConfig(method="fastv", method_options={"layer": layer})
+
+
+def test_placeholders_without_images_are_refused():
+    model, processor = tiny_llava_next(text_layers=LAYERS)
+    hired.apply(model, processor, method="fastv", budget=0.2)
+    ids = processor.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    with pytest.raises(ValueError, match="needs the images in the same call"):
+        model(input_ids=ids)
+
+
+def test_remove_restores_the_stock_decoder(images):
+    model, processor = tiny_llava_next(text_layers=LAYERS)
+    inputs = encode(processor, images[:1])
+    with torch.no_grad():
+        stock = model(**inputs).logits
+    hired.apply(model, processor, method="fastv", budget=0.2)
+    hired.remove(model, processor)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, stock)
+    assert not hasattr(model.model, "_fastv")
