@@ -1,0 +1,373 @@
+"""Train the testbed VLM: a projector and a small Llama decoder over the frozen DINOv2 tower.
+
+    python -m hired.testbed.train [--steps 240] [--seed 0] [--out src/hired/testbed/model]
+
+What makes it learnable on 2 cores (a naive setup learns only the answer priors):
+
+- The tower is frozen, so its layer -2 features of the training scenes are computed once and
+  cached on disk; a step then costs only the projector and the decoder.
+- Each scene's visual prefix is run once per step and shared by many questions: the decoder is
+  causal, so the image tokens never see the question, and the questions (drawn fresh at every
+  step) are run as a batch on top of the prefix's key/value cache.
+- An auxiliary per-token loss on the projector output predicts the colour, shape and pattern of
+  the object under each patch (known from the drawing), so the visual tokens carry the attributes
+  linearly and the decoder only has to learn the look-up. Pattern is asked of tile tokens only:
+  the base view cannot see it. The auxiliary heads are discarded after training.
+- A curriculum: colour questions first, then shape, then pattern.
+
+Everything is seeded; the run is resumable (``--resume``) from a checkpoint in the cache folder.
+Writes the model (no vision tower), processor, tokenizer, ``training.json`` (settings, learning
+curve, accuracy per question type) and ``learning_curve.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..algorithm import AnyresGeometry
+from .encoder import build_offline_llava_next
+from .scenes import COLOURS, PATTERNS, QUESTION_TYPES, SHAPES, VOCABULARY, _shape_mask, ask, generate_scenes
+from .vlm import MODEL_DIR, answer, prompt, save_trained_model
+
+CURRICULUM = ((0.0, ("colour",)), (0.15, ("colour", "shape")), (0.3, QUESTION_TYPES))
+CHECK_SEED = 7_000_001  # the fixed split whose accuracy is recorded with the model (and re-checked by the tests)
+
+
+def cache_dir() -> Path:
+    """Where features and checkpoints go: ``$HIRED_CACHE`` or ``~/.cache/hired``, under ``testbed``."""
+    root = os.environ.get("HIRED_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "hired")
+    return Path(root) / "testbed"
+
+
+# --------------------------------------------------------------------------------------------
+# Features and per-token labels
+
+
+def object_map(image_size: tuple[int, int], objects: list[dict]) -> np.ndarray:
+    """``(H, W)`` int map: index of the object drawn at each pixel, -1 for background."""
+    height, width = image_size
+    canvas = np.full((height, width), -1, dtype=np.int16)
+    for index, item in enumerate(objects):
+        x0, y0, x1, y1 = item["box"]
+        mask = np.asarray(_shape_mask(item["shape"], x1 - x0, y1 - y0)) > 127
+        canvas[y0:y1, x0:x1][mask] = index
+    return canvas
+
+
+def token_objects(geometry: AnyresGeometry, pixels: np.ndarray) -> np.ndarray:
+    """``(P, s*s)``: the object under the centre of each patch of each partition (-1: none or padding)."""
+    height, width = geometry.image_size
+    s, patch = geometry.side, geometry.patch
+    centres = (np.arange(s) + 0.5) * patch
+    labels = np.full((geometry.num_partitions, s, s), -1, dtype=np.int16)
+    ys = np.minimum((centres / geometry.tile * height).astype(int), height - 1)
+    xs = np.minimum((centres / geometry.tile * width).astype(int), width - 1)
+    labels[0] = pixels[np.ix_(ys, xs)]
+    rows, cols = geometry.grid
+    canvas_h, canvas_w = geometry.canvas
+    new_h, new_w = geometry.resized
+    top, left = (canvas_h - new_h) // 2, (canvas_w - new_w) // 2
+    for tile in range(rows * cols):
+        r, c = divmod(tile, cols)
+        y = (r * geometry.tile + centres - top) / new_h * height
+        x = (c * geometry.tile + centres - left) / new_w * width
+        inside_y, inside_x = (y >= 0) & (y < height), (x >= 0) & (x < width)
+        grid = pixels[np.ix_(np.clip(y.astype(int), 0, height - 1), np.clip(x.astype(int), 0, width - 1))]
+        labels[1 + tile] = np.where(inside_y[:, None] & inside_x[None, :], grid, -1)
+    return labels.reshape(geometry.num_partitions, s * s)
+
+
+def encode_scenes(model, processor, samples, desc: str) -> list[dict]:
+    """Layer ``vision_feature_layer`` patch features (float16) and per-token object labels of each scene."""
+    from tqdm import tqdm
+
+    config = model.config
+    tower = model.model.vision_tower
+    tile, patch = config.vision_config.image_size, config.vision_config.patch_size
+    encoded = []
+    for sample in tqdm(samples, desc=desc, unit="image"):
+        pixels = processor.image_processor(images=sample.image, return_tensors="pt")
+        geometry = AnyresGeometry.create(
+            (sample.image.height, sample.image.width), tile, patch, config.image_grid_pinpoints
+        )
+        tiles = pixels["pixel_values"][0, : geometry.num_partitions]
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = tower(pixel_values=tiles, output_hidden_states=True).hidden_states[config.vision_feature_layer]
+        encoded.append(
+            {
+                "features": hidden[:, 1:].to(torch.float16),
+                "image_size": (sample.image.height, sample.image.width),
+                "labels": torch.from_numpy(token_objects(geometry, object_map((sample.image.height, sample.image.width), sample.meta["objects"]))),
+                "objects": sample.meta["objects"],
+            }
+        )
+    return encoded
+
+
+def cached_features(model, processor, seed: int, n: int, desc: str) -> list[dict]:
+    path = cache_dir() / f"scenes-seed{seed}-n{n}-layer{model.config.vision_feature_layer}-v1.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    encoded = encode_scenes(model, processor, generate_scenes(seed, n), desc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(encoded, path)
+    return encoded
+
+
+# --------------------------------------------------------------------------------------------
+# Model pieces used in training
+
+
+class AttributeHeads(nn.Module):
+    """Training-only linear read-outs of colour, shape and pattern from each projected visual token."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.colour = nn.Linear(width, len(COLOURS) + 1)
+        self.shape = nn.Linear(width, len(SHAPES) + 1)
+        self.pattern = nn.Linear(width, len(PATTERNS) + 1)
+
+    def loss(self, projected: torch.Tensor, labels: torch.Tensor, objects: list[dict]) -> torch.Tensor:
+        """``projected`` ``(P, N, D)``; ``labels`` ``(P, N)`` object indices; class 0 is background."""
+        table = torch.tensor(
+            [[0, 0, 0]]
+            + [
+                [1 + list(COLOURS).index(o["colour"]), 1 + SHAPES.index(o["shape"]), 1 + PATTERNS.index(o["pattern"])]
+                for o in objects
+            ]
+        )
+        targets = table[labels.long() + 1]  # (P, N, 3)
+        loss = nn.functional.cross_entropy(self.colour(projected).flatten(0, 1), targets[..., 0].flatten())
+        loss = loss + nn.functional.cross_entropy(self.shape(projected).flatten(0, 1), targets[..., 1].flatten())
+        # The base view (partition 0) averages the patterns away: ask pattern of tile tokens only.
+        if projected.shape[0] > 1:
+            loss = loss + nn.functional.cross_entropy(self.pattern(projected[1:]).flatten(0, 1), targets[1:, :, 2].flatten())
+        return loss
+
+
+def visual_prefix(model, tokenizer, item: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs_embeds (1, L, D), projected (P, N, D))`` of ``USER : <image>`` with the packed image tokens,
+    exactly as the stock LLaVA-NeXT forward builds them."""
+    inner = model.model
+    projected = inner.multi_modal_projector(item["features"].float())
+    packed, _ = inner.pack_image_features(
+        [projected], torch.tensor([item["image_size"]]), "default", image_newline=inner.image_newline
+    )
+    head = inner.get_input_embeddings()(torch.tensor(tokenizer.convert_tokens_to_ids(["USER", ":"])))
+    return torch.cat([head, packed[0]])[None], projected
+
+
+def question_batch(tokenizer, questions: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``question ASSISTANT : answer </s>`` inputs, the positions that predict, and their targets."""
+    rows = [tokenizer.convert_tokens_to_ids(f"{q} ASSISTANT : {a}".split()) + [tokenizer.eos_token_id] for q, a in questions]
+    width = max(len(r) for r in rows) - 1
+    inputs = torch.full((len(rows), width), tokenizer.pad_token_id)
+    positions, targets = [], []
+    for i, row in enumerate(rows):
+        inputs[i, : len(row) - 1] = torch.tensor(row[:-1])
+        positions.append([len(row) - 3, len(row) - 2])  # the ':' predicts the answer, the answer predicts </s>
+        targets.append(row[-2:])
+    return inputs, torch.tensor(positions), torch.tensor(targets)
+
+
+def answer_logits(model, tokenizer, item: dict, questions: list[tuple[str, str]]):
+    """Logits at the predicting positions ``(Q, 2, V)``, their targets ``(Q, 2)`` and the projected tokens."""
+    from transformers import DynamicCache
+
+    prefix, projected = visual_prefix(model, tokenizer, item)
+    language_model = model.model.language_model
+    cache = DynamicCache(config=language_model.config)
+    language_model(inputs_embeds=prefix, past_key_values=cache, use_cache=True)
+    inputs, positions, targets = question_batch(tokenizer, questions)
+    cache.batch_repeat_interleave(len(questions))
+    hidden = language_model(
+        inputs_embeds=model.model.get_input_embeddings()(inputs), past_key_values=cache, use_cache=True
+    ).last_hidden_state
+    picked = hidden[torch.arange(len(questions))[:, None], positions]
+    return model.lm_head(picked), targets, projected
+
+
+def monitor(model, tokenizer, items: list[dict], seed: int) -> dict[str, float]:
+    """Teacher-forced accuracy of the answer word per question type on held-out scenes (fixed questions)."""
+    correct: dict[str, list[bool]] = {name: [] for name in QUESTION_TYPES}
+    model.eval()
+    with torch.no_grad():
+        for index, item in enumerate(items):
+            rng = np.random.default_rng([seed, index])
+            asked = [ask(item["objects"], rng, (name,)) for name in QUESTION_TYPES]
+            logits, targets, _ = answer_logits(model, tokenizer, item, [(q, a) for q, a, _, _ in asked])
+            hits = (logits[:, 0].argmax(-1) == targets[:, 0]).tolist()
+            for (_, _, _, name), hit in zip(asked, hits):
+                correct[name].append(hit)
+    model.train()
+    return {name: float(np.mean(hits)) for name, hits in correct.items()}
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _phase(progress: float) -> tuple[str, ...]:
+    types = CURRICULUM[0][1]
+    for start, names in CURRICULUM:
+        if progress >= start:
+            types = names
+    return types
+
+
+def plot_curve(curve: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = [row["step"] for row in curve if "loss" in row]
+    left.plot(steps, [row["loss"] for row in curve if "loss" in row], label="answer loss")
+    left.plot(steps, [row["aux_loss"] for row in curve if "loss" in row], label="per-token attribute loss")
+    left.set_xlabel("step")
+    left.set_yscale("log")
+    left.legend()
+    checks = [row for row in curve if "accuracy" in row]
+    for name in QUESTION_TYPES:
+        right.plot([r["step"] for r in checks], [r["accuracy"][name] for r in checks], marker=".", label=name)
+    right.set_ylim(0, 1)
+    right.set_xlabel("step")
+    right.set_ylabel("held-out accuracy (teacher forced)")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def train(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model, processor = build_offline_llava_next(
+        words=VOCABULARY, text_width=args.width, text_layers=args.layers, text_heads=args.heads, seed=args.seed
+    )
+    tokenizer = processor.tokenizer
+    train_items = cached_features(model, processor, args.seed, args.train_scenes, "encoding training scenes")
+    held_out = cached_features(model, processor, args.seed + 1, args.monitor_scenes, "encoding held-out scenes")
+
+    model.model.vision_tower.requires_grad_(False)
+    heads = AttributeHeads(args.width)
+    trainable = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.steps))),
+    )
+    checkpoint = cache_dir() / f"checkpoint-seed{args.seed}.pt"
+    start, curve, elapsed = 0, [], 0.0
+    if args.resume and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"], strict=False)
+        heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start, curve, elapsed = state["step"], state["curve"], state["elapsed"]
+
+    model.train()
+    began = time.monotonic() - elapsed
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training", unit="step")
+    for step in bar:
+        rng = np.random.default_rng([args.seed, step])
+        types = _phase(step / args.steps)
+        answer_loss = aux_loss = 0.0
+        for index in rng.choice(len(train_items), size=args.scenes_per_step, replace=False):
+            item = train_items[int(index)]
+            asked = [ask(item["objects"], rng, types) for _ in range(args.questions)]
+            logits, targets, projected = answer_logits(model, tokenizer, item, [(q, a) for q, a, _, _ in asked])
+            loss_answer = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            loss_aux = heads.loss(projected, item["labels"], item["objects"])
+            ((loss_answer + args.aux_weight * loss_aux) / args.scenes_per_step).backward()
+            answer_loss += loss_answer.item() / args.scenes_per_step
+            aux_loss += loss_aux.item() / args.scenes_per_step
+        nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        row = {"step": step + 1, "loss": answer_loss, "aux_loss": aux_loss, "types": list(types)}
+        if (step + 1) % args.monitor_every == 0 or step + 1 == args.steps:
+            row["accuracy"] = monitor(model, tokenizer, held_out, args.seed + 1)
+            bar.set_postfix({k[:3]: f"{v:.2f}" for k, v in row["accuracy"].items()})
+        row["elapsed"] = time.monotonic() - began
+        curve.append(row)
+        if (step + 1) % args.checkpoint_every == 0:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(
+                {"model": {k: v for k, v in model.state_dict().items() if not k.startswith("model.vision_tower.")},
+                 "heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                 "step": step + 1, "curve": curve, "elapsed": row["elapsed"]},
+                checkpoint,
+            )
+
+    model.eval()
+    check = generate_scenes(CHECK_SEED, args.check_scenes)
+    answers = answer(model, processor, [s.image for s in check], [s.question for s in check])
+    hits = [a == s.answer for a, s in zip(answers, check)]
+    by_type = {
+        name: float(np.mean([h for h, s in zip(hits, check) if s.question_type == name]))
+        for name in QUESTION_TYPES
+        if any(s.question_type == name for s in check)
+    }
+    record = {
+        "command": "python -m hired.testbed.train " + " ".join(args.argv),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("argv", "out")},
+        "training_minutes": round(curve[-1]["elapsed"] / 60, 1),
+        "check_split": {"seed": CHECK_SEED, "scenes": args.check_scenes, "accuracy": float(np.mean(hits)),
+                        "accuracy_by_type": by_type, "answers": answers},
+        "curve": curve,
+    }
+    out = Path(args.out)
+    save_trained_model(model, processor, out, record)
+    plot_curve(curve, out / "learning_curve.png")
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hired.testbed.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=240)
+    parser.add_argument("--train-scenes", type=int, default=120)
+    parser.add_argument("--monitor-scenes", type=int, default=24)
+    parser.add_argument("--check-scenes", type=int, default=18, help="scenes whose accuracy is recorded with the model")
+    parser.add_argument("--scenes-per-step", type=int, default=3)
+    parser.add_argument("--questions", type=int, default=16, help="fresh questions per scene per step")
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--aux-weight", type=float, default=0.5)
+    parser.add_argument("--monitor-every", type=int, default=40)
+    parser.add_argument("--checkpoint-every", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this seed")
+    parser.add_argument("--out", default=str(MODEL_DIR))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    record = train(args)
+    print(json.dumps({k: record[k] for k in ("training_minutes", "check_split")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
