@@ -126,7 +126,8 @@ def test_summary_by_item_and_by_area_by_hand():
         ImageResult(np.array([[0.2, 0.3]]), ["a"], 20, 50),
     ]
     weights = evidence.bootstrap_weights(2, 200, seed=1)
-    summary = evidence.summarize(results, weights)
+    summary, resampled = evidence.summarize(results, weights)
+    assert resampled.shape == (200, 4)
     assert summary["evidence_recall"] == pytest.approx(1 / 3)
     assert summary["evidence_recall_any"] == pytest.approx(2 / 3)
     assert summary["evidence_area_recall"] == pytest.approx(0.4)
@@ -198,7 +199,8 @@ def test_cli_writes_records_markdown_and_plot(tmp_path, capsys):
                     "ci_low", "ci_high", "evidence_area_recall", "evidence_area_recall_any", "split"):
             assert key in record
         assert record["split"] == "documents" and record["items"] == 8
-    assert "hired_minus_this_ci" in next(r for r in records if r["method"] == "random")
+    value, low, high = next(r for r in records if r["method"] == "random")["hired_minus_this"]["evidence_recall"]
+    assert low <= value <= high
     assert "| hired (alpha 0.5) | 20.0% |" in (tmp_path / "evidence.md").read_text()
     assert Image.open(tmp_path / "evidence.png").size[0] > 0
 

@@ -114,7 +114,7 @@ def draw_selection(image: Image.Image, record, tiles: np.ndarray, patch: int, pi
         scores = record.selection_scores[p].float().view(side, side).numpy()
         bottom.imshow(tiles[p].mean(axis=2), cmap="gray", vmin=0, vmax=1)
         bottom.imshow(np.kron(scores, np.ones((patch, patch))), cmap="inferno", alpha=0.75, norm=_norm(scores))
-        bottom.set_title("selection-layer CLS attention (square-root scale)", fontsize=8)
+        bottom.set_title("selection-layer CLS attention (sqrt scale)", fontsize=8)
         for axis in (top, bottom):
             axis.set_axis_off()
     figure.savefig(path, dpi=DPI, format="png")
@@ -150,7 +150,7 @@ def _draw_overview(figure, grid, image, record, geometry, Rectangle, total: int)
     side = geometry.side
     scores = record.distribution_scores.float().view(side, side).numpy()
     bottom.imshow(scores, cmap="inferno", extent=(0, image.width, image.height, 0), aspect="auto", norm=_norm(scores))
-    bottom.set_title("first-layer CLS attention of the base view (shares the budget)", fontsize=8)
+    bottom.set_title("base view, layer-0 CLS attention (sqrt)", fontsize=8)
     for p in range(1, geometry.num_partitions):
         boxes = footprints[p][geometry.candidates[p]]
         x0, y0 = float(boxes[:, 0].min()), float(boxes[:, 1].min())

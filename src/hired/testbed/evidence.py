@@ -176,8 +176,13 @@ def bootstrap_weights(images: int, resamples: int, seed: int) -> np.ndarray:
     return np.stack([np.bincount(row, minlength=images) for row in draws]).astype(np.float64)
 
 
-def summarize(results: Sequence[ImageResult], weights: np.ndarray) -> dict[str, Any]:
-    """Point estimates and 95% bootstrap intervals of the recall metrics over ``results``."""
+def summarize(results: Sequence[ImageResult], weights: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+    """Point estimates and 95% bootstrap intervals of the recall metrics over ``results``.
+
+    Returns:
+        ``(summary, resampled)``: the JSON-ready summary and the ``(resamples, 4)`` bootstrap values
+        of :data:`METRICS`, for paired comparisons between settings measured on the same images.
+    """
     totals, counts = _per_image_totals(results)
     if counts.sum() == 0:
         raise ValueError("the split has no evidence items")
@@ -190,7 +195,6 @@ def summarize(results: Sequence[ImageResult], weights: np.ndarray) -> dict[str, 
         summary[metric] = float(point[index])
         summary[f"{metric}_ci"] = [float(low[index]), float(high[index])]
     summary["ci_low"], summary["ci_high"] = summary["evidence_recall_ci"]
-    summary["_bootstrap"] = samples[:, 0]
     by_type: dict[str, list[float]] = {}
     for result in results:
         for kind, tile in zip(result.question_types, result.coverage[:, 0]):
@@ -200,7 +204,7 @@ def summarize(results: Sequence[ImageResult], weights: np.ndarray) -> dict[str, 
     summary["stock_tokens"] = float(np.mean([r.stock_tokens for r in results]))
     summary["images"] = len(results)
     summary["items"] = int(sum(len(r.coverage) for r in results))
-    return summary
+    return summary, samples
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,21 +358,26 @@ def _progress(total: int, enabled: bool):
 def records_for(
     split: str, results: dict[Setting, list[ImageResult]], seed: int, resamples: int
 ) -> list[dict[str, Any]]:
-    """One JSON record per setting, with paired bootstrap differences against HiRED (alpha 0.5)."""
+    """One JSON record per setting.
+
+    Records of other methods carry ``hired_minus_this``: for each metric, HiRED (alpha 0.5, same
+    budget) minus this setting, with a paired 95% bootstrap interval (same resampled images).
+    """
     images = len(next(iter(results.values())))
     weights = bootstrap_weights(images, resamples, seed)
     summaries = {setting: summarize(rows, weights) for setting, rows in results.items()}
     records = []
-    for setting, summary in summaries.items():
-        reference = summaries.get(Setting("hired", setting.budget, 0.5))
+    for setting, (summary, resampled) in summaries.items():
         record = {"split": split, "method": setting.method, "budget": setting.budget, "alpha": setting.alpha,
-                  "seed": seed}
-        record.update({k: v for k, v in summary.items() if not k.startswith("_")})
+                  "seed": seed, **summary}
+        reference = summaries.get(Setting("hired", setting.budget, 0.5))
         if reference is not None and setting.method != "hired":
-            difference = reference["_bootstrap"] - summary["_bootstrap"]
-            low, high = np.percentile(difference, [2.5, 97.5])
-            record["hired_minus_this"] = reference["evidence_recall"] - summary["evidence_recall"]
-            record["hired_minus_this_ci"] = [float(low), float(high)]
+            reference_summary, reference_resampled = reference
+            low, high = np.percentile(reference_resampled - resampled, [2.5, 97.5], axis=0)
+            record["hired_minus_this"] = {
+                metric: [reference_summary[metric] - summary[metric], float(low[i]), float(high[i])]
+                for i, metric in enumerate(METRICS)
+            }
         records.append(record)
     return records
 
@@ -422,10 +431,10 @@ def markdown_report(records: Sequence[dict[str, Any]], command: str) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(rows, key=lambda r: (r["budget"], r["method"] != "hired", r["method"], r["alpha"] or 0)):
-            difference = (
-                f"{_percent(r['hired_minus_this'])} [{_percent(r['hired_minus_this_ci'][0])}, "
-                f"{_percent(r['hired_minus_this_ci'][1])}]" if "hired_minus_this" in r else ""
-            )
+            difference = ""
+            if "hired_minus_this" in r:
+                value, low, high = r["hired_minus_this"]["evidence_recall"]
+                difference = f"{_percent(value)} [{_percent(low)}, {_percent(high)}]"
             lines.append(
                 f"| {_label(r)} | {_percent(r['budget'])}% | {r['visual_tokens']:.0f} of {r['stock_tokens']:.0f} "
                 f"| {_percent(r['evidence_recall'])} [{_percent(r['ci_low'])}, {_percent(r['ci_high'])}] "
