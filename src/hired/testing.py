@@ -88,69 +88,41 @@ def _text_config(vocab_size: int, width: int, layers: int) -> LlamaConfig:
     )
 
 
-def tiny_llava_next(
-    seed: int = 0,
-    vision_layers: int = 3,
-    vision_width: int = 32,
-    vision_heads: int = 4,
-    text_width: int = 64,
-    text_layers: int = 2,
-    attn_implementation: str = "sdpa",
-) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
-    """A random LLaVA-NeXT (CLIP tower, Llama decoder) and its real processor class."""
-    tokenizer = tiny_tokenizer()
-    config = LlavaNextConfig(
-        vision_config=_vision_config(vision_layers, vision_width, vision_heads),
-        text_config=_text_config(len(tokenizer), text_width, text_layers),
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    model.set_attn_implementation(attn_implementation)
+def tiny_llava_next(seed: int = 0, **sizes) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
+    """A random LLaVA-NeXT (CLIP tower, Llama decoder) and its real processor class.
+
+    ``sizes``: ``vision_layers`` (3), ``vision_width`` (32), ``vision_heads`` (4), ``text_width`` (64),
+    ``text_layers`` (2), ``attn_implementation`` ("sdpa").
+    """
     image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": 336},
-        crop_size={"height": 336, "width": 336},
-        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS
     )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
-    _fix_generation(model, tokenizer)
-    return model, processor
+    return _tiny(LlavaNextForConditionalGeneration, LlavaNextConfig, LlavaNextProcessor, image_processor, seed,
+                 {"image_grid_pinpoints": LLAVA_NEXT_PINPOINTS}, **sizes)
 
 
-def tiny_llava(
-    seed: int = 0,
-    vision_layers: int = 3,
-    vision_width: int = 32,
-    vision_heads: int = 4,
-    text_width: int = 64,
-    text_layers: int = 2,
-    attn_implementation: str = "sdpa",
-) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A random LLaVA-1.5 (one 336 px partition) and its real processor class."""
+def tiny_llava(seed: int = 0, **sizes) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A random LLaVA-1.5 (one 336 px partition) and its real processor class; ``sizes`` as above."""
+    image_processor = LlavaImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    return _tiny(LlavaForConditionalGeneration, LlavaConfig, LlavaProcessor, image_processor, seed, {}, **sizes)
+
+
+def _tiny(model_class, config_class, processor_class, image_processor, seed: int, extra_config: dict,
+          vision_layers: int = 3, vision_width: int = 32, vision_heads: int = 4, text_width: int = 64,
+          text_layers: int = 2, attn_implementation: str = "sdpa"):
     tokenizer = tiny_tokenizer()
-    config = LlavaConfig(
+    config = config_class(
         vision_config=_vision_config(vision_layers, vision_width, vision_heads),
         text_config=_text_config(len(tokenizer), text_width, text_layers),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
+        **extra_config,
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     model.set_attn_implementation(attn_implementation)
-    image_processor = LlavaImageProcessor(
-        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
-    )
-    processor = LlavaProcessor(
+    processor = processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=14,

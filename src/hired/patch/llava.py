@@ -244,33 +244,29 @@ def _selected_features(evidence: VisionEvidence, selection: Selection) -> torch.
 
 def _full_record(geometry: AnyresGeometry, method: str, fed: int) -> SelectionRecord:
     candidates = geometry.candidates
-    return SelectionRecord(
-        image_size=geometry.image_size,
-        grid=geometry.grid,
-        method=method,
-        visual_tokens=fed,
-        stock_tokens=geometry.stock_tokens,
-        budgets=candidates.sum(dim=1),
-        kept=[row.nonzero().flatten() for row in candidates],
-        distribution_scores=None,
-        selection_scores=None,
-        extras={"newline_tokens": geometry.newline_tokens, "stock_model": True},
-    )
+    kept = [row.nonzero().flatten() for row in candidates]
+    return _make_record(geometry, method, fed, candidates.sum(dim=1), kept, None, None, {"stock_model": True})
 
 
 def _record(evidence: VisionEvidence, selection: Selection, method: str, fed: int) -> SelectionRecord:
-    geometry = evidence.geometry
+    return _make_record(
+        evidence.geometry, method, fed, selection.budgets, selection.kept,
+        evidence.distribution_scores[0].detach(), evidence.selection_scores.detach(), selection.extras,
+    )
+
+
+def _make_record(geometry, method, fed, budgets, kept, distribution, selection, extras) -> SelectionRecord:
     return SelectionRecord(
         image_size=geometry.image_size,
         grid=geometry.grid,
         method=method,
         visual_tokens=fed,
         stock_tokens=geometry.stock_tokens,
-        budgets=selection.budgets,
-        kept=selection.kept,
-        distribution_scores=evidence.distribution_scores[0].detach(),
-        selection_scores=evidence.selection_scores.detach(),
-        extras={"newline_tokens": geometry.newline_tokens, **selection.extras},
+        budgets=budgets,
+        kept=kept,
+        distribution_scores=distribution,
+        selection_scores=selection,
+        extras={"newline_tokens": geometry.newline_tokens, **extras},
     )
 
 
