@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import LlavaNextForConditionalGeneration, MistralConfig
 from transformers.masking_utils import create_causal_mask
 
 import hired
@@ -77,9 +78,28 @@ def test_single_image_cache_length_on_llava_1_5():
     assert output.past_key_values.get_seq_length() == inputs["input_ids"].shape[1] - 576 + 50
 
 
-def test_prefill_matches_a_manual_reference(images):
-    """Eager attention maps pick the tokens; layers K.. run by hand on the kept hidden states."""
+def tiny_llava_next_mistral():
+    """The tiny LLaVA-NeXT with a Mistral decoder using grouped-query attention (4 heads, 2 KV heads)."""
     model, processor = tiny_llava_next(text_layers=LAYERS)
+    text = model.config.text_config
+    config = model.config
+    config.text_config = MistralConfig(
+        vocab_size=text.vocab_size, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
+        pad_token_id=text.pad_token_id, bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
+    )
+    torch.manual_seed(1)
+    mistral = LlavaNextForConditionalGeneration(config).eval()
+    mistral.set_attn_implementation("sdpa")
+    mistral.generation_config = model.generation_config
+    return mistral, processor
+
+
+@pytest.mark.parametrize("factory", [lambda: tiny_llava_next(text_layers=LAYERS), tiny_llava_next_mistral],
+                         ids=["llama", "mistral-gqa"])
+def test_prefill_matches_a_manual_reference(factory, images):
+    """Eager attention maps pick the tokens; layers K.. run by hand on the kept hidden states."""
+    model, processor = factory()
     inputs = encode(processor, images[:1])
     layer = 2
     language_model = model.model.language_model

@@ -240,7 +240,12 @@ def merge_neighbours(
 
 
 def _prumerge_partition_kept(
-    scores: torch.Tensor, mask: torch.Tensor, side: int, outliers: torch.Tensor, count: int | None, uniform: float | None
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    side: int,
+    outliers: torch.Tensor,
+    count: int | None,
+    uniform: float | None,
 ) -> torch.Tensor:
     """Kept indices of one partition: its outliers (native count) or ``count`` tokens (fixed budget).
 

@@ -39,7 +39,9 @@ def prepare_inputs(model, processor, images: Any, text: str | Sequence[str]) -> 
     if state is None:
         raise ValueError("the model is not patched; call hired.apply(model, method=..., ...) first")
     if get_method(state.config.method).stage != "vision":
-        raise ValueError(f"method {state.config.method!r} prunes inside the LLM; use the processor returned by hired.apply")
+        raise ValueError(
+            f"method {state.config.method!r} prunes inside the LLM; use the processor returned by hired.apply"
+        )
     prompts = [text] if isinstance(text, str) else list(text)
     image_list = list(images) if isinstance(images, (list, tuple)) else [images]
     image_token = processor.image_token

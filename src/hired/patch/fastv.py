@@ -272,7 +272,9 @@ def _on_language_model(inner, state: FastVState):
                 state.captured.attention_mask = kwargs.get("attention_mask")
             return args, kwargs
         if has_images:
-            raise ValueError("FastV prunes images in the prefill of a sequence; this call adds images to a filled cache")
+            raise ValueError(
+                "FastV prunes images in the prefill of a sequence; this call adds images to a filled cache"
+            )
         if state.plan is not None:
             _translate_decoding_inputs(state.plan, past, kwargs)
         return args, kwargs
@@ -357,27 +359,26 @@ def _on_first_pruned_layer(inner, state: FastVState, attention_module):
             captured.attention_mask,
         )
         image_mask = state.image_mask.to(scores.device)
-        given_mask = captured.attention_mask
-        plan = plan_pruning(scores, image_mask, _image_spans(state, inner, image_mask), given_mask)
+        plan = plan_pruning(scores, image_mask, _image_spans(state, inner, image_mask), captured.attention_mask)
         captured.query = captured.key = None
         if plan is None:
             state.prefill = False
             return args, kwargs
         state.plan = plan
-        hidden = _gather_rows(args[0], plan.index.to(args[0].device))
-        valid = plan.valid.to(hidden.device)
+        index = plan.index.to(args[0].device)
+        hidden = _gather_rows(args[0], index)
         positions = kwargs.get("position_ids")
-        positions = None if positions is None else _gather_rows(positions, plan.index.to(positions.device))
+        positions = None if positions is None else _gather_rows(positions, index)
         cos, sin = kwargs["position_embeddings"]
         captured.swapped = {
             "attention_mask": create_causal_mask(
                 config=language_model.config,
                 inputs_embeds=hidden,
-                attention_mask=valid,
+                attention_mask=plan.valid.to(hidden.device),
                 past_key_values=None,
                 position_ids=positions,
             ),
-            "position_embeddings": (_gather_rows(cos, plan.index.to(cos.device)), _gather_rows(sin, plan.index.to(sin.device))),
+            "position_embeddings": (_gather_rows(cos, index), _gather_rows(sin, index)),
             "position_ids": positions,
         }
         kwargs.update(captured.swapped)
