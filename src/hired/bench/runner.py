@@ -1,0 +1,266 @@
+"""The sweep: every (batch, image size, variant), variants interleaved, medians and spread."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..algorithm import AnyresGeometry
+from ..config import HiredConfig
+from ..methods import available_methods, get_method
+from .cost import (
+    ModelShape,
+    available_memory_bytes,
+    kv_cache_bytes,
+    llm_prefill_flops,
+    memory_estimate,
+    projector_flops,
+    vision_flops,
+)
+from .measure import Sample, time_request
+from .models import DTYPES, PROMPT, ModelSpec, build_model, build_processor, load_model_spec, synthetic_image
+
+STOCK = "stock"
+GiB = 2**30
+
+
+def default_methods() -> list[str]:
+    """Every registered method that can run through ``hired.apply``, except ``full`` (the stock model)."""
+    return [name for name in available_methods() if name != "full" and get_method(name).fixed_budget]
+
+
+@dataclass
+class BenchSpec:
+    """What to measure.
+
+    Args:
+        model: a stored architecture (see ``hired.bench.models.known_models``).
+        layers: decoder layers to build (``None``: all of them, as the checkpoint has).
+        dtype: ``bfloat16``, ``float32`` or ``float16``.
+        methods: method names; ``None`` means :func:`default_methods`.
+        budgets: fractions of the stock visual tokens, in ``(0, 1]``.
+        image_sizes: ``(width, height)`` pairs; each picks an AnyRes grid.
+        batches: batch sizes; a batch holds that many images of the same size, one prompt each.
+        new_tokens: tokens generated per request (>= 2: decode speed excludes the first).
+        warmup: untimed requests per variant before timing.
+        repeats: timed requests per variant, interleaved across variants.
+        peak_memory: measure each variant's peak RSS in a fresh process.
+        max_memory_gb: refuse runs estimated above this; ``None`` means the memory available now.
+        seed: seed of the random weights and images.
+    """
+
+    model: str = "llava-v1.6-vicuna-7b-hf"
+    layers: int | None = None
+    dtype: str = "bfloat16"
+    methods: list[str] | None = None
+    budgets: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4, 1.0])
+    image_sizes: list[tuple[int, int]] = field(default_factory=lambda: [(672, 672)])
+    batches: list[int] = field(default_factory=lambda: [1])
+    new_tokens: int = 8
+    warmup: int = 1
+    repeats: int = 3
+    peak_memory: bool = True
+    max_memory_gb: float | None = None
+    seed: int = 0
+
+    def validate(self) -> ModelSpec:
+        """Check every field; return the architecture. Raises ValueError with the fix."""
+        spec = load_model_spec(self.model)
+        if self.layers is not None and not 1 <= self.layers <= spec.full_layers:
+            raise ValueError(f"--layers must be between 1 and {spec.full_layers} for {spec.name}, got {self.layers}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.methods is None:
+            self.methods = default_methods()
+        if not self.methods or not self.budgets or not self.image_sizes or not self.batches:
+            raise ValueError("give at least one method, budget, image size and batch size")
+        for method in self.methods:
+            if method in (STOCK, "full"):
+                raise ValueError(f"{method!r} is the reference every run measures; list only reducing methods")
+            for budget in self.budgets:
+                HiredConfig(budget=budget, method=method)
+            if not get_method(method).fixed_budget:
+                raise ValueError(f"method {method!r} has no fixed token budget and cannot run through hired.apply")
+        for width, height in self.image_sizes:
+            if width < 1 or height < 1:
+                raise ValueError(f"image sizes must be positive, got {width}x{height}")
+        for name, value, low in (("batch", min(self.batches), 1), ("new tokens", self.new_tokens, 2),
+                                 ("repeats", self.repeats, 1), ("warmup", self.warmup, 0)):
+            if value < low:
+                raise ValueError(f"{name} must be at least {low}, got {value}")
+        return spec
+
+    def variants(self) -> list[tuple[str, float]]:
+        return [(STOCK, 1.0)] + [(method, budget) for method in self.methods for budget in self.budgets]
+
+
+def check_memory(spec: ModelSpec, bench: BenchSpec) -> dict[str, int]:
+    """Estimate the largest request of the run from the config; refuse before building anything."""
+    shape = ModelShape.from_config(spec.config(bench.layers))
+    geometries = [_geometry(spec, shape, size) for size in bench.image_sizes]
+    largest = max(geometries, key=lambda g: g.stock_tokens + g.newline_tokens)
+    sequence = largest.stock_tokens + largest.newline_tokens + len(PROMPT.split())
+    estimate = memory_estimate(
+        shape, sequence, max(bench.batches), largest.num_partitions, bench.new_tokens,
+        DTYPES[bench.dtype].itemsize,
+    )
+    limit = bench.max_memory_gb * GiB if bench.max_memory_gb is not None else available_memory_bytes()
+    if estimate["total"] > limit:
+        parts = ", ".join(f"{name} {value / GiB:.1f}" for name, value in estimate.items() if name != "total")
+        depth = bench.layers or spec.full_layers
+        raise ValueError(
+            f"this run would need about {estimate['total'] / GiB:.1f} GB ({parts} GB) for {spec.name} with "
+            f"{depth} decoder layers at batch {max(bench.batches)}, but only {limit / GiB:.1f} GB is available; "
+            "use fewer --layers, a smaller --batch or a smaller --dtype"
+        )
+    return estimate
+
+
+def _geometry(spec: ModelSpec, shape: ModelShape, size: tuple[int, int]) -> AnyresGeometry:
+    width, height = size
+    pinpoints = spec.model.get("image_grid_pinpoints")
+    image_size = (height, width) if pinpoints else (shape.tile, shape.tile)
+    return AnyresGeometry.create(image_size, shape.tile, shape.patch, pinpoints)
+
+
+def _probe(bench: BenchSpec, spec: ModelSpec, batch: int, size, method: str, budget: float) -> dict[str, float]:
+    request = {"model": spec.name, "layers": bench.layers, "dtype": bench.dtype, "seed": bench.seed,
+               "method": method, "budget": budget, "batch": batch, "image_size": list(size),
+               "prompt": PROMPT, "new_tokens": bench.new_tokens}
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-m", "hired.bench.probe", json.dumps(request)],
+                            capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        cause = "killed by the system (out of memory?)" if result.returncode < 0 else result.stderr.strip()[-2000:]
+        raise RuntimeError(f"the memory probe of {method}@{budget} (batch {batch}, {size[0]}x{size[1]}) failed: {cause}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _switch(model, processor, method: str, budget: float) -> None:
+    import hired
+
+    hired.remove(model, processor)
+    if method != STOCK:
+        hired.apply(model, processor, method=method, budget=budget)
+
+
+def run_benchmark(bench: BenchSpec, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Measure every variant and return one record per (batch, image size, method, budget).
+
+    ``progress`` is called once per finished step (memory probe or request) with a short label.
+    """
+    spec = bench.validate()
+    check_memory(spec, bench)
+    step = progress or (lambda label: None)
+    variants = bench.variants()
+    processor = build_processor(spec)
+    model = build_model(spec, bench.layers, bench.dtype, processor, seed=bench.seed)
+    shape = ModelShape.from_config(model.config)
+    records = []
+    for batch in bench.batches:
+        for size in bench.image_sizes:
+            images = [synthetic_image(size[0], size[1], bench.seed + index) for index in range(batch)]
+            samples: dict[tuple[str, float], list[Sample]] = {variant: [] for variant in variants}
+            for _ in range(bench.warmup):
+                for method, budget in variants:
+                    _switch(model, processor, method, budget)
+                    time_request(model, processor, images, PROMPT, bench.new_tokens)
+                    step(f"warm-up {method}@{budget}")
+            for round_index in range(bench.repeats):
+                shift = round_index % len(variants)
+                for method, budget in variants[shift:] + variants[:shift]:
+                    _switch(model, processor, method, budget)
+                    samples[method, budget].append(
+                        time_request(model, processor, images, PROMPT, bench.new_tokens))
+                    step(f"{method}@{budget}")
+            geometry = _geometry(spec, shape, size)
+            records += [_record(bench, spec, shape, geometry, batch, size, method, budget, samples)
+                        for method, budget in variants]
+    # The probes build their own copy of the model: free this one first so that both never coexist.
+    del model, processor
+    gc.collect()
+    for record in records:
+        size = tuple(int(v) for v in record["image_size"].split("x"))
+        if bench.peak_memory:
+            record.update(_probe(bench, spec, record["batch"], size, record["method"], record["budget"]))
+            step(f"memory {record['method']}@{record['budget']}")
+        else:
+            record.update({"peak_rss_mb": None, "model_rss_mb": None})
+    return records
+
+
+def _record(bench, spec, shape, geometry, batch, size, method, budget, samples) -> dict[str, Any]:
+    runs, stock_runs = samples[method, budget], samples[STOCK, 1.0]
+    first = runs[0]
+    speedups = [s.ttft_s / r.ttft_s for s, r in zip(stock_runs, runs)]
+    value_bytes = DTYPES[bench.dtype].itemsize
+    flops = _prefill_flops(shape, geometry, first, batch, method, bench.new_tokens, value_bytes)
+    stock_flops = _prefill_flops(shape, geometry, stock_runs[0], batch, STOCK, bench.new_tokens, value_bytes)
+    ideal = stock_flops["prefill_flops"] / flops["prefill_flops"] if flops["prefill_flops"] else None
+    speedup = statistics.median(speedups)
+    ttft = [r.ttft_s for r in runs]
+    median = statistics.median
+    record = {
+        "model": spec.checkpoint,
+        "layers": bench.layers or spec.full_layers,
+        "full_layers": spec.full_layers,
+        "dtype": bench.dtype,
+        "batch": batch,
+        "image_size": f"{size[0]}x{size[1]}",
+        "grid": "x".join(map(str, geometry.grid)),
+        "method": method,
+        "budget": budget,
+        "visual_tokens": first.visual_tokens,
+        "stock_visual_tokens": stock_runs[0].visual_tokens,
+        "prompt_tokens": first.prompt_tokens,
+        "new_tokens": bench.new_tokens,
+        "warmup": bench.warmup,
+        "repeats": len(runs),
+        "ttft_s": median(ttft),
+        "ttft_s_min": min(ttft),
+        "ttft_s_max": max(ttft),
+        "preprocess_s": median([r.preprocess_s for r in runs]),
+        "vision_s": median([r.vision_s for r in runs]),
+        "selection_s": median([r.selection_s for r in runs]),
+        "projector_s": median([r.projector_s for r in runs]),
+        "prefill_s": median([r.prefill_s for r in runs]),
+        "other_s": median([r.other_s for r in runs]),
+        "selection_share_of_vision": median([r.selection_s / r.vision_s for r in runs]),
+        "ttft_speedup": speedup,
+        "ttft_speedup_min": min(speedups),
+        "ttft_speedup_max": max(speedups),
+        "ttft_speedup_ideal": ideal,
+        "ttft_speedup_of_ideal": speedup / ideal if ideal else None,
+        "decode_tok_s": median([batch * (r.new_tokens - 1) / r.decode_s for r in runs]),
+        "e2e_tok_s": median([batch * r.new_tokens / r.total_s for r in runs]),
+        "e2e_s": median([r.total_s for r in runs]),
+        **flops,
+    }
+    return record
+
+
+def _prefill_flops(shape: ModelShape, geometry, sample: Sample, batch: int, method: str, new_tokens: int,
+                   value_bytes: int) -> dict[str, Any]:
+    """FLOPs up to the first token and the exact KV cache after ``new_tokens`` tokens, for this request.
+
+    Methods that prune inside the decoder change both in ways only they know: reported as ``None``.
+    """
+    if method != STOCK and get_method(method).stage != "vision":
+        return {"prefill_flops": None, "vision_flops": None, "llm_prefill_flops": None, "kv_cache_mb": None}
+    # The last token generated is never fed back, so the cache ends one short of the output length.
+    kv = kv_cache_bytes(shape, sample.prompt_tokens + new_tokens - 1, batch, value_bytes)
+    reduced = sample.visual_tokens < geometry.stock_tokens + geometry.newline_tokens
+    tiles = geometry.num_partitions * batch
+    # The stock path runs every tower layer and projects every patch; a reducing method runs the tower
+    # up to the feature layer and projects only the tokens it keeps.
+    layers_run = shape.vision_layers_used if reduced else shape.vision_layers
+    projected = sample.visual_tokens * batch if reduced else tiles * shape.patches_per_tile
+    vision = vision_flops(shape, tiles, layers_run) + projector_flops(shape, projected)
+    llm = llm_prefill_flops(shape, sample.prompt_tokens, batch)
+    return {"prefill_flops": vision + llm, "vision_flops": vision, "llm_prefill_flops": llm, "kv_cache_mb": kv / 2**20}
