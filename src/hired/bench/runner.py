@@ -115,8 +115,8 @@ def check_memory(spec: ModelSpec, bench: BenchSpec) -> dict[str, int]:
         parts = ", ".join(f"{name} {value / GiB:.1f}" for name, value in estimate.items() if name != "total")
         depth = bench.layers or spec.full_layers
         raise ValueError(
-            f"this run would need about {estimate['total'] / GiB:.1f} GB ({parts} GB) for {spec.name} with "
-            f"{depth} decoder layers at batch {max(bench.batches)}, but only {limit / GiB:.1f} GB is available; "
+            f"this run would need about {estimate['total'] / GiB:.1f} GiB ({parts} GiB) for {spec.name} with "
+            f"{depth} decoder layers at batch {max(bench.batches)}, but only {limit / GiB:.1f} GiB is available; "
             "use fewer --layers, a smaller --batch or a smaller --dtype"
         )
     return estimate

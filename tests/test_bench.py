@@ -1,0 +1,217 @@
+"""hired bench: cost formulas against hand counts and torch's FLOP counter, an end-to-end run, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from hired.bench import (
+    BenchSpec,
+    ModelShape,
+    build_model,
+    build_processor,
+    kv_cache_bytes,
+    llm_prefill_flops,
+    load_model_spec,
+    parameter_count,
+    run_benchmark,
+    vision_flops,
+)
+from hired.bench.cost import projector_flops
+from hired.bench.measure import generate_kwargs, prepare_inputs
+from hired.bench.models import PROMPT, known_models, synthetic_image
+from hired.cli import main
+
+RECORD_FIELDS = {
+    "model", "layers", "full_layers", "dtype", "batch", "image_size", "grid", "method", "budget",
+    "visual_tokens", "stock_visual_tokens", "prompt_tokens", "new_tokens", "warmup", "repeats",
+    "ttft_s", "ttft_s_min", "ttft_s_max", "preprocess_s", "vision_s", "selection_s", "projector_s", "prefill_s",
+    "other_s", "selection_share_of_vision", "ttft_speedup", "ttft_speedup_min", "ttft_speedup_max",
+    "ttft_speedup_ideal", "ttft_speedup_of_ideal", "decode_tok_s", "e2e_tok_s", "e2e_s", "prefill_flops",
+    "vision_flops", "llm_prefill_flops", "kv_cache_mb", "peak_rss_mb", "model_rss_mb",
+}
+
+# A shape small enough to count by hand: 4 px tiles of 2 px patches (4 patches + CLS = 5 tokens).
+SMALL = ModelShape(
+    vision_width=4, vision_mlp=8, vision_layers=2, vision_layers_used=1, vision_heads=2, tile=4, patch=2,
+    text_width=8, text_mlp=16, text_layers=2, heads=2, kv_heads=1, head_dim=4, vocab=10, newline=True,
+)
+
+
+def test_flops_of_a_small_shape_match_a_hand_count():
+    # patch embedding 2*4*(3*2*2)*4 = 384; per layer: q,k,v,o 2*5*4*4*4 = 640, scores and
+    # attention-weighted values 2*2*5*5*4 = 400, MLP 2*2*5*4*8 = 640.
+    assert vision_flops(SMALL, tiles=1, layers_run=2) == 384 + 2 * (640 + 400 + 640)
+    assert vision_flops(SMALL, tiles=3, layers_run=1) == 3 * (384 + 640 + 400 + 640)
+    # two linears 4->8 and 8->8 on 3 tokens
+    assert projector_flops(SMALL, tokens=3) == 2 * 3 * (4 * 8 + 8 * 8)
+    # 3 tokens: q,o 2*3*8*8 each, k,v 2*3*8*4 each = 1152; causal attention over 6 visible pairs,
+    # 2*2*8*6 = 192; gated MLP 2*3*3*8*16 = 2304; LM head on the last position 2*8*10 = 160.
+    assert llm_prefill_flops(SMALL, sequence=3, batch=1) == 2 * (1152 + 192 + 2304) + 160
+    assert llm_prefill_flops(SMALL, sequence=3, batch=2) == 2 * (2 * (1152 + 192 + 2304) + 160)
+
+
+def test_kv_cache_of_a_small_shape_matches_a_hand_count():
+    # keys and values, 2 layers, 1 kv head of width 4, 5 positions, batch 2, 2 bytes each
+    assert kv_cache_bytes(SMALL, cached_tokens=5, batch=2, bytes_per_value=2) == 2 * 2 * 1 * 4 * 5 * 2 * 2
+
+
+def test_seven_billion_shape_has_the_checkpoint_parameter_count():
+    shape = ModelShape.from_config(load_model_spec("llava-hf/llava-v1.6-vicuna-7b-hf").config())
+    # Llama-2-7B (6,738,415,616) with 64 more vocabulary rows in embedding and head, CLIP ViT-L/14-336's
+    # vision model (303,507,456), the projector 1024->4096->4096 with biases, the newline vector.
+    llm = 6_738_415_616 + 2 * 64 * 4096
+    projector = 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert parameter_count(shape) == llm + 303_507_456 + projector + 4096
+    assert ModelShape.from_config(load_model_spec("llava-v1.6-mistral-7b-hf").config()).kv_heads == 8
+
+
+@pytest.fixture(scope="module")
+def tiny_next():
+    spec = load_model_spec("tiny-random-llava-next")
+    processor = build_processor(spec)
+    model = build_model(spec, None, "float32", processor)
+    return spec, model, processor
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llava-next", "tiny-random-llava"])
+def test_built_model_has_the_analytic_parameter_count(name):
+    spec = load_model_spec(name)
+    model = build_model(spec, None, "bfloat16", build_processor(spec))
+    assert sum(p.numel() for p in model.parameters()) == parameter_count(ModelShape.from_config(model.config))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(torch.isfinite(p.float()).all() for p in model.parameters())
+
+
+def test_vision_flops_match_torch_flop_counter(tiny_next):
+    _, model, _ = tiny_next
+    shape = ModelShape.from_config(model.config)
+    model.set_attn_implementation("eager")  # the counter sees attention only as explicit matmuls
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model.model.vision_tower(pixel_values=torch.randn(2, 3, 336, 336))
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert counter.get_total_flops() == vision_flops(shape, tiles=2, layers_run=shape.vision_layers)
+
+
+def test_llm_prefill_flops_match_torch_flop_counter_up_to_causality(tiny_next):
+    _, model, _ = tiny_next
+    shape = ModelShape.from_config(model.config)
+    sequence = 30
+    model.set_attn_implementation("eager")
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            hidden = model.model.language_model(inputs_embeds=torch.randn(1, sequence, shape.text_width))
+            model.lm_head(hidden.last_hidden_state[:, -1:])
+    finally:
+        model.set_attn_implementation("sdpa")
+    # eager attention multiplies the full square; the formula counts only the causal triangle
+    width = shape.heads * shape.head_dim
+    masked_half = 2 * 2 * width * (sequence * sequence - sequence * (sequence + 1) // 2) * shape.text_layers
+    assert counter.get_total_flops() == llm_prefill_flops(shape, sequence) + masked_half
+
+
+def test_kv_cache_formula_matches_the_real_cache(tiny_next):
+    _, model, processor = tiny_next
+    images = [synthetic_image(672, 672, 0), synthetic_image(672, 672, 1)]
+    new_tokens = 4
+    with torch.inference_mode():
+        inputs = prepare_inputs(processor, images, PROMPT, model.dtype)
+        output = model.generate(**inputs, **generate_kwargs(new_tokens), return_dict_in_generate=True)
+    cache = output.past_key_values
+    measured = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    shape = ModelShape.from_config(model.config)
+    assert output.sequences.shape[1] == inputs["input_ids"].shape[1] + new_tokens
+    assert measured == kv_cache_bytes(shape, inputs["input_ids"].shape[1] + new_tokens - 1, 2, 4)
+
+
+def test_weights_fill_fast_and_are_not_constant(tiny_next):
+    _, model, _ = tiny_next
+    weight = model.model.language_model.layers[0].mlp.up_proj.weight.detach()
+    assert 0.01 < float(weight.std()) < 0.03
+    assert float(model.model.language_model.norm.weight.min()) == 1.0
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    status = main(["bench", "--model", "tiny-random-llava-next", "--methods", "hired", "--budgets", "0.2", "1.0",
+                   "--image-size", "672x672", "--new-tokens", "3", "--warmup", "1", "--repeats", "2",
+                   "--output", str(folder), "--quiet"])
+    return status, folder
+
+
+def test_bench_writes_every_field_and_the_report(cli_run):
+    status, folder = cli_run
+    assert status == 0
+    document = json.loads((folder / "bench.json").read_text())
+    assert document["command"].startswith("hired bench --model tiny-random-llava-next")
+    assert {"cpu", "cores", "memory_gb", "torch", "transformers"} <= set(document["machine"])
+    records = {(r["method"], r["budget"]): r for r in document["records"]}
+    assert set(records) == {("stock", 1.0), ("hired", 0.2), ("hired", 1.0)}
+    for record in records.values():
+        assert set(record) == RECORD_FIELDS
+        assert record["layers"] == record["full_layers"] == 2
+        assert record["image_size"] == "672x672" and record["grid"] == "2x2" and record["repeats"] == 2
+        assert record["ttft_s_min"] <= record["ttft_s"] <= record["ttft_s_max"]
+        assert 0 < record["vision_s"] and 0 < record["prefill_s"] < record["ttft_s"]
+        assert record["peak_rss_mb"] >= record["model_rss_mb"] > 0
+        assert record["decode_tok_s"] > 0 and record["e2e_tok_s"] > 0
+    stock, reduced, full = records["stock", 1.0], records["hired", 0.2], records["hired", 1.0]
+    assert stock["visual_tokens"] == full["visual_tokens"] == 2880 + 48  # 5 tiles, 48 newline tokens
+    assert reduced["visual_tokens"] == 576  # 20% of the 2880 stock tokens
+    assert stock["ttft_speedup"] == stock["ttft_speedup_ideal"] == 1.0
+    assert full["ttft_speedup_ideal"] == 1.0 and reduced["ttft_speedup_ideal"] > 1.5
+    assert reduced["kv_cache_mb"] < stock["kv_cache_mb"] == full["kv_cache_mb"]
+    assert reduced["prefill_flops"] < stock["prefill_flops"]
+    assert (folder / "bench.png").stat().st_size > 0
+    table = (folder / "bench.md").read_text()
+    assert "2 of 2 decoder layers" in table and "| hired | 0.2 | 576 |" in table
+
+
+def test_single_partition_model_runs_through_the_api():
+    records = run_benchmark(BenchSpec(model="tiny-random-llava", methods=["hired"], budgets=[0.25],
+                                      new_tokens=2, warmup=0, repeats=1, peak_memory=False))
+    tokens = {r["method"]: r["visual_tokens"] for r in records}
+    assert tokens == {"stock": 576, "hired": 144}
+    assert records[0]["grid"] == "0x0" and records[1]["peak_rss_mb"] is None
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--model", "llava-hf/llava-9b"], "unknown benchmark model 'llava-hf/llava-9b'; known models: "),
+        (["--budgets", "1.5"], "budget must be a fraction in (0, 1], got 1.5"),
+        (["--methods", "nope"], "unknown method 'nope'; available methods: "),
+        (["--methods", "full"], "'full' is the reference every run measures"),
+        (["--layers", "40"], "--layers must be between 1 and 32"),
+        (["--new-tokens", "1"], "new tokens must be at least 2"),
+        (["--batch", "4", "--max-memory-gb", "16"], "this run would need about"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(arguments, message, capsys, tmp_path):
+    assert main(["bench", *arguments, "--output", str(tmp_path), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert message in error
+    assert "Traceback" not in error
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_memory_refusal_names_the_parts_and_the_fix(capsys, tmp_path):
+    main(["bench", "--batch", "4", "--max-memory-gb", "16", "--output", str(tmp_path), "--quiet"])
+    error = capsys.readouterr().err
+    assert "weights 13.2 GiB" not in error and "weights 13.2," in error and "32 decoder layers at batch 4" in error and "use fewer --layers" in error
+
+
+def test_image_size_must_be_width_by_height(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--image-size", "672"])
+    assert "WIDTHxHEIGHT" in capsys.readouterr().err
+
+
+def test_known_models_include_the_three_checkpoints():
+    assert {"llava-v1.6-vicuna-7b-hf", "llava-v1.6-mistral-7b-hf", "llava-1.5-7b-hf"} <= set(known_models())
