@@ -52,8 +52,9 @@ def test_kv_cache_holds_exactly_the_kept_image_positions(images):
     kept = torch.tensor([hired.HiredConfig(budget=0.2).budget_for(r) for r in _stock_counts(model, images)])
     with torch.no_grad():
         output = model(**inputs, use_cache=True)
-    lengths = {layer.keys.shape[-2] for layer in output.past_key_values.layers}
-    assert lengths == {int((text + kept).max())}  # every layer, the longest row; others left-filled
+    lengths = [layer.keys.shape[-2] for layer in output.past_key_values.layers]
+    pruned = int((text + kept).max())  # the longest row; the others are left-filled
+    assert lengths == [inputs["input_ids"].shape[1]] * 2 + [pruned] * (LAYERS - 2)
     plan = model.model._fastv.plan
     assert plan.valid.sum(dim=1).tolist() == (text + kept).tolist()
     assert plan.image_kept.tolist() == kept.tolist()
@@ -75,7 +76,9 @@ def test_single_image_cache_length_on_llava_1_5():
     inputs = encode(processor, [picture(640, 480)])
     with torch.no_grad():
         output = model(**inputs, use_cache=True)
-    assert output.past_key_values.get_seq_length() == inputs["input_ids"].shape[1] - 576 + 50
+    length = inputs["input_ids"].shape[1]
+    lengths = [layer.keys.shape[-2] for layer in output.past_key_values.layers]
+    assert lengths == [length] * 3 + [length - 576 + 50]
 
 
 def tiny_llava_next_mistral():
@@ -97,39 +100,56 @@ def tiny_llava_next_mistral():
 
 @pytest.mark.parametrize("factory", [lambda: tiny_llava_next(text_layers=LAYERS), tiny_llava_next_mistral],
                          ids=["llama", "mistral-gqa"])
-def test_prefill_matches_a_manual_reference(factory, images):
-    """Eager attention maps pick the tokens; layers K.. run by hand on the kept hidden states."""
+def test_prefill_and_decoding_match_a_manual_reference(factory, images):
+    """Eager attention maps pick the tokens; layers K.. run by hand on the kept hidden states.
+
+    The first decoding step is checked too: its token sees the whole prompt in layers 0..K-1
+    and the kept tokens after.
+    """
     model, processor = factory()
     inputs = encode(processor, images[:1])
     layer = 2
+    hired.apply(model, processor, method="fastv", budget=0.2, method_options={"layer": layer})
+    with torch.no_grad():
+        fastv = model.generate(
+            **inputs, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    plan_index = model.model._fastv.plan.index[0]
+    hired.remove(model, processor)
+
     language_model = model.model.language_model
+    extended = dict(inputs)
+    extended["input_ids"] = fastv.sequences[:, :-1]  # the prompt and the first new token
+    extended["attention_mask"] = torch.ones_like(extended["input_ids"])
     model.set_attn_implementation("eager")
     with torch.no_grad():
-        stock = model(**inputs, output_attentions=True, output_hidden_states=True)
+        stock = model(**extended, output_attentions=True, output_hidden_states=True)
     model.set_attn_implementation("sdpa")
+    length = inputs["input_ids"].shape[1]
     is_image = inputs["input_ids"][0] == processor.image_token_id
     keep_count = hired.HiredConfig(budget=0.2).budget_for(_stock_counts(model, images[:1])[0])
-    attention = stock.attentions[layer - 1][0, :, -1].mean(dim=0)  # last token, heads averaged
+    attention = stock.attentions[layer - 1][0, :, length - 1, :length].mean(dim=0)  # last prompt token
     image_positions = is_image.nonzero().flatten()
     best = image_positions[attention[image_positions].sort(descending=True, stable=True).indices[:keep_count]]
     keep = ~is_image
     keep[best] = True
     positions = keep.nonzero().flatten()
+    assert torch.equal(plan_index, positions)
 
-    with torch.no_grad():
-        hidden = stock.hidden_states[layer][:, positions]
-        position_ids = positions[None]
-        rotary = language_model.rotary_emb(hidden, position_ids=position_ids)
-        mask = create_causal_mask(language_model.config, hidden, None, None)  # plain causal over kept tokens
-        for decoder_layer in language_model.layers[layer:]:
-            hidden = decoder_layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids)
-        expected = model.lm_head(language_model.norm(hidden))
+    def upper_layers(kept_positions):
+        with torch.no_grad():
+            hidden = stock.hidden_states[layer][:, kept_positions]
+            position_ids = kept_positions[None]
+            rotary = language_model.rotary_emb(hidden, position_ids=position_ids)
+            mask = create_causal_mask(language_model.config, hidden, None, None)  # causal over the kept tokens
+            for decoder_layer in language_model.layers[layer:]:
+                hidden = decoder_layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids)
+            return model.lm_head(language_model.norm(hidden[:, -1]))
 
-    hired.apply(model, processor, method="fastv", budget=0.2, method_options={"layer": layer})
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    assert torch.equal(model.model._fastv.plan.index[0], positions)
-    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fastv.logits[0], upper_layers(positions), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        fastv.logits[1], upper_layers(torch.cat([positions, torch.tensor([length])])), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_batch_rows_match_single_runs_through_decoding(images):

@@ -14,19 +14,21 @@ How it is wired, without copying any forward function:
 - hooks on layer ``K-1``'s attention capture its query/key projections and rotary tables, from
   which the last token's attention row is computed (O(N d); no attention maps are requested, so
   SDPA runs as usual);
-- a pre-hook on layer ``K`` drops the tokens and swaps in the matching causal mask, rotary tables
-  and positions; pre-hooks on the later layers pass the same swapped tensors on;
-- after the prefill, the KV cache of layers ``0..K-1`` is pruned to the same positions, so the
-  cache is rectangular and decoding attends to the kept image tokens at every layer (the first
-  ``K`` layers saw all tokens only during the prefill);
-- decoding steps get their 2D attention mask (which ``generate`` keeps at the unpruned length)
-  translated to the cached positions, and positions that continue the unpruned numbering.
+- in the prefill, a pre-hook on layer ``K`` drops the tokens and swaps in the matching causal mask,
+  rotary tables and positions; pre-hooks on the later layers pass the same swapped tensors on. The
+  KV cache of layers ``K..`` therefore holds only the kept positions, that of layers ``0..K-1``
+  the whole prompt, as in the paper;
+- in decoding steps, the same pre-hooks give layers ``K..`` a mask over their shorter cache; the
+  first layers, the positions and ``generate``'s bookkeeping see the unpruned sequence unchanged.
+  A new token thus attends to every prompt token in layers ``0..K-1`` and to the kept ones after.
+  (Without a cache, ``generate`` re-runs the prefill at each step and FastV re-scores with the
+  newest token as the last one, as the paper's uncached code does.)
 
 In a batch, rows drop different numbers of tokens; shorter rows are left-filled with masked slots,
-like left padding. Limits: a DynamicCache (the ``generate`` default) without sliding windows, the
-``sdpa`` or ``eager`` attention implementations, and images only in the first forward of a
-sequence (a prefill into an empty cache). The forward of the prefill returns logits for the kept
-positions only, so ``labels`` (training) are not supported.
+and padding is dropped with the image tokens. Limits: a DynamicCache (the ``generate`` default)
+without sliding windows, the ``sdpa`` or ``eager`` attention implementations, and images only in
+the first forward of a sequence (a prefill into an empty cache). The prefill returns logits for
+the kept positions only, so ``labels`` (training) are not supported.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from typing import Any, Callable
 
 import torch
 from transformers.cache_utils import DynamicLayer
-from transformers.masking_utils import create_causal_mask
 
 from ..algorithm import token_budget
 from ..methods import Method, register
@@ -75,7 +76,8 @@ class _Captured:
     query: torch.Tensor | None = None
     key: torch.Tensor | None = None
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None
-    swapped: dict[str, Any] | None = None  # mask, rotary, positions for the layers after pruning
+    pruned_keys: torch.Tensor | None = None  # decoding: (B, T + new) keys the pruned layers may attend to
+    swapped: dict[str, Any] | None = None  # mask (and in the prefill rotary, positions) for layers K..
 
 
 @dataclass
@@ -253,7 +255,7 @@ def _on_model(inner, state: FastVState):
     return hook
 
 
-def _on_language_model(inner, state: FastVState):
+def _on_language_model(state: FastVState):
     def before(module, args, kwargs):
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
@@ -270,51 +272,57 @@ def _on_language_model(inner, state: FastVState):
                     )
                 state.prefill = True
                 state.captured.attention_mask = kwargs.get("attention_mask")
-            return args, kwargs
-        if has_images:
+        elif has_images:
             raise ValueError(
                 "FastV prunes images in the prefill of a sequence; this call adds images to a filled cache"
             )
-        if state.plan is not None:
-            _translate_decoding_inputs(state.plan, past, kwargs)
-        return args, kwargs
+        elif state.plan is not None:
+            state.captured.pruned_keys = _pruned_keys(state.plan, past, kwargs)
 
     def after(module, args, kwargs, output):
-        swapped = state.captured.swapped
-        if swapped is not None:
-            cache = output.past_key_values
-            if cache is not None:
-                for layer in cache.layers[: state.layer]:
-                    layer.keys = _gather_rows(layer.keys, state.plan.index.to(layer.keys.device), dim=2)
-                    layer.values = _gather_rows(layer.values, state.plan.index.to(layer.values.device), dim=2)
         state.captured = _Captured()
         state.prefill = False
         state.image_mask = None
-        return output
 
     return before, after
 
 
-def _translate_decoding_inputs(plan: PrunePlan, past: int, kwargs: dict) -> None:
-    """Map a decoding step's unpruned-length 2D mask and positions onto the pruned cache."""
+def _pruned_keys(plan: PrunePlan, past: int, kwargs: dict) -> torch.Tensor:
+    """``(B, T + new)``: which keys of the pruned layers a decoding step may attend to.
+
+    ``past`` counts the unpruned sequence (the first layers' cache); the 2D attention mask, if
+    given, has that length plus the new tokens.
+    """
     embeds = kwargs.get("inputs_embeds")
     new = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
-    unpruned_past = past - plan.length + plan.original_length
     mask = kwargs.get("attention_mask")
-    if mask is not None:
-        if mask.dim() != 2 or mask.shape[1] != unpruned_past + new:
-            raise ValueError(
-                f"FastV expected a 2D attention mask of {unpruned_past + new} positions (the unpruned sequence), "
-                f"got shape {tuple(mask.shape)}"
-            )
-        prefix = plan.valid.to(mask.device, mask.dtype)
-        kwargs["attention_mask"] = torch.cat([prefix, mask[:, plan.original_length :]], dim=1)
-    elif not bool(plan.valid.all()):
-        ones = torch.ones(plan.valid.shape[0], past - plan.length + new, dtype=torch.long, device=plan.valid.device)
-        kwargs["attention_mask"] = torch.cat([plan.valid.long(), ones], dim=1)
-    if kwargs.get("position_ids") is None:
-        device = (embeds if embeds is not None else kwargs["input_ids"]).device
-        kwargs["position_ids"] = (torch.arange(new, device=device) + unpruned_past)[None]
+    device = plan.valid.device
+    if mask is None:
+        later = torch.ones(plan.valid.shape[0], past + new - plan.original_length, dtype=torch.bool, device=device)
+    elif mask.dim() != 2 or mask.shape[1] != past + new:
+        raise ValueError(f"FastV expects a 2D attention mask of {past + new} positions, got shape {tuple(mask.shape)}")
+    else:
+        later = mask[:, plan.original_length :].bool().to(device)
+    return torch.cat([plan.valid, later], dim=1)
+
+
+def pruned_attention_mask(allowed_keys: torch.Tensor, queries: int, implementation: str, dtype) -> torch.Tensor:
+    """The 4D mask of the pruned layers: causal over the kept sequence, masked filler slots.
+
+    Args:
+        allowed_keys: ``(B, T)`` False at filler slots (and padding).
+        queries: how many of the last positions are queries.
+        implementation: ``"sdpa"`` (boolean mask, True attends) or ``"eager"`` (additive float mask).
+        dtype: the float dtype of an eager mask.
+    """
+    length = allowed_keys.shape[1]
+    device = allowed_keys.device
+    query_position = torch.arange(length - queries, length, device=device)[:, None]
+    causal = torch.arange(length, device=device)[None] <= query_position
+    allowed = allowed_keys[:, None, None, :] & causal[None, None]
+    if implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
 
 
 def _on_scored_layer(state: FastVState):
@@ -337,7 +345,8 @@ def _on_first_pruned_layer(inner, state: FastVState, attention_module):
     language_model = inner.language_model
 
     def hook(module, args, kwargs):
-        if not state.prefill:
+        captured = state.captured
+        if not state.prefill and captured.pruned_keys is None:
             return args, kwargs
         implementation = language_model.config._attn_implementation
         if implementation not in _IMPLEMENTATIONS:
@@ -348,43 +357,48 @@ def _on_first_pruned_layer(inner, state: FastVState, attention_module):
         cache = kwargs.get("past_key_values")
         if cache is not None and any(type(layer) is not DynamicLayer for layer in cache.layers):
             raise ValueError("FastV prunes a DynamicCache (the generate default); this call uses another cache")
-        captured = state.captured
-        scores = last_token_attention(
-            captured.query,
-            captured.key,
-            captured.rotary,
-            state.apply_rotary,
-            attention_module.head_dim,
-            attention_module.scaling,
-            captured.attention_mask,
-        )
-        image_mask = state.image_mask.to(scores.device)
-        plan = plan_pruning(scores, image_mask, _image_spans(state, inner, image_mask), captured.attention_mask)
-        captured.query = captured.key = None
-        if plan is None:
-            state.prefill = False
-            return args, kwargs
-        state.plan = plan
-        index = plan.index.to(args[0].device)
-        hidden = _gather_rows(args[0], index)
-        positions = kwargs.get("position_ids")
-        positions = None if positions is None else _gather_rows(positions, index)
-        cos, sin = kwargs["position_embeddings"]
-        captured.swapped = {
-            "attention_mask": create_causal_mask(
-                config=language_model.config,
-                inputs_embeds=hidden,
-                attention_mask=plan.valid.to(hidden.device),
-                past_key_values=None,
-                position_ids=positions,
-            ),
-            "position_embeddings": (_gather_rows(cos, index), _gather_rows(sin, index)),
-            "position_ids": positions,
-        }
+        hidden = args[0]
+        if captured.pruned_keys is not None:  # decoding: the new tokens attend to the kept keys
+            mask = pruned_attention_mask(captured.pruned_keys, hidden.shape[1], implementation, hidden.dtype)
+            captured.swapped = {"attention_mask": mask}
+        else:
+            plan = _plan(inner, state, attention_module)
+            if plan is None:
+                state.prefill = False
+                return args, kwargs
+            state.plan = plan
+            index = plan.index.to(hidden.device)
+            hidden = _gather_rows(hidden, index)
+            positions = kwargs.get("position_ids")
+            cos, sin = kwargs["position_embeddings"]
+            captured.swapped = {
+                "attention_mask": pruned_attention_mask(
+                    plan.valid.to(hidden.device), plan.length, implementation, hidden.dtype
+                ),
+                "position_embeddings": (_gather_rows(cos, index), _gather_rows(sin, index)),
+                "position_ids": None if positions is None else _gather_rows(positions, index),
+            }
         kwargs.update(captured.swapped)
         return (hidden, *args[1:]), kwargs
 
     return hook
+
+
+def _plan(inner, state: FastVState, attention_module) -> PrunePlan | None:
+    """Score the image tokens with layer ``K-1``'s captured q/k and decide what each row keeps."""
+    captured = state.captured
+    scores = last_token_attention(
+        captured.query,
+        captured.key,
+        captured.rotary,
+        state.apply_rotary,
+        attention_module.head_dim,
+        attention_module.scaling,
+        captured.attention_mask,
+    )
+    captured.query = captured.key = None
+    image_mask = state.image_mask.to(scores.device)
+    return plan_pruning(scores, image_mask, _image_spans(state, inner, image_mask), captured.attention_mask)
 
 
 def _on_later_layer(state: FastVState):
@@ -430,7 +444,7 @@ def install(inner, config) -> None:
         raise ValueError(f"FastV needs separate q_proj/k_proj projections in {type(scored).__name__}")
     state = FastVState(layer=layer, config=config, apply_rotary=_rotary_function(scored))
     query, key, attention = _on_scored_layer(state)
-    before, after = _on_language_model(inner, state)
+    before, after = _on_language_model(state)
     state.handles = [
         inner.register_forward_pre_hook(_on_model(inner, state), with_kwargs=True),
         language_model.register_forward_pre_hook(before, with_kwargs=True),
