@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 # Modules that contribute subcommands, in the order --help lists them.
-SUBCOMMAND_MODULES = ("hired.cli", "hired.bench.cli", "hired.visualize", "hired.testbed.evidence", "hired.testbed.evaluate")
+SUBCOMMAND_MODULES = ("hired.demo", "hired.cli", "hired.bench.cli", "hired.visualize", "hired.testbed.evidence", "hired.testbed.evaluate")
 
 
 class CliError(Exception):
