@@ -28,8 +28,11 @@ def encode(processor, images):
     return processor(images=images, text=[PROMPT] * len(images), return_tensors="pt", padding=True)
 
 
-@pytest.mark.parametrize("budget", [dict(budget=1.0), dict(tokens=100_000)])
-@pytest.mark.parametrize("factory", [tiny_llava_next, tiny_llava], ids=["llava-next", "llava-1.5"])
+@pytest.mark.parametrize(
+    "factory,budget",
+    [(tiny_llava_next, dict(budget=1.0)), (tiny_llava_next, dict(tokens=100_000)), (tiny_llava, dict(budget=1.0))],
+    ids=["llava-next-budget", "llava-next-tokens", "llava-1.5-budget"],
+)
 def test_keep_all_is_the_stock_model(factory, budget, images):
     model, processor = factory(text_layers=LAYERS)
     inputs = encode(processor, images[:2])
@@ -143,7 +146,9 @@ def test_prefill_and_decoding_match_a_manual_reference(factory, images):
             rotary = language_model.rotary_emb(hidden, position_ids=position_ids)
             mask = create_causal_mask(language_model.config, hidden, None, None)  # causal over the kept tokens
             for decoder_layer in language_model.layers[layer:]:
-                hidden = decoder_layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids)
+                hidden = decoder_layer(
+                    hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids
+                )
             return model.lm_head(language_model.norm(hidden[:, -1]))
 
     torch.testing.assert_close(fastv.logits[0], upper_layers(positions), atol=1e-5, rtol=1e-4)

@@ -70,7 +70,7 @@ class PrunePlan:
 
 @dataclass
 class _Captured:
-    """Tensors of the current prefill, held from layer ``K-1`` to the end of the forward."""
+    """Tensors of the current forward of the language model, dropped when it ends."""
 
     attention_mask: torch.Tensor | None = None  # 2D, as given to the language model
     query: torch.Tensor | None = None
@@ -191,13 +191,11 @@ def plan_pruning(
     return PrunePlan(index, valid, length, image_kept)
 
 
-def _gather_rows(tensor: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Gather along ``dim`` (the sequence) with a ``(B, T)`` index, broadcasting a batch of 1."""
+def _gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather along the sequence (dim 1) with a ``(B, T)`` index, broadcasting a batch of 1."""
     tensor = tensor.expand(index.shape[0], *tensor.shape[1:])
-    shape = [index.shape[0]] + [1] * (tensor.dim() - 1)
-    shape[dim] = index.shape[1]
-    expanded = index.view(shape).expand(*[-1 if i in (0, dim) else s for i, s in enumerate(tensor.shape)])
-    return tensor.gather(dim, expanded)
+    expanded = index.view(*index.shape, *[1] * (tensor.dim() - 2)).expand(-1, -1, *tensor.shape[2:])
+    return tensor.gather(1, expanded)
 
 
 # --------------------------------------------------------------------------------------------
