@@ -452,8 +452,11 @@ def plot(records: Sequence[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     splits = list(dict.fromkeys(r["split"] for r in records))
+    labels = list(dict.fromkeys(_label(r) for r in records if r["method"] != "full"))
+    colours = dict(zip(labels, plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2]))
     figure, axes = plt.subplots(2, len(splits), figsize=(6 * len(splits), 8), squeeze=False, sharey=True)
     for column, split in enumerate(splits):
         rows = [r for r in records if r["split"] == split and r["method"] != "full"]
@@ -461,15 +464,19 @@ def plot(records: Sequence[dict[str, Any]], path: Path) -> None:
             [("evidence_recall", "kept tile tokens"), ("evidence_recall_any", "any kept token")]
         ):
             ax = axes[row][column]
-            for label in dict.fromkeys(_label(r) for r in rows):
+            for label in labels:
                 line = sorted((r for r in rows if _label(r) == label), key=lambda r: r["budget"])
+                if not line:
+                    continue
                 x = [100 * r["budget"] for r in line]
                 y = np.array([100 * r[metric] for r in line])
                 ci = np.array([[100 * v for v in r[f"{metric}_ci"]] for r in line])
-                style = "-" if label in ("hired (alpha 0.5)",) or not label.startswith("hired") else "--"
+                headline = label == "hired (alpha 0.5)"
+                style = "--" if label.startswith("hired") and not headline else "-"
                 ax.errorbar(x, y, yerr=[y - ci[:, 0], ci[:, 1] - y], label=label, linestyle=style, marker="o",
-                            markersize=3, capsize=2, linewidth=2.2 if label == "hired (alpha 0.5)" else 1.2)
+                            color=colours[label], markersize=3, capsize=2, linewidth=2.2 if headline else 1.2)
             ax.set_xscale("log")
+            ax.xaxis.set_minor_locator(NullLocator())
             ax.set_xticks([100 * b for b in sorted({r["budget"] for r in rows})])
             ax.set_xticklabels([f"{100 * b:g}%" for b in sorted({r["budget"] for r in rows})])
             ax.set_title(f"{split}: evidence items covered by {title}")
