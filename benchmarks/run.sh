@@ -1,0 +1,31 @@
+#!/usr/bin/env sh
+# The runs behind docs/benchmarks.md. Each writes bench.json, bench.md and bench.png under
+# benchmarks/results/<name>/. Run from the repository root with the package installed
+# (pip install -e ".[cli]"); HF_HUB_OFFLINE keeps transformers off the network.
+set -eu
+export HF_HUB_OFFLINE=1
+which="${1:-all}"
+
+# 1. Methods x budgets on the LLaVA-NeXT-7B (Vicuna) shape, 2 of 32 decoder layers, batch 1.
+if [ "$which" = all ] || [ "$which" = sweep ]; then
+  hired bench --model llava-v1.6-vicuna-7b-hf --layers 2 --dtype bfloat16 \
+    --methods hired fastervlm --budgets 0.1 0.2 0.4 1.0 \
+    --image-size 672x672 --batch 1 --new-tokens 6 --warmup 1 --repeats 3 \
+    --output benchmarks/results/sweep
+fi
+
+# 2. Batch sizes 1, 2, 4: where the stock model's memory goes.
+if [ "$which" = all ] || [ "$which" = batch ]; then
+  hired bench --model llava-v1.6-vicuna-7b-hf --layers 2 --dtype bfloat16 \
+    --methods hired --budgets 0.2 \
+    --image-size 672x672 --batch 1 2 4 --new-tokens 6 --warmup 1 --repeats 1 \
+    --output benchmarks/results/batch
+fi
+
+# 3. The whole 7B model (32 decoder layers, about 16 GB in bfloat16): stock against HiRED 20%.
+if [ "$which" = all ] || [ "$which" = full ]; then
+  hired bench --model llava-v1.6-vicuna-7b-hf --dtype bfloat16 \
+    --methods hired --budgets 0.2 \
+    --image-size 672x672 --batch 1 --new-tokens 4 --warmup 0 --repeats 1 \
+    --output benchmarks/results/full-depth
+fi
