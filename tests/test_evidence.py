@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import hired
-from hired.algorithm import AnyresGeometry, select_best_resolution
+from hired.algorithm import AnyresGeometry
 from hired.cli import main
 from hired.testbed import evidence
 from hired.testbed.documents import generate_documents

@@ -70,10 +70,7 @@ def select_tokens(model, processor, image: Image.Image, config):
 
 def draw_selection(image: Image.Image, record, tiles: np.ndarray, patch: int, pinpoints, path: Path) -> None:
     """Write the picture of ``record`` (see the module docstring) to ``path`` as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
     from matplotlib.patches import Rectangle
 
     from .algorithm import AnyresGeometry
@@ -83,7 +80,7 @@ def draw_selection(image: Image.Image, record, tiles: np.ndarray, patch: int, pi
     geometry = AnyresGeometry.create(record.image_size, tile, patch, pinpoints if partitions > 1 else None)
     side = geometry.side
     width, height = figure_size(partitions)
-    figure = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     columns = partitions + (1 if partitions > 1 else 0)
     grid = figure.add_gridspec(2, columns, left=0.01, right=0.99, bottom=0.01,
                                top=1 - TITLE_INCHES / (height / DPI), wspace=0.04, hspace=0.12)
@@ -98,7 +95,7 @@ def draw_selection(image: Image.Image, record, tiles: np.ndarray, patch: int, pi
     first = 0
     if partitions > 1:
         first = 1
-        _draw_overview(figure, grid, image, record, geometry, Rectangle, total)
+        _draw_overview(figure, grid, image, record, geometry, total)
     for p in range(partitions):
         title = "base view" if p == 0 else f"tile {p} (row {(p - 1) // record.grid[1] + 1}, col {(p - 1) % record.grid[1] + 1})"
         kept = torch.zeros(side * side, dtype=torch.bool)
@@ -118,7 +115,6 @@ def draw_selection(image: Image.Image, record, tiles: np.ndarray, patch: int, pi
         for axis in (top, bottom):
             axis.set_axis_off()
     figure.savefig(path, dpi=DPI, format="png")
-    plt.close(figure)
 
 
 def _norm(scores: np.ndarray):
@@ -139,7 +135,9 @@ def _dimmed(pixels: np.ndarray, kept: torch.Tensor, candidates: torch.Tensor, si
     return shaded
 
 
-def _draw_overview(figure, grid, image, record, geometry, Rectangle, total: int) -> None:
+def _draw_overview(figure, grid, image, record, geometry, total: int) -> None:
+    from matplotlib.patches import Rectangle
+
     from .testbed.evidence import token_footprints
 
     footprints = token_footprints(geometry)

@@ -29,7 +29,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -448,16 +448,16 @@ def markdown_report(records: Sequence[dict[str, Any]], command: str) -> str:
 
 def plot(records: Sequence[dict[str, Any]], path: Path) -> None:
     """Recall against budget per method, tile and any tokens, one column per split."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
     from matplotlib.ticker import NullLocator
 
     splits = list(dict.fromkeys(r["split"] for r in records))
     labels = list(dict.fromkeys(_label(r) for r in records if r["method"] != "full"))
-    colours = dict(zip(labels, plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2]))
-    figure, axes = plt.subplots(2, len(splits), figsize=(6 * len(splits), 8), squeeze=False, sharey=True)
+    palette = colormaps["tab20"].colors
+    colours = dict(zip(labels, palette[::2] + palette[1::2]))
+    figure = Figure(figsize=(6 * len(splits), 8))
+    axes = figure.subplots(2, len(splits), squeeze=False, sharey=True)
     for column, split in enumerate(splits):
         rows = [r for r in records if r["split"] == split and r["method"] != "full"]
         for row, (metric, title) in enumerate(
@@ -486,7 +486,6 @@ def plot(records: Sequence[dict[str, Any]], path: Path) -> None:
         axes[0][column].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def run(
