@@ -114,7 +114,10 @@ def _generate(args: argparse.Namespace) -> None:
     config = config_from_args(args)
     images = [load_image(path) for path in args.image]
     model, processor = load_model(args.model, args.dtype)
-    hired.apply(model, processor, config)
+    try:
+        hired.apply(model, processor, config)
+    except (TypeError, ValueError) as error:
+        raise CliError(str(error)) from None
     prompt = args.prompt
     if "<image>" not in prompt:
         prompt = "USER: " + "<image>\n" * len(images) + prompt + " ASSISTANT:"
@@ -131,7 +134,8 @@ def _generate(args: argparse.Namespace) -> None:
     if not answer:
         answer = f"(no text: the model generated {len(new_tokens)} special tokens, ids {new_tokens.tolist()})"
     records = [record.to_dict() for record in hired.selections(model)]
-    fed = sum(r["visual_tokens"] for r in records)
+    # FastV feeds every placeholder and prunes inside the LLM: count what it kept there.
+    fed = sum(r.get("fastv_kept", r["visual_tokens"]) for r in records)
     stock = sum(r["stock_tokens"] + r.get("newline_tokens", 0) for r in records)
     summary = f"[{config.method}] visual tokens: {fed} of {stock} ({100 * fed / stock:.1f}%)"
     emit(args, {"answer": answer, "model": args.model, "config": config.to_dict(), "images": records},
