@@ -1,6 +1,6 @@
 """Train the testbed VLM: a projector and a small Llama decoder over the frozen DINOv2 tower.
 
-    python -m hired.testbed.train [--steps 240] [--seed 0] [--out src/hired/testbed/model]
+    python -m hired.testbed.train [--steps 250] [--seed 0] [--out src/hired/testbed/model]
 
 What makes it learnable on 2 cores (a naive setup learns only the answer priors):
 
@@ -128,15 +128,24 @@ def cached_features(model, processor, seed: int, n: int, desc: str) -> list[dict
 
 
 class AttributeHeads(nn.Module):
-    """Training-only linear read-outs of colour, shape and pattern from each projected visual token."""
+    """Training-only read-out of colour, shape and pattern from each projected visual token.
 
-    def __init__(self, width: int) -> None:
+    The scores are dot products with the decoder's own input embeddings of the attribute words
+    (plus a learned background score), so a patch of the red circle is pushed towards the
+    embeddings of ``red`` and ``circle``: the question's words and the image tokens then meet in
+    one space, and the decoder's look-up starts from a signal instead of from chance.
+    """
+
+    def __init__(self, tokenizer) -> None:
         super().__init__()
-        self.colour = nn.Linear(width, len(COLOURS) + 1)
-        self.shape = nn.Linear(width, len(SHAPES) + 1)
-        self.pattern = nn.Linear(width, len(PATTERNS) + 1)
+        self.word_ids = [torch.tensor(tokenizer.convert_tokens_to_ids(list(words))) for words in (COLOURS, SHAPES, PATTERNS)]
+        self.background = nn.Parameter(torch.zeros(3))
 
-    def loss(self, projected: torch.Tensor, labels: torch.Tensor, objects: list[dict]) -> torch.Tensor:
+    def _logits(self, projected: torch.Tensor, embeddings: torch.Tensor, kind: int) -> torch.Tensor:
+        scores = projected @ embeddings[self.word_ids[kind]].T
+        return torch.cat([self.background[kind].expand(*scores.shape[:-1], 1), scores], dim=-1).flatten(0, 1)
+
+    def loss(self, projected: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor, objects: list[dict]) -> torch.Tensor:
         """``projected`` ``(P, N, D)``; ``labels`` ``(P, N)`` object indices; class 0 is background."""
         table = torch.tensor(
             [[0, 0, 0]]
@@ -146,11 +155,13 @@ class AttributeHeads(nn.Module):
             ]
         )
         targets = table[labels.long() + 1]  # (P, N, 3)
-        loss = nn.functional.cross_entropy(self.colour(projected).flatten(0, 1), targets[..., 0].flatten())
-        loss = loss + nn.functional.cross_entropy(self.shape(projected).flatten(0, 1), targets[..., 1].flatten())
+        loss = nn.functional.cross_entropy(self._logits(projected, embeddings, 0), targets[..., 0].flatten())
+        loss = loss + nn.functional.cross_entropy(self._logits(projected, embeddings, 1), targets[..., 1].flatten())
         # The base view (partition 0) averages the patterns away: ask pattern of tile tokens only.
         if projected.shape[0] > 1:
-            loss = loss + nn.functional.cross_entropy(self.pattern(projected[1:]).flatten(0, 1), targets[1:, :, 2].flatten())
+            loss = loss + nn.functional.cross_entropy(
+                self._logits(projected[1:], embeddings, 2), targets[1:, :, 2].flatten()
+            )
         return loss
 
 
@@ -261,14 +272,15 @@ def train(args: argparse.Namespace) -> dict:
     held_out = cached_features(model, processor, args.seed + 1, args.monitor_scenes, "encoding held-out scenes")
 
     model.model.vision_tower.requires_grad_(False)
-    heads = AttributeHeads(args.width)
+    heads = AttributeHeads(tokenizer)
+    embeddings = model.model.get_input_embeddings().weight
     trainable = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.steps))),
     )
-    checkpoint = cache_dir() / f"checkpoint-seed{args.seed}.pt"
+    checkpoint = cache_dir() / f"checkpoint-seed{args.seed}-v2.pt"
     start, curve, elapsed = 0, [], 0.0
     if args.resume and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
@@ -290,7 +302,7 @@ def train(args: argparse.Namespace) -> dict:
             asked = [ask(item["objects"], rng, types) for _ in range(args.questions)]
             logits, targets, projected = answer_logits(model, tokenizer, item, [(q, a) for q, a, _, _ in asked])
             loss_answer = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-            loss_aux = heads.loss(projected, item["labels"], item["objects"])
+            loss_aux = heads.loss(projected, embeddings, item["labels"], item["objects"])
             ((loss_answer + args.aux_weight * loss_aux) / args.scenes_per_step).backward()
             answer_loss += loss_answer.item() / args.scenes_per_step
             aux_loss += loss_aux.item() / args.scenes_per_step
@@ -339,19 +351,19 @@ def train(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hired.testbed.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=240)
+    parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--train-scenes", type=int, default=120)
     parser.add_argument("--monitor-scenes", type=int, default=24)
     parser.add_argument("--check-scenes", type=int, default=18, help="scenes whose accuracy is recorded with the model")
     parser.add_argument("--scenes-per-step", type=int, default=3)
-    parser.add_argument("--questions", type=int, default=16, help="fresh questions per scene per step")
+    parser.add_argument("--questions", type=int, default=24, help="fresh questions per scene per step")
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--aux-weight", type=float, default=0.5)
-    parser.add_argument("--monitor-every", type=int, default=40)
+    parser.add_argument("--monitor-every", type=int, default=60)
     parser.add_argument("--checkpoint-every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this seed")
