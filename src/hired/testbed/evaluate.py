@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -119,7 +120,13 @@ def evaluate(model, processor, samples: Sequence[Sample], settings: Sequence[Set
     records = []
     bar = tqdm(total=len(settings) * len(samples), desc="eval", unit="answer")
     for setting in settings:
-        hired.apply(model, processor, setting.config(tokens_per_tile))
+        try:
+            hired.apply(model, processor, setting.config(tokens_per_tile))
+        except ValueError as error:  # e.g. a method that needs a deeper decoder: reported, not skipped silently
+            print(f"hired eval: {setting.method} at budget {setting.budget}: {error}", file=sys.stderr)
+            records.append({"method": setting.method, "budget": setting.budget, "alpha": setting.alpha, "error": str(error)})
+            bar.update(len(samples))
+            continue
         memo.install(model)
         hits, tokens = [], []
         for sample in samples:
@@ -151,7 +158,7 @@ def evaluate(model, processor, samples: Sequence[Sample], settings: Sequence[Set
 
 def markdown(records: Sequence[dict], command: str) -> str:
     """A table: one row per setting, accuracy with its interval and per question type."""
-    types = sorted({t for r in records for t in r["accuracy_by_type"]})
+    types = sorted({t for r in records for t in r.get("accuracy_by_type", {})})
     lines = [
         f"Produced by `{command}`.",
         "",
@@ -160,6 +167,9 @@ def markdown(records: Sequence[dict], command: str) -> str:
     ]
     for r in records:
         budget = "256 tokens" if r["budget"] is None else f"{100 * r['budget']:g}%"
+        if "error" in r:
+            lines.append(f"| {r['method']} | {budget} | {r['alpha']:g} | - | not run: {r['error']} |" + " |" * len(types))
+            continue
         lines.append(
             f"| {r['method']} | {budget} | {r['alpha']:g} | {r['visual_tokens']:.0f} | "
             f"{100 * r['accuracy']:.1f} ({100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}) | "
@@ -178,12 +188,12 @@ def plot(records: Sequence[dict], path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(7.5, 4.5))
     for reference, style in (("full", "k"), (BASE_VIEW, "tab:gray")):
-        for r in (r for r in records if r["method"] == reference):
+        for r in (r for r in records if r["method"] == reference and "error" not in r):
             axes.axhspan(r["ci_low"], r["ci_high"], color=style, alpha=0.12)
             axes.axhline(r["accuracy"], color=style, linestyle="--", label=f"{reference} ({r['visual_tokens']:.0f} tokens)")
     curves: dict[tuple[str, float], list[dict]] = {}
     for r in records:
-        if r["method"] not in ("full", BASE_VIEW):
+        if r["method"] not in ("full", BASE_VIEW) and "error" not in r:
             curves.setdefault((r["method"], r["alpha"]), []).append(r)
     for (method, alpha), rows in sorted(curves.items()):
         rows = sorted(rows, key=lambda r: r["budget"])
