@@ -28,12 +28,19 @@ def run_demo(output_dir: Path, config, questions: int = 6) -> dict[str, Any]:
 
     from .images import open_image
     from .testbed.scenes import generate_scenes
-    from .testbed.vlm import answer, load_trained_model
+    from .testbed.vlm import answer, load_trained_model, training_record
     from .visualize import show
 
     output_dir.mkdir(parents=True, exist_ok=True)
     model, processor = load_trained_model()
-    report: dict[str, Any] = {"config": config.to_dict(), "images": [], "answers": []}
+    check = training_record()["check_split"]
+    report: dict[str, Any] = {
+        "config": config.to_dict(),
+        "images": [],
+        "answers": [],
+        "model_check_accuracy": check["accuracy"],
+        "model_check_questions": check["scenes"],
+    }
     for name in BUNDLED_IMAGES:
         image = open_image(ASSETS / name)
         picture = output_dir / (Path(name).stem + "-selection.png")
@@ -64,7 +71,11 @@ def format_report(report: dict[str, Any]) -> str:
             f"{item['stock_tokens']} tokens; per partition (base view first) {item['partition_budgets']}; "
             f"picture {item['picture']}"
         )
-    lines.append("Small VLM trained on the testbed's scenes (full tokens vs the budget):")
+    lines.append(
+        "Small VLM trained on the testbed's scenes (full tokens vs the budget); its accuracy at full tokens on "
+        f"its check split is {report['model_check_accuracy']:.0%} of {report['model_check_questions']} questions "
+        "(docs/testbed.md):"
+    )
     for row in report["answers"]:
         lines.append(
             f"  {row['question']:<44} truth {row['truth']:<9} full: {row['answer_full']:<9} ({row['tokens_full']} tokens)"
