@@ -3,7 +3,6 @@
 import pytest
 import torch
 from transformers import (
-    CLIPVisionConfig,
     Dinov2Config,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,

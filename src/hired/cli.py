@@ -10,7 +10,6 @@ import argparse
 import importlib
 import json
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 # Modules that contribute subcommands, in the order --help lists them.

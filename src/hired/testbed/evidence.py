@@ -336,7 +336,7 @@ def measure(
                 tower.attach(model)
                 with torch.inference_mode():
                     model.model.get_image_features(pixel_values=pixel_values, image_sizes=inputs["image_sizes"])
-                for (image, boxes, kinds), record in zip(batch, hired.selections(model)):
+                for (_image, boxes, kinds), record in zip(batch, hired.selections(model)):
                     geometry = AnyresGeometry.create(record.image_size, vision.image_size, vision.patch_size, pinpoints)
                     results[setting].append(
                         ImageResult(kept_coverage(geometry, record.kept, boxes), kinds, record.visual_tokens,
