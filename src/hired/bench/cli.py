@@ -13,8 +13,9 @@ from .models import known_models
 from .runner import BenchSpec, default_methods
 
 MEMORY_NOTE = (
-    "peak_rss_mb is the high-water mark of a fresh process that builds the model and serves one request of "
-    "the variant (weights included); model_rss_mb is that process's high-water mark right after building the model"
+    "peak_rss_mb is the resident-set high-water mark of a fresh process serving one request of the variant, "
+    "weights included, counted from the end of model building (Linux VmHWM reset); model_rss_mb is that "
+    "process's resident set right after building the model"
 )
 
 
@@ -27,7 +28,7 @@ def _image_size(text: str) -> tuple[int, int]:
 
 def _run(args: argparse.Namespace) -> None:
     from .report import markdown_table, write_outputs
-    from .runner import run_benchmark
+    from .runner import ProbeFailed, run_benchmark
 
     bench = BenchSpec(
         model=args.model, layers=args.layers, dtype=args.dtype, methods=args.methods, budgets=args.budgets,
@@ -52,7 +53,7 @@ def _run(args: argparse.Namespace) -> None:
 
         try:
             records = run_benchmark(bench, progress)
-        except ValueError as error:
+        except (ValueError, ProbeFailed) as error:
             raise CliError(str(error)) from None
     settings = {**asdict(bench), "memory_measurement": MEMORY_NOTE}
     paths = write_outputs(records, Path(args.output), _command(bench, args.output), settings)

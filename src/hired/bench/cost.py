@@ -15,7 +15,11 @@ RUNTIME_BYTES = 700 * 2**20
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The dimensions of a LLaVA model that its cost depends on."""
+    """The dimensions of a LLaVA model that its cost depends on.
+
+    ``vision_layers_used`` is the depth up to the feature layer (23 of CLIP-L's 24 for layer -2): what
+    a reducing method runs, while the stock model runs every layer.
+    """
 
     vision_width: int
     vision_mlp: int

@@ -30,6 +30,10 @@ STOCK = "stock"
 GiB = 2**30
 
 
+class ProbeFailed(RuntimeError):
+    """A memory probe process failed (typically killed for lack of memory)."""
+
+
 def default_methods() -> list[str]:
     """Every registered method that can run through ``hired.apply``, except ``full`` (the stock model)."""
     return [name for name in available_methods() if name != "full" and get_method(name).fixed_budget]
@@ -138,7 +142,7 @@ def _probe(bench: BenchSpec, spec: ModelSpec, batch: int, size, method: str, bud
                             capture_output=True, text=True, env=env)
     if result.returncode != 0:
         cause = "killed by the system (out of memory?)" if result.returncode < 0 else result.stderr.strip()[-2000:]
-        raise RuntimeError(f"the memory probe of {method}@{budget} (batch {batch}, {size[0]}x{size[1]}) failed: {cause}")
+        raise ProbeFailed(f"the memory probe of {method}@{budget} (batch {batch}, {size[0]}x{size[1]}) failed: {cause}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
