@@ -20,6 +20,9 @@ import torch
 
 HeadAggregation = Literal["sum", "mean", "max"]
 
+# The (height, width) canvases of every llava-hf v1.6 checkpoint, for 336 px tiles.
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
 
 def round_half_up(x: float) -> int:
     """Round to the nearest integer, halves up (Python's ``round`` rounds halves to even)."""

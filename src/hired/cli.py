@@ -142,8 +142,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from .algorithm import AnyresGeometry
-    from .testing import LLAVA_NEXT_PINPOINTS
+    from .algorithm import LLAVA_NEXT_PINPOINTS, AnyresGeometry
 
     config = config_from_args(args)
     rows = []

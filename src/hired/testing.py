@@ -23,15 +23,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-try:  # transformers >= 5.x with separate backends: the PIL one needs no torchvision
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil as LlavaImageProcessor
-    from transformers.models.llava_next.image_processing_pil_llava_next import (
-        LlavaNextImageProcessorPil as LlavaNextImageProcessor,
-    )
-except ImportError:  # earlier 5.x releases: the default classes are PIL/numpy based
-    from transformers import LlavaImageProcessor, LlavaNextImageProcessor
+from .algorithm import LLAVA_NEXT_PINPOINTS
 
-LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+# The PIL backends of the image processors: the default ones want torchvision.
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil as LlavaImageProcessor
+from transformers.models.llava_next.image_processing_pil_llava_next import (
+    LlavaNextImageProcessorPil as LlavaNextImageProcessor,
+)
+
 IMAGE_TOKEN = "<image>"
 WORDS = (
     "USER ASSISTANT : what is in the image ? describe it a an cat dog red blue green one two three "
