@@ -29,3 +29,11 @@ if [ "$which" = all ] || [ "$which" = full ]; then
     --image-size 672x672 --batch 1 --new-tokens 4 --warmup 0 --repeats 1 \
     --output benchmarks/results/full-depth
 fi
+
+# 4. Five interleaved rounds of HiRED and FasterVLM at 20% and at full budget (2 of 32 layers).
+if [ "$which" = all ] || [ "$which" = repeats ]; then
+  hired bench --model llava-v1.6-vicuna-7b-hf --layers 2 --dtype bfloat16 \
+    --methods hired fastervlm --budgets 0.2 1.0 \
+    --image-size 672x672 --batch 1 --new-tokens 6 --warmup 1 --repeats 5 --seed 0 \
+    --output benchmarks/results/priority
+fi
