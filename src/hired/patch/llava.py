@@ -85,7 +85,7 @@ class _HiredState:
 # Model side
 
 
-def _feature_layer_index(model: LlavaModel | LlavaNextModel, vision_feature_layer: Any, num_layers: int) -> int:
+def _feature_layer_index(vision_feature_layer: Any, num_layers: int) -> int:
     if not isinstance(vision_feature_layer, int):
         raise ValueError(
             f"HiRED supports a single vision_feature_layer, got {vision_feature_layer!r}; "
@@ -104,22 +104,9 @@ class _HiredMixin:
     """Shared by both model families: encode, score, select, project, record."""
 
     _hired: _HiredState
-    _stock_class: type
 
-    def _geometry(self, image_size: Sequence[int] | None) -> AnyresGeometry:
-        raise NotImplementedError
-
-    def _stock_image_features(self, pixel_values, image_sizes, layer, strategy, **kwargs):
-        return self._stock_class.get_image_features(
-            self,
-            pixel_values=pixel_values,
-            image_sizes=image_sizes,
-            vision_feature_layer=layer,
-            vision_feature_select_strategy=strategy,
-            **kwargs,
-        )
-
-    def _pack_stock(self, projected: torch.Tensor, geometry: AnyresGeometry, image_size) -> torch.Tensor:
+    def _pack_stock(self, projected: torch.Tensor, image_size) -> torch.Tensor:
+        """One image's projected tokens arranged as the stock model feeds them (newlines included)."""
         raise NotImplementedError
 
     def _hired_image_features(
@@ -150,7 +137,7 @@ class _HiredMixin:
                 f"features); this model uses {vision_feature_select_strategy!r}"
             )
         probe = state.probe
-        feature_layer = _feature_layer_index(self, vision_feature_layer, probe.num_layers)
+        feature_layer = _feature_layer_index(vision_feature_layer, probe.num_layers)
         selection_layer = feature_layer if config.selection_layer is None else config.selection_layer
         run = probe.run(
             torch.cat(tiles),
@@ -165,7 +152,7 @@ class _HiredMixin:
             stop = start + geometry.num_partitions
             if budget >= geometry.stock_tokens:
                 projected = self.multi_modal_projector(features[start:stop])
-                packed = self._pack_stock(projected, geometry, image_size)
+                packed = self._pack_stock(projected, image_size)
                 outputs.append(packed)
                 records.append(_full_record(geometry, method.name, len(packed)))
                 start = stop
@@ -273,15 +260,13 @@ def _make_record(geometry, method, fed, budgets, kept, distribution, selection, 
 class HiredLlavaNextModel(_HiredMixin, LlavaNextModel):
     """``LlavaNextModel`` whose image features are the tokens HiRED keeps."""
 
-    _stock_class = LlavaNextModel
-
     def _geometry(self, image_size) -> AnyresGeometry:
         vision = self.config.vision_config
         return AnyresGeometry.create(
             _as_pair(image_size), vision.image_size, vision.patch_size, self.config.image_grid_pinpoints
         )
 
-    def _pack_stock(self, projected, geometry, image_size):
+    def _pack_stock(self, projected, image_size):
         packed, _ = self.pack_image_features(
             [projected], torch.as_tensor([image_size]), "default", image_newline=self.image_newline
         )
@@ -316,20 +301,21 @@ class HiredLlavaNextModel(_HiredMixin, LlavaNextModel):
             sizes,
             layer,
             strategy,
-            lambda: self._stock_image_features(pixel_values, image_sizes, layer, strategy, **kwargs),
+            lambda: LlavaNextModel.get_image_features(
+                self, pixel_values=pixel_values, image_sizes=image_sizes, vision_feature_layer=layer,
+                vision_feature_select_strategy=strategy, **kwargs,
+            ),
         )
 
 
 class HiredLlavaModel(_HiredMixin, LlavaModel):
     """``LlavaModel`` (LLaVA-1.5, one partition) whose image features are the tokens HiRED keeps."""
 
-    _stock_class = LlavaModel
-
     def _geometry(self, image_size=None) -> AnyresGeometry:
         vision = self.config.vision_config
         return AnyresGeometry.create((vision.image_size, vision.image_size), vision.image_size, vision.patch_size)
 
-    def _pack_stock(self, projected, geometry, image_size):
+    def _pack_stock(self, projected, image_size):
         return projected[0]
 
     def get_image_features(
@@ -346,14 +332,13 @@ class HiredLlavaModel(_HiredMixin, LlavaModel):
             raise ValueError("HiRED on LLaVA-1.5 expects square tiles from the stock processor (no image_sizes)")
         geometries = [self._geometry() for _ in range(pixel_values.shape[0])]
 
-        def stock():
-            output = self._stock_class.get_image_features(
+        return self._hired_image_features(
+            list(pixel_values.unsqueeze(1)), geometries, None, layer, strategy,
+            lambda: LlavaModel.get_image_features(
                 self, pixel_values=pixel_values, vision_feature_layer=layer,
                 vision_feature_select_strategy=strategy, **kwargs,
-            )
-            return output
-
-        return self._hired_image_features(list(pixel_values.unsqueeze(1)), geometries, None, layer, strategy, stock)
+            ),
+        )
 
 
 def _as_pair(size) -> tuple[int, int]:
@@ -476,7 +461,7 @@ def apply(model, processor=None, config: HiredConfig | None = None):
             "processor and build inputs with hired.patch.adaptive.prepare_inputs(model, processor, images, text)"
         )
     probe = VisionProbe(inner.vision_tower)
-    feature_layer = _feature_layer_index(inner, inner.config.vision_feature_layer, probe.num_layers)
+    feature_layer = _feature_layer_index(inner.config.vision_feature_layer, probe.num_layers)
     for name in ("distribution_layer", "selection_layer"):
         value = getattr(config, name)
         if value is not None and not -probe.num_layers <= value < probe.num_layers:
