@@ -40,6 +40,7 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 PATTERNS = ("plain", "stripes", "bars", "checks")
 QUESTION_TYPES = ("pattern", "colour", "shape")
 BACKGROUNDS = ("plain", "noise", "photo")
+OBJECT_COUNT = (3, 6)  # objects per scene, at most one per colour
 OBJECT_SIZE = (42, 56)  # pixels at tile resolution: 3 to 4 patches of 14 px
 HALF_PERIOD = 2  # pixels at tile resolution
 PHOTOS = ("china", "flower", "astronaut", "coffee", "chelsea", "rocket")
@@ -185,9 +186,12 @@ def _place(rng: np.random.Generator, size: tuple[int, int], sides: list[int], ga
 
 
 def draw_scene(
-    rng: np.random.Generator, grid: tuple[int, int], backgrounds: tuple[str, ...] = BACKGROUNDS
+    rng: np.random.Generator,
+    grid: tuple[int, int],
+    backgrounds: tuple[str, ...] = BACKGROUNDS,
+    objects: tuple[int, int] = OBJECT_COUNT,
 ) -> tuple[Image.Image, list[dict], dict]:
-    """One scene laid out for ``grid``: ``(image, objects, details)``.
+    """One scene laid out for ``grid`` with ``objects[0]`` to ``objects[1]`` objects: ``(image, objects, details)``.
 
     Each object is ``{"shape", "colour", "pattern", "box"}`` with ``box = (x0, y0, x1, y1)`` in image
     pixels, the exact bounding box of the drawn shape.
@@ -207,7 +211,7 @@ def draw_scene(
     background = backgrounds[int(rng.integers(len(backgrounds)))]
     image = _background(background, (width, height), scale, rng)
 
-    count = int(rng.integers(3, len(COLOURS) + 1))
+    count = int(rng.integers(objects[0], objects[1] + 1))
     sides = [int(rng.integers(OBJECT_SIZE[0], OBJECT_SIZE[1] + 1)) * scale for _ in range(count)]
     positions = _place(rng, (width, height), sides, gap=8 * scale)
     # Distinct colours and at least one shape that occurs once: every question type can be asked.
@@ -215,7 +219,7 @@ def draw_scene(
     shapes = rng.integers(len(SHAPES), size=len(positions))
     while 1 not in np.bincount(shapes):
         shapes = rng.integers(len(SHAPES), size=len(positions))
-    objects = []
+    drawn = []
     for (x, y), side, colour_index, shape_index in zip(positions, sides, colours, shapes):
         colour, shape = list(COLOURS)[int(colour_index)], SHAPES[int(shape_index)]
         pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
@@ -224,8 +228,8 @@ def draw_scene(
         image.paste(fill, (x, y), mask)
         left, top, right, bottom = mask.getbbox()
         box = (x + left, y + top, x + right, y + bottom)
-        objects.append({"shape": shape, "colour": colour, "pattern": pattern, "box": box})
-    return image, objects, {"grid": list(grid), "scale": scale, "background": background}
+        drawn.append({"shape": shape, "colour": colour, "pattern": pattern, "box": box})
+    return image, drawn, {"grid": list(grid), "scale": scale, "background": background}
 
 
 def generate_scenes(
@@ -233,8 +237,11 @@ def generate_scenes(
     n: int,
     question_types: tuple[str, ...] = QUESTION_TYPES,
     backgrounds: tuple[str, ...] = BACKGROUNDS,
+    objects: tuple[int, int] = OBJECT_COUNT,
 ) -> list[Sample]:
     """``n`` scenes with one question each, deterministic in ``(seed, index)``.
+
+    ``objects`` is the range of the number of objects per scene (at most one per colour).
 
     ``Sample.meta`` holds ``seed``, ``index``, ``grid``, ``scale``, ``background`` and ``objects``
     (every drawn object with its box), so that more questions can be asked with :func:`ask`.
@@ -244,11 +251,13 @@ def generate_scenes(
     for name in backgrounds:
         if name not in BACKGROUNDS:
             raise ValueError(f"unknown background {name!r}; known: {', '.join(BACKGROUNDS)}")
+    if not 1 <= objects[0] <= objects[1] <= len(COLOURS):
+        raise ValueError(f"objects must be a range (low, high) with 1 <= low <= high <= {len(COLOURS)}, got {tuple(objects)}")
     samples = []
     for index in range(n):
         rng = np.random.default_rng([seed, index])
-        image, objects, details = draw_scene(rng, GRIDS[index % len(GRIDS)], tuple(backgrounds))
-        question, answer, box, question_type = ask(objects, rng, tuple(question_types))
+        image, drawn, details = draw_scene(rng, GRIDS[index % len(GRIDS)], tuple(backgrounds), tuple(objects))
+        question, answer, box, question_type = ask(drawn, rng, tuple(question_types))
         samples.append(
             Sample(
                 image=image,
@@ -257,7 +266,7 @@ def generate_scenes(
                 evidence=[box],
                 kind="scene",
                 question_type=question_type,
-                meta={"seed": seed, "index": index, **details, "objects": objects},
+                meta={"seed": seed, "index": index, **details, "objects": drawn},
             )
         )
     return samples

