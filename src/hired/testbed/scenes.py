@@ -2,7 +2,8 @@
 
 Each image is laid out on a LLaVA-NeXT canvas (1x2, 2x1, 2x2, 1x3 or 3x1 tiles of 224 px, in
 turn, so that every grid occurs), drawn at 1x or 2x that size and, where the grid stays the same, trimmed by up to 8% along its
-shorter side so that the stock model has padding to remove. Every object is a circle, square, triangle or
+shorter side so that the stock model has padding to remove. Three to six objects by default (the
+``objects`` range; the trained VLM's task has one). Every object is a circle, square, triangle or
 diamond of one of six colours (no two alike in a scene), 3 to 4 patches (42-56 px) across at tile resolution, filled with one
 of four patterns (plain, stripes, bars, checks). The patterns alternate a lighter and a darker shade
 of the colour with a 4 px period at tile resolution and have the colour as their mean, so the base

@@ -143,23 +143,19 @@ class AttributeLoss:
     def __init__(self, tokenizer) -> None:
         self.word_ids = [torch.tensor(tokenizer.convert_tokens_to_ids(list(words))) for words in (COLOURS, SHAPES, PATTERNS)]
 
-    def __call__(self, projected: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor, objects: list[dict]) -> torch.Tensor:
-        """``projected`` ``(P, N, D)``; ``labels`` ``(P, N)`` object indices, -1 off objects."""
+    def __call__(self, projected: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor, objects: list[dict]):
+        """``projected`` ``(P, N, D)``; ``labels`` ``(P, N)`` object indices, -1 off objects. A scalar loss."""
         table = torch.tensor(
             [[list(COLOURS).index(o["colour"]), SHAPES.index(o["shape"]), PATTERNS.index(o["pattern"])] for o in objects]
         )
         on_object = labels >= 0
-        targets = table[labels[on_object].long()]
-        tokens = projected[on_object]
-        loss = sum(
-            nn.functional.cross_entropy(tokens @ embeddings[self.word_ids[kind]].T, targets[:, kind]) for kind in (0, 1)
-        )
-        # The base view (partition 0) averages the patterns away: ask pattern of tile tokens only.
         in_tiles = on_object.clone()
-        in_tiles[0] = False
-        if in_tiles.any():
-            tile_targets = table[labels[in_tiles].long()][:, 2]
-            loss = loss + nn.functional.cross_entropy(projected[in_tiles] @ embeddings[self.word_ids[2]].T, tile_targets)
+        in_tiles[0] = False  # the base view averages the patterns away: pattern is asked of tile tokens only
+        loss = projected.new_zeros(())
+        for kind, where in ((0, on_object), (1, on_object), (2, in_tiles)):
+            if where.any():
+                scores = projected[where] @ embeddings[self.word_ids[kind]].T
+                loss = loss + nn.functional.cross_entropy(scores, table[labels[where].long(), kind])
         return loss
 
 
@@ -177,7 +173,8 @@ def visual_prefix(model, tokenizer, item: dict) -> tuple[torch.Tensor, torch.Ten
 
 def question_batch(tokenizer, questions: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``question ASSISTANT : answer </s>`` inputs, the positions that predict, and their targets."""
-    rows = [tokenizer.convert_tokens_to_ids(f"{q} ASSISTANT : {a}".split()) + [tokenizer.eos_token_id] for q, a in questions]
+    rows = [tokenizer.convert_tokens_to_ids(f"{q} ASSISTANT : {a}".split()) + [tokenizer.eos_token_id]
+            for q, a in questions]
     width = max(len(r) for r in rows) - 1
     inputs = torch.full((len(rows), width), tokenizer.pad_token_id)
     positions, targets = [], []
@@ -200,7 +197,7 @@ def packed_labels(model, item: dict) -> torch.Tensor:
     return item["packed_labels"]
 
 
-def lookup_attention(model, cache, question_embeds: torch.Tensor, positions: torch.Tensor, prefix_length: int) -> torch.Tensor:
+def lookup_attention(model, cache, question_embeds: torch.Tensor, positions: torch.Tensor, prefix_length: int):
     """``(Q, prefix_length)``: the attention of head 0 of the first decoder layer from each answer-predicting
     position onto the visual prefix, recomputed for that one row from the cached keys (the forward runs SDPA,
     which returns no weights)."""
@@ -258,23 +255,27 @@ def monitor(model, tokenizer, items: list[dict], seed: int) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def plot_curve(curve: list[dict], path: Path) -> None:
+def plot_curve(curve: list[dict], path: Path, window: int = 25) -> None:
+    """The losses (moving average over ``window`` steps) and the held-out accuracy per question type."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    steps = [row["step"] for row in curve if "loss" in row]
-    left.plot(steps, [row["loss"] for row in curve if "loss" in row], label="answer loss")
-    left.plot(steps, [row["aux_loss"] for row in curve if "loss" in row], label="per-token attribute loss")
+    steps = np.array([row["step"] for row in curve])
+    losses = (("loss", "answer loss"), ("aux_loss", "per-token attribute loss"), ("lookup_loss", "look-up loss"))
+    for key, label in losses:
+        values = np.array([row[key] for row in curve])
+        kernel = np.ones(min(window, len(values))) / min(window, len(values))
+        left.plot(steps[len(kernel) - 1 :], np.maximum(np.convolve(values, kernel, mode="valid"), 1e-4), label=label)
     left.set_xlabel("step")
     left.set_yscale("log")
     left.legend()
     checks = [row for row in curve if "accuracy" in row]
     for name in QUESTION_TYPES:
         right.plot([r["step"] for r in checks], [r["accuracy"][name] for r in checks], marker=".", label=name)
-    right.set_ylim(0, 1)
+    right.set_ylim(0, 1.02)
     right.set_xlabel("step")
     right.set_ylabel("held-out accuracy (teacher forced)")
     right.legend()
@@ -326,7 +327,8 @@ def train(args: argparse.Namespace) -> dict:
             loss_answer = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
             loss_aux = attribute_loss(projected, embeddings, item["labels"], item["objects"])
             boxes = [tuple(o["box"]) for o in item["objects"]]
-            on_object = packed_labels(model, item)[None] == torch.tensor([boxes.index(box) for _, _, box, _ in asked])[:, None]
+            asked_objects = torch.tensor([boxes.index(box) for _, _, box, _ in asked])
+            on_object = packed_labels(model, item)[None] == asked_objects[:, None]
             loss_lookup = -torch.log((lookup * on_object).sum(-1) + 1e-6).mean()
             loss = loss_answer + args.aux_weight * loss_aux + args.lookup_weight * loss_lookup
             (loss / args.scenes_per_step).backward()
@@ -362,7 +364,7 @@ def train(args: argparse.Namespace) -> dict:
         if any(s.question_type == name for s in check)
     }
     record = {
-        "command": "python -m hired.testbed.train " + " ".join(args.argv),
+        "command": " ".join(["python -m hired.testbed.train", *_result_arguments(args.argv)]),
         "settings": {k: v for k, v in vars(args).items() if k not in ("argv", "out")},
         "task": {"objects": list(OBJECTS), "questions": list(QUESTIONS)},
         "training_minutes": round(curve[-1]["elapsed"] / 60, 1),
@@ -374,6 +376,20 @@ def train(args: argparse.Namespace) -> dict:
     save_trained_model(model, processor, out, record)
     plot_curve(curve, out / "learning_curve.png")
     return record
+
+
+def _result_arguments(argv: list[str]) -> list[str]:
+    """``argv`` without ``--out`` (where the model goes does not change it), for the recorded command."""
+    kept, skip = [], False
+    for argument in argv:
+        if skip or argument.startswith("--out="):
+            skip = False
+            continue
+        if argument == "--out":
+            skip = True
+            continue
+        kept.append(argument)
+    return kept
 
 
 def build_parser() -> argparse.ArgumentParser:
