@@ -238,3 +238,28 @@ def test_apply_twice_updates_the_configuration(make_image):
     inputs, _, _ = run(model, processor, make_image(672, 672), generate=False)
     assert image_tokens(inputs, processor) == round(0.1 * 2880)
     assert model.config.hired["budget"] == 0.1
+
+
+def test_shared_tower_runs_encode_each_image_once_across_settings(make_image):
+    from hired.patch.llava import share_tower_runs
+
+    model, processor = tiny_llava_next()
+    calls = []
+    model.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    images = [make_image(800, 600), make_image(300, 1000)]
+    runs: dict = {}
+    logits = {}
+    for budget in (0.1, 0.3):
+        hired.apply(model, processor, budget=budget)
+        share_tower_runs(model, runs)
+        for index, image in enumerate(images):
+            _, logits[budget, index], _ = run(model, processor, image, generate=False)
+    assert len(calls) == len(runs) == len(images)  # one tower run per image, not per setting
+    # Each setting still selects its own tokens, exactly as without sharing.
+    hired.apply(model, processor, budget=0.3)
+    _, unshared, _ = run(model, processor, images[1], generate=False)
+    assert torch.equal(unshared, logits[0.3, 1])
+    assert logits[0.1, 1].shape[1] < logits[0.3, 1].shape[1]
+    hired.remove(model, processor)
+    with pytest.raises(ValueError, match="not patched"):
+        share_tower_runs(model, runs)

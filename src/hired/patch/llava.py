@@ -8,6 +8,7 @@ exactly as many image placeholders as the model will return features.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -527,6 +528,31 @@ def selections(model) -> list[SelectionRecord]:
     if state is None:
         raise ValueError("this model is not patched; call hired.apply(model, processor) first")
     return list(state.records)
+
+
+def share_tower_runs(model, runs: dict) -> None:
+    """Make the patched ``model`` reuse the vision-tower runs kept in ``runs``.
+
+    The tower's output for given pixels and layers does not depend on the method or the budget, so
+    a caller that sweeps settings over the same images (``hired eval``, ``hired evidence``) passes
+    the same dict after each ``hired.apply``, and the tower runs once per distinct pixel batch. The
+    selection itself still runs for every setting.
+    """
+    inner = _inner_model(model)
+    state = getattr(inner, "_hired", None)
+    if state is None:
+        raise ValueError("this model is not patched; call hired.apply(model, processor) first")
+    compute = state.probe.run
+
+    def run(pixel_values: torch.Tensor, **layers: Any):
+        pixels = pixel_values.detach().cpu().contiguous()
+        digest = hashlib.sha1(pixels.view(torch.uint8).numpy().tobytes()).hexdigest()
+        key = (digest, tuple(pixels.shape), str(pixels.dtype), tuple(sorted(layers.items())))
+        if key not in runs:
+            runs[key] = compute(pixel_values, **layers)
+        return runs[key]
+
+    state.probe.run = run
 
 
 def stored_config(model) -> HiredConfig | None:

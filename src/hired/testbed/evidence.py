@@ -273,34 +273,6 @@ def _group_by_image(samples: Sequence[Sample]) -> list[tuple[Any, list[Box], lis
     return list(groups.values())
 
 
-class _TowerRunOnce:
-    """Stands in for the adapter's vision probe so that one batch runs the tower once for all settings.
-
-    The tower's output for a batch is the same under every setting; only the selection differs.
-    Everything after the tower (evidence, ``method.select``, records) still runs in the adapter.
-    """
-
-    def __init__(self) -> None:
-        self.probe = None
-        self.runs: dict[tuple, Any] = {}
-
-    def attach(self, model) -> None:
-        """Replace the probe that ``hired.apply`` just installed on ``model`` with this one."""
-        state = model.model._hired
-        self.probe = state.probe
-        state.probe = self
-
-    @property
-    def num_layers(self) -> int:
-        return self.probe.num_layers
-
-    def run(self, pixel_values: torch.Tensor, **layers: Any):
-        key = (tuple(pixel_values.shape), tuple(sorted(layers.items())))
-        if key not in self.runs:
-            self.runs[key] = self.probe.run(pixel_values, **layers)
-        return self.runs[key]
-
-
 def measure(
     model,
     processor,
@@ -315,6 +287,7 @@ def measure(
     once per batch of images) and restored to the stock classes at the end.
     """
     import hired
+    from hired.patch.llava import share_tower_runs
 
     groups = _group_by_image(samples)
     if not groups:
@@ -330,10 +303,10 @@ def measure(
             batch = groups[start:start + batch_size]
             inputs = processor.image_processor([image for image, _, _ in batch], return_tensors="pt")
             pixel_values = inputs["pixel_values"].to(model.device, model.dtype)
-            tower = _TowerRunOnce()
+            tower_runs: dict = {}  # the tower runs once per batch for all settings
             for setting in settings:
                 hired.apply(model, processor, setting.config())
-                tower.attach(model)
+                share_tower_runs(model, tower_runs)
                 with torch.inference_mode():
                     model.model.get_image_features(pixel_values=pixel_values, image_sizes=inputs["image_sizes"])
                 for (_image, boxes, kinds), record in zip(batch, hired.selections(model)):
