@@ -182,6 +182,7 @@ def plot(records: Sequence[dict], path: Path) -> None:
     axes.set_xscale("log")
     axes.set_xticks([100 * b for b in sorted({r["budget"] for r in records if r["budget"] and r["budget"] < 1})])
     axes.get_xaxis().set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g%%"))
+    axes.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes.set_xlabel("visual-token budget (share of the stock count)")
     axes.set_ylabel("exact-match accuracy")
     axes.set_ylim(0, 1)
