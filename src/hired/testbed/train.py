@@ -1,6 +1,6 @@
 """Train the testbed VLM: a projector and a small Llama decoder over the frozen DINOv2 tower.
 
-    python -m hired.testbed.train [--steps 250] [--seed 0] [--out src/hired/testbed/model]
+    python -m hired.testbed.train [--steps 3000] [--seed 0] [--out src/hired/testbed/model]
 
 What makes it learnable on 2 cores (a naive setup learns only the answer priors):
 
