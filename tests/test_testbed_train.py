@@ -146,3 +146,10 @@ def test_scenes_with_a_chosen_number_of_objects():
         generate_scenes(1, 1, objects=(0, 2))
     with pytest.raises(ValueError, match="objects must be a range"):
         generate_scenes(1, 1, objects=(3, 9))
+
+
+def test_recorded_command_leaves_out_the_output_folder():
+    from hired.testbed.train import _result_arguments
+
+    argv = ["--steps", "5", "--out", "somewhere", "--out=elsewhere", "--seed", "1"]
+    assert _result_arguments(argv) == ["--steps", "5", "--seed", "1"]

