@@ -6,9 +6,10 @@ shorter side so that the stock model has padding to remove. Three to six objects
 ``objects`` range; the trained VLM's task has one). Every object is a circle, square, triangle or
 diamond of one of six colours (no two alike in a scene), 3 to 4 patches (42-56 px) across at tile resolution, filled with one
 of four patterns (plain, stripes, bars, checks). The patterns alternate a lighter and a darker shade
-of the colour with a 4 px period at tile resolution and have the colour as their mean, so the base
-view, which squashes the whole image into one tile, averages them away and sees only the colour:
-pattern questions need the tiles, colour and shape questions do not.
+of the colour with a 4 px period at tile resolution and have the colour as their mean. The base
+view squashes the whole image into one tile and averages the patterns away where it shrinks both
+sides (a 1x2, 2x1, 1x3 or 3x1 image keeps its bars or its stripes along the side that is not
+shrunk as much): pattern questions need the tiles, colour and shape questions do not.
 
 Scenes are drawn from a generator seeded by ``(seed, index)``, so scene ``i`` is the same whatever
 ``n``, and any other ``seed`` gives a fresh split. :func:`ask` draws a fresh question about an

@@ -150,7 +150,7 @@ class AttributeLoss:
         )
         on_object = labels >= 0
         in_tiles = on_object.clone()
-        in_tiles[0] = False  # the base view averages the patterns away: pattern is asked of tile tokens only
+        in_tiles[0] = False  # the base view averages most patterns away: pattern is asked of tile tokens only
         loss = projected.new_zeros(())
         for kind, where in ((0, on_object), (1, on_object), (2, in_tiles)):
             if where.any():
