@@ -231,6 +231,23 @@ def test_remove_restores_the_stock_model(make_image):
     assert torch.equal(inputs["input_ids"], stock_inputs["input_ids"]) and torch.equal(logits, stock_logits)
 
 
+def test_remove_without_the_processor_restores_the_one_patched_with_the_model(make_image):
+    image = make_image(800, 600)
+    model, processor = tiny_llava_next()
+    _, stock_logits, _ = run(model, processor, image, generate=False)
+    hired.apply(model, processor, budget=0.2)
+    hired.remove(model)
+    assert type(processor).__name__ == "LlavaNextProcessor" and not hasattr(processor, "hired_config")
+    _, logits, _ = run(model, processor, image, generate=False)
+    assert torch.equal(logits, stock_logits)
+    # A processor patched again for another model is that model's: removing the first leaves it alone.
+    other, _ = tiny_llava_next()
+    hired.apply(model, processor, budget=0.2)
+    hired.apply(other, processor, budget=0.1)
+    hired.remove(model)
+    assert processor.hired_config.budget == 0.1
+
+
 def test_apply_twice_updates_the_configuration(make_image):
     model, processor = tiny_llava_next()
     hired.apply(model, processor, budget=0.2)

@@ -9,6 +9,7 @@ exactly as many image placeholders as the model will return features.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -74,12 +75,14 @@ class SelectionRecord:
 
 
 class _HiredState:
-    """Per-model state: the configuration, the probe of the vision tower, the last records."""
+    """Per-model state: the configuration, the probe of the vision tower, the last records, and the
+    processor patched with the model (weakly held, so that ``remove(model)`` can restore it too)."""
 
-    def __init__(self, config: HiredConfig, probe: VisionProbe) -> None:
+    def __init__(self, config: HiredConfig, probe: VisionProbe, processor=None) -> None:
         self.config = config
         self.probe = probe
         self.records: list[SelectionRecord] = []
+        self.processor = weakref.ref(processor) if processor is not None else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,7 +487,7 @@ def apply(model, processor=None, config: HiredConfig | None = None):
         processor.hired_config = config
     _uninstall_llm_method(inner)
     inner.__class__ = hired_model_class
-    inner._hired = _HiredState(config, probe)
+    inner._hired = _HiredState(config, probe, processor)
     if method.install is not None:
         method.install(inner, config)
     if model is not inner and hasattr(type(model), "_expand_multimodal_outputs"):
@@ -496,8 +499,18 @@ def apply(model, processor=None, config: HiredConfig | None = None):
 
 
 def remove(model, processor=None):
-    """Restore the stock classes of ``model`` (and ``processor``)."""
+    """Restore the stock classes of ``model`` and of ``processor``.
+
+    Without ``processor``, the processor that ``apply`` patched together with this model is
+    restored as well (unless it was patched again for another configuration since), so that a
+    stock model is never left beside a processor that emits HiRED's token count.
+    """
     inner = _inner_model(model)
+    state = getattr(inner, "_hired", None)
+    if processor is None and state is not None and state.processor is not None:
+        paired = state.processor()
+        if paired is not None and getattr(paired, "hired_config", None) is state.config:
+            processor = paired
     stock = _stock_family(inner)
     _uninstall_llm_method(inner)
     model.__dict__.pop("_expand_multimodal_outputs", None)
