@@ -1,5 +1,6 @@
 #!/usr/bin/env sh
-# The runs behind docs/benchmarks.md. Each writes bench.json, bench.md and bench.png under
+# The runs behind docs/benchmarks.md: sweep, batch, full, repeats, fastv, shapes (default: all).
+# Each writes bench.json, bench.md and bench.png under
 # benchmarks/results/<name>/. Run from the repository root with the package installed
 # (pip install -e ".[cli]"); HF_HUB_OFFLINE keeps transformers off the network.
 set -eu
@@ -36,4 +37,24 @@ if [ "$which" = all ] || [ "$which" = repeats ]; then
     --methods hired fastervlm --budgets 0.2 1.0 \
     --image-size 672x672 --batch 1 --new-tokens 6 --warmup 1 --repeats 5 --seed 0 \
     --output benchmarks/results/priority
+fi
+
+# 5. FastV beside HiRED at 20%: FastV prunes after decoder layer 2, so 3 of the 32 layers.
+if [ "$which" = all ] || [ "$which" = fastv ]; then
+  hired bench --model llava-v1.6-vicuna-7b-hf --layers 3 --dtype bfloat16 \
+    --methods hired fastv --budgets 0.2 \
+    --image-size 672x672 --batch 1 --new-tokens 6 --warmup 1 --repeats 3 --seed 0 \
+    --output benchmarks/results/fastv
+fi
+
+# 6. The other two shapes at 20%, 2 of 32 layers: LLaVA-NeXT (Mistral) and LLaVA-1.5 (576 tokens, one view).
+if [ "$which" = all ] || [ "$which" = shapes ]; then
+  hired bench --model llava-v1.6-mistral-7b-hf --layers 2 --dtype bfloat16 \
+    --methods hired --budgets 0.2 \
+    --image-size 672x672 --batch 1 --new-tokens 6 --warmup 1 --repeats 3 --seed 0 \
+    --output benchmarks/results/mistral
+  hired bench --model llava-1.5-7b-hf --layers 2 --dtype bfloat16 \
+    --methods hired --budgets 0.2 \
+    --image-size 672x672 --batch 1 --new-tokens 6 --warmup 1 --repeats 3 --seed 0 \
+    --output benchmarks/results/llava-1.5
 fi

@@ -51,13 +51,21 @@ def _number(value, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _layout(grid: str) -> str:
+    return "one view, no tiles" if grid == "0x0" else f"grid {grid}"  # the geometry's (0, 0): a LLaVA-1.5 model
+
+
+def _percent(share) -> str:
+    return "n/a" if share is None else f"{100 * share:.0f}%"
+
+
 def markdown_table(records: list[dict[str, Any]]) -> str:
     """One table per (model, depth, dtype, batch, image size): times are medians, ranges min-max."""
     sections = []
     for (model, layers, full_layers, dtype, batch, image_size, grid), rows in _groups(records):
         rows = list(rows)
         title = (f"**{model}**, {layers} of {full_layers} decoder layers, {dtype}, batch {batch}, "
-                 f"image {image_size} (grid {grid}), {rows[0]['repeats']} repeats, {rows[0]['new_tokens']} new tokens")
+                 f"image {image_size} ({_layout(grid)}), {rows[0]['repeats']} repeats, {rows[0]['new_tokens']} new tokens")
         header = ("| method | budget | visual tokens | TTFT s (min-max) | preprocess / vision / selection / "
                   "prefill s | TTFT speed-up (min-max) | FLOP-ideal | of ideal | decode tok/s | e2e tok/s | "
                   "peak RSS MB | KV cache MB |")
@@ -68,7 +76,7 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
                 f"({r['ttft_s_min']:.2f}-{r['ttft_s_max']:.2f}) | {r['preprocess_s']:.2f} / {r['vision_s']:.2f} / "
                 f"{r['selection_s']:.3f} / {r['prefill_s']:.2f} | {r['ttft_speedup']:.2f} "
                 f"({r['ttft_speedup_min']:.2f}-{r['ttft_speedup_max']:.2f}) | {_number(r['ttft_speedup_ideal'])} | "
-                f"{_number(r['ttft_speedup_of_ideal'] and 100 * r['ttft_speedup_of_ideal'], 0)}% | "
+                f"{_percent(r['ttft_speedup_of_ideal'])} | "
                 f"{r['decode_tok_s']:.2f} | {r['e2e_tok_s']:.2f} | {_number(r['peak_rss_mb'], 0)} | "
                 f"{_number(r['kv_cache_mb'], 1)} |"
             )
