@@ -79,8 +79,8 @@ def test_stock_processor_with_a_hired_model(generate, make_image):
 
 def test_hired_processor_with_a_stock_model(make_image):
     model, processor = tiny_llava_next()
-    hired.apply(model, processor, budget=0.2)
-    hired.remove(model)  # the processor was not handed back: it still expands to the HiRED count
+    other, _ = tiny_llava_next()
+    hired.apply(other, processor, budget=0.2)  # the processor now expands to the HiRED count of `other`
     inputs = processor(images=make_image(1000, 500), text=PROMPT, return_tensors="pt")
     with pytest.raises(ValueError, match="do not match"):
         with torch.no_grad():
