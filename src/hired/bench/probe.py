@@ -21,24 +21,28 @@ import hired
 from hired.bench.measure import generate_kwargs, prepare_inputs
 from hired.bench.models import build_model, build_processor, load_model_spec, synthetic_image
 
-def peak_rss_bytes() -> int:
-    """High-water mark of this process's resident set since the last :func:`reset_peak`."""
+def _status_bytes(field: str) -> int | None:
+    """A memory field of ``/proc/self/status`` (Linux, in KiB there) in bytes; ``None`` elsewhere."""
     status = Path("/proc/self/status")
     if status.exists():
         for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's resident set since the last :func:`reset_peak`."""
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # since the process started
     return peak if sys.platform == "darwin" else peak * 1024
 
 
 def current_rss_bytes() -> int:
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return peak_rss_bytes()
+    current = _status_bytes("VmRSS")
+    return peak_rss_bytes() if current is None else current
 
 
 def reset_peak() -> None:

