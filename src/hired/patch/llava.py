@@ -24,6 +24,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from .. import compat
 from ..algorithm import AnyresGeometry, stock_order
 from ..config import HiredConfig
 from ..methods import Selection, VisionEvidence, get_method
@@ -452,11 +453,37 @@ def _stock_family(inner) -> type:
     raise TypeError(f"hired cannot patch a subclass it does not know: {type(inner).__name__}")
 
 
+# Stock methods the swapped classes override or call; private ones may move between releases.
+_MODEL_INTERNALS = {
+    LlavaNextModel: ("get_image_features", "get_placeholder_mask", "pack_image_features", "multi_modal_projector"),
+    LlavaModel: ("get_image_features", "get_placeholder_mask", "multi_modal_projector"),
+}
+_PROCESSOR_INTERNALS = {
+    LlavaNextProcessor: ("_get_number_of_features", "_get_num_multimodal_tokens"),
+    LlavaProcessor: ("replace_image_token", "_get_num_multimodal_tokens"),
+}
+
+
+def _check_internals(model, inner, stock: type, processor) -> None:
+    """Raise a clear error when an internal the adapter relies on is gone from this transformers."""
+    for name in _MODEL_INTERNALS[stock]:
+        compat.require_attribute(inner if name == "multi_modal_projector" else stock, name,
+                                 "selecting image features")
+    if model is not inner:
+        compat.require_attribute(type(model), "_expand_multimodal_outputs",
+                                 "checking placeholder and feature counts in generate")
+    if processor is not None:
+        for name in _PROCESSOR_INTERNALS[_FAMILIES[stock][1]]:
+            compat.require_attribute(type(processor), name, "emitting the kept number of image placeholders")
+    compat.warn_if_untested()
+
+
 def apply(model, processor=None, config: HiredConfig | None = None):
     """Patch ``model`` (and ``processor``) in place; see :func:`hired.apply`."""
     inner = _inner_model(model)
     stock = _stock_family(inner)
     hired_model_class, stock_processor_class, hired_processor_class = _FAMILIES[stock]
+    _check_internals(model, inner, stock, processor if isinstance(processor, stock_processor_class) else None)
     method = get_method(config.method)
     if processor is not None and not method.has_fixed_budget(config):
         raise ValueError(
@@ -490,7 +517,7 @@ def apply(model, processor=None, config: HiredConfig | None = None):
     inner._hired = _HiredState(config, probe, processor)
     if method.install is not None:
         method.install(inner, config)
-    if model is not inner and hasattr(type(model), "_expand_multimodal_outputs"):
+    if model is not inner:
         model._expand_multimodal_outputs = _checked_expand(model)
     model.config.hired = config.to_dict()
     if model.config is not inner.config:

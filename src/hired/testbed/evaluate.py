@@ -223,6 +223,7 @@ def read_split(path: str) -> list[Sample]:
 def _run(args: argparse.Namespace) -> None:
     from ..cli import CliError, emit
     from ..methods import available_methods
+    from ..versions import package_versions
     from .vlm import MODEL_DIR, load_trained_model, question_split
 
     methods = args.method or [*available_methods(), BASE_VIEW]
@@ -241,7 +242,7 @@ def _run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = _command(args)
-    (out / "eval.json").write_text(json.dumps({"command": command, "records": records}, indent=2) + "\n")
+    (out / "eval.json").write_text(json.dumps({"command": command, "versions": package_versions(), "records": records}, indent=2) + "\n")
     table = markdown(records, command)
     (out / "eval.md").write_text(table)
     plot(records, out / "eval.png")

@@ -477,6 +477,7 @@ def run(
 ) -> list[dict[str, Any]]:
     """The whole benchmark: generate, measure, summarise, write ``evidence.json``, ``.md`` and ``.png``."""
     from ..cli import load_model
+    from ..versions import package_versions
 
     settings = settings_for(methods, budgets, alphas)
     model, processor = load_model(model_name, "float32")
@@ -486,7 +487,8 @@ def run(
         results = measure(model, processor, samples, settings, batch_size=batch_size, progress=progress)
         records.extend(records_for(split, results, seed, resamples))
     output.mkdir(parents=True, exist_ok=True)
-    (output / "evidence.json").write_text(json.dumps(records, indent=1))
+    document = {"command": command, "versions": package_versions(), "records": records}
+    (output / "evidence.json").write_text(json.dumps(document, indent=1))
     (output / "evidence.md").write_text(markdown_report(records, command))
     plot(records, output / "evidence.png")
     return records

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import compat
 from ..algorithm import AnyresGeometry
 from .encoder import build_offline_llava_next
 from .scenes import COLOURS, PATTERNS, QUESTION_TYPES, SHAPES, VOCABULARY, _shape_mask, ask, generate_scenes
@@ -226,11 +227,12 @@ def answer_logits(model, tokenizer, item: dict, questions: list[tuple[str, str]]
     prefix, projected = visual_prefix(model, tokenizer, item)
     language_model = model.model.language_model
     cache = DynamicCache(config=language_model.config)
-    language_model(inputs_embeds=prefix, past_key_values=cache, use_cache=True)
+    cache_argument = compat.cache_argument_name(type(language_model).forward)
+    language_model(inputs_embeds=prefix, **{cache_argument: cache}, use_cache=True)
     inputs, positions, targets = question_batch(tokenizer, questions)
     cache.batch_repeat_interleave(len(questions))
     embeds = model.model.get_input_embeddings()(inputs)
-    hidden = language_model(inputs_embeds=embeds, past_key_values=cache, use_cache=True).last_hidden_state
+    hidden = language_model(inputs_embeds=embeds, **{cache_argument: cache}, use_cache=True).last_hidden_state
     picked = hidden[torch.arange(len(questions))[:, None], positions]
     lookup = lookup_attention(model, cache, embeds, positions[:, 0], prefix.shape[1])
     return model.lm_head(picked), targets, projected, lookup
