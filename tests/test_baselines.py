@@ -5,23 +5,20 @@ import pytest
 import torch
 
 import hired
-from hired.algorithm import AnyresGeometry, stock_order, top_k_indices
-from hired.baselines import (
-    candidate_positions,
-    contextual_tokens,
-    iqr_outliers,
-    lattice_indices,
-    max_min_diverse,
-    merge_neighbours,
-    random_rows,
-)
-from hired.methods import METHODS, VisionEvidence, get_method
-from hired.patch.adaptive import prepare_inputs
+from hired.algorithm import top_k_indices
+from hired.geometry import AnyresGeometry
+from hired.methods import VisionEvidence, get_method, registered_methods
+from hired.methods.common import candidate_positions, lattice_indices
+from hired.methods.divprune import max_min_diverse
+from hired.methods.prumerge import iqr_outliers, merge_neighbours
+from hired.methods.random import random_rows
+from hired.methods.visionzip import contextual_tokens
+from hired.adaptive import prepare_inputs
 from hired.testing import LLAVA_NEXT_PINPOINTS, tiny_llava, tiny_llava_next
 
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
 MIXED_SIZES = [(672, 672), (500, 1000), (1000, 500), (336, 1008), (800, 600)]  # (width, height)
-VISION_METHODS = sorted(name for name, m in METHODS.items() if m.stage == "vision" and m.select is not None)
+VISION_METHODS = sorted(m.name for m in registered_methods() if m.stage == "vision")
 BASELINES = [name for name in VISION_METHODS if name != "hired"]
 
 
@@ -43,7 +40,8 @@ def evidence(geometry, scores=None, features=None, keys=None, seed=0) -> VisionE
 
 
 def config(name, **options):
-    return hired.HiredConfig(method=name, method_options=options)
+    """The validated options object of method ``name`` (what its select function receives)."""
+    return get_method(name).make_options(options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,7 +146,7 @@ def test_visionzip_dominant_and_contextual_counts():
     assert set(dominant.tolist()) <= set(selection.kept[0].tolist())
     assert selection.features.shape == (64, 6)
     # Dominant tokens pass unchanged; the others are group means.
-    order = stock_order(geometry, selection.kept)
+    order = geometry.stock_order(selection.kept)
     is_dominant = torch.isin(order[:, 1], dominant)
     torch.testing.assert_close(selection.features[is_dominant], ev.features[0, order[is_dominant, 1]])
     custom = get_method("visionzip").select(ev, 64, config("visionzip", dominant=3, contextual=1))
@@ -332,7 +330,7 @@ def test_placeholders_equal_features_equal_budget_in_a_mixed_batch(family, name,
         generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     placeholders = (inputs["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
     budget = hired.HiredConfig(method=name, budget=0.2).budget_for
-    expected = [budget(model.model._geometry((h, w)).stock_tokens) for w, h in MIXED_SIZES]
+    expected = [budget(hired.family_of(model).geometry(model.config, (h, w)).stock_tokens) for w, h in MIXED_SIZES]
     records = hired.selections(model)
     assert placeholders == [r.visual_tokens for r in records] == expected
     assert all(r.method == name for r in records)

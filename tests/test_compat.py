@@ -45,7 +45,7 @@ def test_fastv_prunes_the_cache_under_generate(sizes, options):
     model, inputs, out = _pruned_generate([picture(w, h, i) for i, (w, h) in enumerate(sizes)], **options)
     records = hired.selections(model)
     assert len(records) == len(sizes)
-    assert all(r.extras["fastv_kept"] < r.visual_tokens for r in records)
+    assert all(r.extras["llm_kept"] < r.visual_tokens for r in records)
     cache = compat.cache_of(out)
     lengths = [layer.keys.shape[-2] for layer in cache.layers]
     generated = out.sequences.shape[1] - inputs["input_ids"].shape[1]

@@ -8,11 +8,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import hired
-from hired.algorithm import AnyresGeometry
+from hired.geometry import AnyresGeometry
 from hired.cli import main
-from hired.testbed import evidence
-from hired.testbed.documents import generate_documents
-from hired.testbed.evidence import ImageResult, Setting, box_coverage, kept_coverage, token_footprints
+from hired_testbed import evidence
+from hired_testbed.documents import generate_documents
+from hired_testbed.evidence import ImageResult, Setting, box_coverage, kept_coverage
 from hired.testing import LLAVA_NEXT_PINPOINTS, tiny_llava_next
 
 
@@ -86,7 +86,7 @@ def test_documents_reject_bad_counts():
 
 def test_footprints_of_an_unpadded_square_image():
     geometry = AnyresGeometry.create((672, 672), 336, 14, LLAVA_NEXT_PINPOINTS)
-    boxes = token_footprints(geometry)
+    boxes = geometry.footprints()
     assert boxes.shape == (5, 576, 4)
     assert boxes[0, 24 + 1].tolist() == [28, 28, 56, 56]  # base: whole image squashed into 24 x 24
     assert boxes[2, 24 + 1].tolist() == [350, 14, 364, 28]  # tile (row 0, col 1) at full resolution
@@ -96,7 +96,7 @@ def test_footprints_follow_resize_and_padding():
     # 672 wide, 500 high: 2x2 canvas, resized to 672 x 500, centred with 86 px of padding on top.
     geometry = AnyresGeometry.create((500, 672), 336, 14, LLAVA_NEXT_PINPOINTS)
     assert geometry.resized == (500, 672)
-    boxes = token_footprints(geometry)
+    boxes = geometry.footprints()
     assert boxes[1, 0].tolist() == [0, 0, 14, 0]  # over padding only: empty
     assert boxes[1, 6 * 24].tolist() == [0, 0, 14, 12]  # canvas rows 84..98 -> image rows 0..12
     assert boxes[3, 0].tolist() == [0, 336 - 86, 14, 350 - 86]

@@ -9,7 +9,7 @@ from transformers.masking_utils import create_causal_mask
 
 import hired
 from hired import compat
-from hired.algorithm import AnyresGeometry
+from hired.geometry import AnyresGeometry
 from hired.testing import LLAVA_NEXT_PINPOINTS, tiny_llava, tiny_llava_next
 
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
@@ -59,12 +59,12 @@ def test_kv_cache_holds_exactly_the_kept_image_positions(images):
     lengths = [layer.keys.shape[-2] for layer in compat.cache_of(output).layers]
     pruned = int((text + kept).max())  # the longest row; the others are left-filled
     assert lengths == [inputs["input_ids"].shape[1]] * 2 + [pruned] * (LAYERS - 2)
-    plan = model.model._fastv.plan
+    plan = hired.pruning_plan(model)
     assert plan.valid.sum(dim=1).tolist() == (text + kept).tolist()
     assert plan.image_kept.tolist() == kept.tolist()
     kept_ids = torch.gather(inputs["input_ids"], 1, plan.index).masked_fill(~plan.valid, -1)
     assert (kept_ids == processor.image_token_id).sum(dim=1).tolist() == kept.tolist()
-    assert [r.extras["fastv_kept"] for r in hired.selections(model)] == kept.tolist()
+    assert [r.extras["llm_kept"] for r in hired.selections(model)] == kept.tolist()
     assert output.logits.shape[1] == plan.length
 
 
@@ -118,7 +118,7 @@ def test_prefill_and_decoding_match_a_manual_reference(factory, images):
         fastv = model.generate(
             **inputs, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True
         )
-    plan_index = model.model._fastv.plan.index[0]
+    plan_index = hired.pruning_plan(model).index[0]
     hired.remove(model, processor)
 
     language_model = model.model.language_model
@@ -219,4 +219,4 @@ def test_remove_restores_the_stock_decoder(images):
     hired.remove(model, processor)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, stock)
-    assert not hasattr(model.model, "_fastv")
+    assert not model.model._forward_pre_hooks and not model.model.language_model.layers[2]._forward_pre_hooks

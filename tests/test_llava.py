@@ -258,7 +258,7 @@ def test_apply_twice_updates_the_configuration(make_image):
 
 
 def test_shared_tower_runs_encode_each_image_once_across_settings(make_image):
-    from hired.patch.llava import share_tower_runs
+    from hired import share_tower_runs
 
     model, processor = tiny_llava_next()
     calls = []

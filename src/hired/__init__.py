@@ -8,49 +8,70 @@ from __future__ import annotations
 
 from typing import Any
 
-from .algorithm import AnyresGeometry
 from .config import HiredConfig
-from .methods import available_methods, get_method
-from .patch.llava import SelectionRecord, remove, selections, stored_config
+from .families import FamilyAdapter, family_of, register_family, registered_families
+from .families import base as _patching
+from .geometry import AnyresGeometry, PartitionGeometry
+from .methods import Method, MethodOptions, available_methods, get_method, register_method
+from .state import SelectionRecord, pruning_plan, selections, share_tower_runs, stored_config
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AnyresGeometry",
+    "FamilyAdapter",
     "HiredConfig",
+    "Method",
+    "MethodOptions",
+    "PartitionGeometry",
     "SelectionRecord",
     "apply",
     "available_methods",
     "from_pretrained",
     "get_method",
+    "pruning_plan",
+    "register_family",
+    "register_method",
+    "registered_families",
     "remove",
     "selections",
+    "share_tower_runs",
+    "stored_config",
 ]
 
 
-def apply(model, processor=None, config: HiredConfig | None = None, **options: Any):
-    """Make ``model`` (and ``processor``) keep only the visual tokens HiRED selects.
+def apply(model, processor=None, config: HiredConfig | None = None, **settings: Any):
+    """Make ``model`` (and ``processor``) keep only the visual tokens the method selects.
 
     Args:
-        model: a transformers ``LlavaNextForConditionalGeneration`` or ``LlavaForConditionalGeneration``
-            (or its inner model), patched in place.
+        model: a model of a registered family (``LlavaNextForConditionalGeneration``,
+            ``LlavaForConditionalGeneration``, or its inner model), patched in place.
         processor: the model's processor, patched in place so that it emits exactly as many image
             placeholders as the model will return features. Optional for callers that expand
             placeholders themselves.
-        config: a :class:`HiredConfig`; alternatively pass its fields as keyword arguments
-            (``budget=0.2``, ``tokens=576``, ``alpha=0.5``, ``method="hired"``, ...). With neither,
-            the configuration stored on ``model.config`` by an earlier ``apply`` is used.
+        config: a :class:`HiredConfig`; alternatively its settings as keywords (``budget=0.2``,
+            ``tokens=576``, ``method="visionzip"``), where the method's own options may be given
+            directly (``alpha=0.3`` for HiRED) or as ``method_options``. With neither, the
+            configuration stored on ``model.config`` by an earlier ``apply`` is used.
 
     Returns:
         ``(model, processor)``, the same objects, patched.
     """
-    from .patch import llava
-
-    if config is not None and options:
-        raise ValueError("pass either a HiredConfig or keyword options, not both")
+    if config is not None and settings:
+        raise ValueError("pass either a HiredConfig or keyword settings, not both")
     if config is None:
-        config = HiredConfig(**options) if options else (stored_config(model) or HiredConfig())
-    return llava.apply(model, processor, config)
+        config = HiredConfig.create(**settings) if settings else (stored_config(model) or HiredConfig())
+    return _patching.apply(family_of(model), model, processor, config)
+
+
+def remove(model, processor=None):
+    """Restore the stock classes of ``model`` and of ``processor``.
+
+    Without ``processor``, the processor that ``apply`` patched together with this model is
+    restored as well (unless it was patched again for another configuration since), so that a
+    stock model is never left beside a processor that emits HiRED's token count.
+    """
+    return _patching.remove(family_of(model), model, processor)
 
 
 def from_pretrained(path: str, **kwargs: Any):

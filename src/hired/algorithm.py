@@ -1,28 +1,25 @@
-"""HiRED as pure tensor functions: scores, budget, AnyRes geometry, allocation, selection.
+"""HiRED as pure tensor functions: scores, budget, allocation, selection.
 
-Nothing here knows a model class. The adapters in :mod:`hired.patch` feed these functions the
-query/key projections of two ViT layers and the image geometry, and turn the kept indices back
-into features.
+Nothing here knows a model class. The family adapters in :mod:`hired.families` feed these
+functions the query/key projections of two ViT layers and the image's
+:class:`~hired.geometry.PartitionGeometry`, and turn the kept indices back into features.
 
 Conventions: a *partition* is one ViT input tile. Partition 0 is the base view (the whole image
-squashed to one tile); partitions 1..P-1 are the AnyRes tiles in row-major order. Each partition
-has ``s*s`` patch positions numbered row-major (the CLS token is not counted).
+squashed to one tile); partitions 1..P-1 are the tiles. Each partition has ``s*s`` patch
+positions numbered row-major (the CLS token is not counted).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import cached_property
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
+if TYPE_CHECKING:
+    from .geometry import PartitionGeometry
+
 HeadAggregation = Literal["sum", "mean", "max"]
-
-# The (height, width) canvases of every llava-hf v1.6 checkpoint, for 336 px tiles.
-LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-
 
 def round_half_up(x: float) -> int:
     """Round to the nearest integer, halves up (Python's ``round`` rounds halves to even)."""
@@ -72,179 +69,6 @@ def cls_attention(
     if aggregation == "max":
         return patch.amax(dim=1)
     raise ValueError(f"unknown head aggregation {aggregation!r}; use 'sum', 'mean' or 'max'")
-
-
-# --------------------------------------------------------------------------------------------
-# AnyRes geometry
-
-
-def select_best_resolution(image_size: tuple[int, int], pinpoints: Sequence[Sequence[int]]) -> tuple[int, int]:
-    """The (height, width) canvas LLaVA-NeXT picks for an image: most effective pixels, least waste."""
-    height, width = image_size
-    best, best_effective, best_waste = None, 0, float("inf")
-    for cand_h, cand_w in pinpoints:
-        scale = min(cand_w / width, cand_h / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        waste = cand_w * cand_h - effective
-        if effective > best_effective or (effective == best_effective and waste < best_waste):
-            best, best_effective, best_waste = (int(cand_h), int(cand_w)), effective, waste
-    if best is None:
-        raise ValueError(f"no grid pinpoint fits image size {image_size}; pinpoints: {list(pinpoints)}")
-    return best
-
-
-@dataclass(frozen=True)
-class AnyresGeometry:
-    """Where every token of a LLaVA-NeXT image comes from.
-
-    Args:
-        image_size: original ``(height, width)`` in pixels.
-        tile: tile side in pixels (336 for CLIP ViT-L/14-336).
-        patch: ViT patch side in pixels (14).
-        pinpoints: the model's ``image_grid_pinpoints`` as ``(height, width)`` pairs; ``None``
-            means a single-partition model (LLaVA-1.5).
-    """
-
-    image_size: tuple[int, int]
-    tile: int
-    patch: int
-    pinpoints: tuple[tuple[int, int], ...] | None = None
-
-    @classmethod
-    def create(
-        cls,
-        image_size: Sequence[int],
-        tile: int,
-        patch: int,
-        pinpoints: Sequence[Sequence[int]] | None = None,
-    ) -> "AnyresGeometry":
-        height, width = (int(v) for v in image_size)
-        if height < 1 or width < 1:
-            raise ValueError(f"image size must be positive, got height={height}, width={width}")
-        if tile % patch:
-            raise ValueError(f"tile size {tile} is not a multiple of the patch size {patch}")
-        points = None if pinpoints is None else tuple((int(h), int(w)) for h, w in pinpoints)
-        return cls((height, width), int(tile), int(patch), points)
-
-    @property
-    def side(self) -> int:
-        """Patch positions per tile side (``s``)."""
-        return self.tile // self.patch
-
-    @property
-    def tokens_per_tile(self) -> int:
-        return self.side * self.side
-
-    @cached_property
-    def canvas(self) -> tuple[int, int]:
-        """The best-fit ``(height, width)`` canvas the tiles are cut from."""
-        if self.pinpoints is None:
-            return (self.tile, self.tile)
-        return select_best_resolution(self.image_size, self.pinpoints)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Tile grid as ``(rows, cols)``; ``(0, 0)`` for a single-partition model."""
-        if self.pinpoints is None:
-            return (0, 0)
-        return (self.canvas[0] // self.tile, self.canvas[1] // self.tile)
-
-    @property
-    def num_partitions(self) -> int:
-        rows, cols = self.grid
-        return 1 + rows * cols
-
-    @cached_property
-    def resized(self) -> tuple[int, int]:
-        """Size of the aspect-preserving resize placed on the canvas (the rest is padding)."""
-        height, width = self.image_size
-        canvas_h, canvas_w = self.canvas
-        scale_w, scale_h = canvas_w / width, canvas_h / height
-        if scale_w < scale_h:
-            return (min(math.ceil(height * scale_w), canvas_h), canvas_w)
-        return (canvas_h, min(math.ceil(width * scale_h), canvas_w))
-
-    @cached_property
-    def unpadded_window(self) -> tuple[int, int, int, int]:
-        """``(row0, row1, col0, col1)`` of the mosaic feature grid kept by the stock unpadding.
-
-        Mirrors the integer arithmetic of LLaVA-NeXT's ``unpad_image`` so the candidate set is
-        exactly the set of tokens the stock model feeds.
-        """
-        rows, cols = self.grid
-        mosaic_h, mosaic_w = rows * self.side, cols * self.side
-        height, width = self.image_size
-        if width / height > mosaic_w / mosaic_h:
-            new_h = int(round(height * (mosaic_w / width), 7))
-            pad = (mosaic_h - new_h) // 2
-            return (pad, mosaic_h - pad, 0, mosaic_w)
-        new_w = int(round(width * (mosaic_h / height), 7))
-        pad = (mosaic_w - new_w) // 2
-        return (0, mosaic_h, pad, mosaic_w - pad)
-
-    @cached_property
-    def candidates(self) -> torch.Tensor:
-        """``(P, s*s)`` bool: positions the stock model feeds to the LLM (base: all of them)."""
-        s = self.side
-        mask = torch.ones(self.num_partitions, s, s, dtype=torch.bool)
-        if self.num_partitions > 1:
-            row0, row1, col0, col1 = self.unpadded_window
-            rows, cols = self.grid
-            mosaic = torch.zeros(rows * s, cols * s, dtype=torch.bool)
-            mosaic[row0:row1, col0:col1] = True
-            mask[1:] = mosaic.view(rows, s, cols, s).permute(0, 2, 1, 3).reshape(rows * cols, s, s)
-        return mask.view(self.num_partitions, s * s)
-
-    @property
-    def stock_tokens(self) -> int:
-        """Visual tokens the stock model feeds, newline tokens not counted."""
-        return int(self.candidates.sum())
-
-    @property
-    def newline_tokens(self) -> int:
-        """``image_newline`` tokens the stock model appends (one per unpadded mosaic row)."""
-        if self.num_partitions == 1:
-            return 0
-        row0, row1, _, _ = self.unpadded_window
-        return row1 - row0
-
-    @cached_property
-    def tile_overlap(self) -> torch.Tensor:
-        """``(P-1, s*s)``: the area of each base-view patch that each tile covers, in patch units.
-
-        The base view is the whole image squashed to one tile, so base patch (i, j) is the square
-        ``[j/s, (j+1)/s] x [i/s, (i+1)/s]`` in normalised image coordinates. Tile (r, c) covers the
-        canvas rectangle ``[c*T, (c+1)*T] x [r*T, (r+1)*T]``, which maps to normalised image
-        coordinates through the aspect-preserving resize and its centred padding. Entry [t, i*s+j]
-        is the fraction of base patch (i, j) that lies inside tile t.
-        """
-        rows, cols = self.grid
-        s = self.side
-        canvas_h, canvas_w = self.canvas
-        new_h, new_w = self.resized
-        top, left = (canvas_h - new_h) // 2, (canvas_w - new_w) // 2
-
-        def overlap(num_tiles: int, offset: int, extent: int) -> torch.Tensor:
-            edges = (torch.arange(num_tiles + 1, dtype=torch.float64) * self.tile - offset) / extent
-            lo, hi = edges[:-1, None], edges[1:, None]
-            p_lo = torch.arange(s, dtype=torch.float64)[None] / s
-            p_hi = p_lo + 1.0 / s
-            return ((torch.minimum(hi, p_hi) - torch.maximum(lo, p_lo)).clamp(min=0) * s).float()
-
-        along_rows = overlap(rows, top, new_h)  # (rows, s)
-        along_cols = overlap(cols, left, new_w)  # (cols, s)
-        area = along_rows[:, None, :, None] * along_cols[None, :, None, :]  # (rows, cols, s, s)
-        return area.reshape(rows * cols, s * s)
-
-    def mosaic_position(self, partition: int, index: torch.Tensor) -> torch.Tensor:
-        """Row-major position in the unpadded mosaic of tile ``partition``'s patch ``index``."""
-        rows, cols = self.grid
-        s = self.side
-        row0, _, col0, col1 = self.unpadded_window
-        tile_row, tile_col = divmod(partition - 1, cols)
-        mosaic_row = tile_row * s + torch.div(index, s, rounding_mode="floor") - row0
-        mosaic_col = tile_col * s + index % s - col0
-        return mosaic_row * (col1 - col0) + mosaic_col
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +123,7 @@ def apportion(total: int, weights: torch.Tensor, caps: torch.Tensor) -> torch.Te
     return shares
 
 
-def tile_content_scores(base_scores: torch.Tensor, geometry: AnyresGeometry) -> torch.Tensor:
+def tile_content_scores(base_scores: torch.Tensor, geometry: PartitionGeometry) -> torch.Tensor:
     """Visual content score of each tile: base-view attention summed over the area it covers."""
     return geometry.tile_overlap @ base_scores.float()
 
@@ -339,29 +163,10 @@ def top_k_indices(scores: torch.Tensor, k: int, candidates: torch.Tensor | None 
     return order[:k].sort().values
 
 
-def stock_order(geometry: AnyresGeometry, kept: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Flatten per-partition kept indices into ``(partition, index)`` rows in stock order.
-
-    Stock order is the base tile in raster order, then the unpadded mosaic in raster order, in
-    which the rows of neighbouring tiles interleave.
-    """
-    base = torch.stack([torch.zeros_like(kept[0]), kept[0]], dim=1)
-    if len(kept) == 1:
-        return base
-    rows, keys = [], []
-    for partition in range(1, len(kept)):
-        index = kept[partition]
-        rows.append(torch.stack([torch.full_like(index, partition), index], dim=1))
-        keys.append(geometry.mosaic_position(partition, index))
-    mosaic = torch.cat(rows)
-    mosaic = mosaic[torch.cat(keys).argsort(stable=True)]
-    return torch.cat([base, mosaic])
-
-
 def hired_select(
     distribution_scores: torch.Tensor,
     selection_scores: torch.Tensor,
-    geometry: AnyresGeometry,
+    geometry: PartitionGeometry,
     budget: int,
     alpha: float = 0.5,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:

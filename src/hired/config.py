@@ -1,48 +1,45 @@
-"""The configuration object: what to keep, validated on construction, stored on the model config."""
+"""The configuration object: what every method shares, validated on construction, stored on the model config."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import numbers
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
-HEAD_AGGREGATIONS = ("sum", "mean", "max")
+from .algorithm import token_budget
+from .methods import MethodOptions, get_method
+
+DEFAULT_BUDGET = 0.2
+# Configurations stored by hired 0.1 kept HiRED's options at the top level.
+_LEGACY_HIRED_KEYS = ("alpha", "distribution_layer", "selection_layer", "head_aggregation")
 
 
 @dataclass
 class HiredConfig:
-    """How many visual tokens to keep and how to choose them.
+    """How many visual tokens to keep and which method chooses them.
 
     Args:
-        budget: fraction of the tokens the stock model would feed for the image, in ``(0, 1]``.
-            ``1.0`` means the stock model. Mutually exclusive with ``tokens``.
+        budget: fraction of the tokens the stock model would feed for the image, in ``(0, 1]``;
+            ``1.0`` means the stock model. Mutually exclusive with ``tokens``; with neither, 0.2.
         tokens: absolute number of visual tokens per image (>= 1). A count at or above the stock
             count of an image means the stock model for that image.
         method: token-reduction method; see ``hired.available_methods()``.
-        alpha: share of the budget given to the base (whole-image) view, in ``[0, 1]``.
-        distribution_layer: ViT layer whose CLS attention shares the budget among partitions.
-        selection_layer: ViT layer whose CLS attention picks tokens inside a partition; ``None``
-            means the layer the VLM takes its features from (``vision_feature_layer``).
-        head_aggregation: how attention heads are combined: ``"sum"``, ``"mean"`` or ``"max"``.
-        method_options: extra, method-specific parameters (validated by the method).
+        method_options: the method's own options, as a mapping (``{"alpha": 0.3}``) or the
+            method's options object (``hired.methods.hired.HiredOptions(alpha=0.3)``); validated by
+            the method, stored as its options object. An option the method does not have is an error.
     """
 
-    budget: float | None = 0.2
+    budget: float | None = None
     tokens: int | None = None
     method: str = "hired"
-    alpha: float = 0.5
-    distribution_layer: int = 0
-    selection_layer: int | None = None
-    head_aggregation: str = "sum"
-    method_options: dict[str, Any] = field(default_factory=dict)
+    method_options: Any = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.tokens is not None:
-            if self.budget is not None and self.budget != HiredConfig.budget:
-                raise ValueError("give either budget (a fraction) or tokens (a count), not both")
-            self.budget = None
+            if self.budget is not None:
+                raise ValueError(f"give either budget (a fraction) or tokens (a count), not both: got budget="
+                                 f"{self.budget!r} and tokens={self.tokens!r}")
             if isinstance(self.tokens, bool) or not isinstance(self.tokens, numbers.Integral):
                 raise ValueError(f"tokens must be a whole number of tokens, got {self.tokens!r}")
             if self.tokens < 1:
@@ -50,54 +47,68 @@ class HiredConfig:
             self.tokens = int(self.tokens)
         else:
             if self.budget is None:
-                raise ValueError("give a budget (fraction of the stock tokens, e.g. 0.2) or tokens (a count)")
+                self.budget = DEFAULT_BUDGET
             if isinstance(self.budget, bool) or not isinstance(self.budget, numbers.Real):
                 raise ValueError(f"budget must be a number in (0, 1], got {self.budget!r}")
             if not 0 < self.budget <= 1:
                 hint = f"; for an absolute count use tokens={int(self.budget)}" if self.budget > 1 else ""
                 raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget}{hint}")
             self.budget = float(self.budget)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha (the base view's share of the budget) must be in [0, 1], got {self.alpha!r}")
-        self.alpha = float(self.alpha)
-        if self.head_aggregation not in HEAD_AGGREGATIONS:
-            raise ValueError(
-                f"head_aggregation must be one of {', '.join(HEAD_AGGREGATIONS)}, got {self.head_aggregation!r}"
-            )
-        for name in ("distribution_layer", "selection_layer"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-                raise ValueError(f"{name} must be a layer index (an int), got {value!r}")
-        from .methods import get_method  # late import: methods validate their own options
+        self.method_options = get_method(self.method).make_options(self.method_options)
 
-        get_method(self.method).validate(self)
+    @classmethod
+    def create(cls, **settings: Any) -> "HiredConfig":
+        """A config from flat keywords: ``budget``, ``tokens``, ``method``, ``method_options``, and any
+        of the method's own options (``alpha=0.3`` for HiRED), which join ``method_options``."""
+        own = {key: settings.pop(key) for key in ("budget", "tokens", "method") if key in settings}
+        options = dict(settings.pop("method_options", None) or {})
+        clash = sorted(set(options) & set(settings))
+        if clash:
+            raise ValueError(f"options {clash} given both as keywords and in method_options")
+        return cls(**own, method_options={**options, **settings})
+
+    @property
+    def options(self) -> MethodOptions:
+        """The method's validated options object."""
+        return self.method_options
 
     @property
     def is_full(self) -> bool:
         """True when the configuration keeps every token of every image."""
-        return self.method == "full" or (self.budget is not None and self.budget >= 1.0)
+        return get_method(self.method).stage == "none" or (self.budget is not None and self.budget >= 1.0)
 
     def budget_for(self, stock_tokens: int) -> int:
         """Visual tokens fed to the LLM for an image whose stock count (newlines not counted) is given.
 
         Methods that prune inside the LLM (and ``full``) feed the stock count.
         """
-        from .algorithm import token_budget
-        from .methods import get_method
-
-        if get_method(self.method).select is None:
+        if get_method(self.method).stage != "vision":
             return stock_tokens
         return token_budget(stock_tokens, fraction=self.budget, tokens=self.tokens)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"budget": self.budget, "tokens": self.tokens, "method": self.method,
+                "method_options": self.method_options.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "HiredConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+    def from_dict(cls, data: Mapping[str, Any]) -> "HiredConfig":
+        """The inverse of :meth:`to_dict`; also reads configurations stored by hired 0.1."""
+        data = dict(data)
+        legacy = {key: data.pop(key) for key in _LEGACY_HIRED_KEYS if key in data}
+        if data.get("method", "hired") == "hired":
+            data["method_options"] = {**legacy, **dict(data.get("method_options") or {})}
+        else:
+            defaults = get_method("hired").option_defaults
+            changed = sorted(key for key, value in legacy.items() if value != defaults[key])
+            if changed:
+                raise ValueError(f"the stored configuration sets HiRED's options {changed} for method "
+                                 f"{data.get('method')!r}, which has no such options")
+        known = {"budget", "tokens", "method", "method_options"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown HiRED config keys {sorted(unknown)}; known keys: {sorted(known)}")
+        if data.get("tokens") is not None:
+            data["budget"] = None
         return cls(**data)
 
     def to_json_string(self) -> str:

@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .algorithm import LLAVA_NEXT_PINPOINTS
+from .geometry import LLAVA_NEXT_PINPOINTS
 
 # The PIL backends of the image processors: the default ones want torchvision.
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil as LlavaImageProcessor
@@ -128,11 +128,12 @@ def _tiny(model_class, config_class, processor_class, image_processor, seed: int
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
-    _fix_generation(model, tokenizer)
+    set_generation_tokens(model, tokenizer)
     return model, processor
 
 
-def _fix_generation(model, tokenizer) -> None:
+def set_generation_tokens(model, tokenizer) -> None:
+    """Give ``generate`` the tokenizer's pad, end and start tokens (random models have none)."""
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id

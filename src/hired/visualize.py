@@ -10,7 +10,6 @@ distribution-layer attention that shared the budget among them (the paper's figu
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +38,9 @@ def select_tokens(model, processor, image: Image.Image, config):
         ValueError: the method or budget selects nothing on the vision side, so there is nothing to show.
     """
     import hired
-    from hired.methods import get_method
 
-    method = get_method(config.method)
-    if method.select is None or method.stage != "vision":
+    method = hired.get_method(config.method)
+    if method.stage != "vision":
         raise ValueError(
             f"method {config.method!r} selects no visual tokens before the language model, so there is no "
             "selection to show; pick a vision-side method (e.g. hired, random, spatial)"
@@ -73,7 +71,7 @@ def draw_selection(image: Image.Image, record, tiles: np.ndarray, patch: int, pi
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
     from matplotlib.patches import Rectangle
 
-    from .algorithm import AnyresGeometry
+    from .geometry import AnyresGeometry
 
     partitions = len(record.kept)
     tile = tiles.shape[1]
@@ -138,9 +136,7 @@ def _dimmed(pixels: np.ndarray, kept: torch.Tensor, candidates: torch.Tensor, si
 def _draw_overview(figure, grid, image, record, geometry, total: int) -> None:
     from matplotlib.patches import Rectangle
 
-    from .testbed.evidence import token_footprints
-
-    footprints = token_footprints(geometry)
+    footprints = geometry.footprints()
     top = figure.add_subplot(grid[0, 0])
     top.imshow(image)
     top.set_title(f"image: base view {int(record.budgets[0])}, tiles {total - int(record.budgets[0])}", fontsize=9)
@@ -168,40 +164,3 @@ def show(model, processor, image: Image.Image, config, path: Path) -> None:
     record, tiles = select_tokens(model, processor, image, config)
     draw_selection(image, record, tiles, model.config.vision_config.patch_size,
                    getattr(model.config, "image_grid_pinpoints", None), path)
-
-
-def _run_cli(args: argparse.Namespace) -> None:
-    from .cli import CliError, config_from_args, emit, load_image, load_model
-
-    config = config_from_args(args)
-    image = load_image(args.image)
-    output = Path(args.output)
-    if output.suffix.lower() != ".png":
-        raise CliError(f"the picture is written as PNG; give an output path ending in .png, got {output}")
-    if not output.parent.is_dir():
-        raise CliError(f"output folder {output.parent} does not exist")
-    model, processor = load_model(args.model, args.dtype)
-    try:
-        show(model, processor, image, config, output)
-    except ValueError as error:
-        raise CliError(str(error)) from None
-    emit(args, {"output": str(output), "config": config.to_dict()}, f"wrote {output}")
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    from .cli import add_budget_arguments
-
-    parser = subparsers.add_parser(
-        "show", help="draw which tokens a method keeps in each partition, beside the CLS-attention maps",
-        description="Encode IMAGE, select tokens and write a PNG: the base view and each AnyRes tile with the "
-        "kept tokens outlined and the per-partition budgets, the selection-layer CLS attention below, and "
-        "the whole image with the tiles' budgets over the first-layer attention that shared them.",
-    )
-    parser.add_argument("image", help="image file")
-    parser.add_argument("--model", default="offline",
-                        help="'offline' (real DINOv2 encoder), 'tiny-random', a hub id or a local folder")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("-o", "--output", default="selection.png", help="PNG file to write")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    add_budget_arguments(parser)
-    parser.set_defaults(run=_run_cli)

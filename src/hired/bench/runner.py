@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..algorithm import AnyresGeometry
+from ..geometry import AnyresGeometry
 from ..config import HiredConfig
 from ..methods import available_methods, get_method
 from .cost import (
@@ -36,7 +36,7 @@ class ProbeFailed(RuntimeError):
 
 def default_methods() -> list[str]:
     """Every registered method that can run through ``hired.apply``, except ``full`` (the stock model)."""
-    return [name for name in available_methods() if name != "full" and get_method(name).fixed_budget]
+    return [name for name in available_methods() if get_method(name).stage != "none"]
 
 
 @dataclass
@@ -85,12 +85,10 @@ class BenchSpec:
         if not self.methods or not self.budgets or not self.image_sizes or not self.batches:
             raise ValueError("give at least one method, budget, image size and batch size")
         for method in self.methods:
-            if method in (STOCK, "full"):
+            if method == STOCK or get_method(method).stage == "none":
                 raise ValueError(f"{method!r} is the reference every run measures; list only reducing methods")
             for budget in self.budgets:
                 HiredConfig(budget=budget, method=method)
-            if not get_method(method).fixed_budget:
-                raise ValueError(f"method {method!r} has no fixed token budget and cannot run through hired.apply")
         for width, height in self.image_sizes:
             if width < 1 or height < 1:
                 raise ValueError(f"image sizes must be positive, got {width}x{height}")

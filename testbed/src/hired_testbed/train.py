@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import compat
-from ..algorithm import AnyresGeometry
+from hired import compat
+from hired.geometry import AnyresGeometry
 from .encoder import build_offline_llava_next
 from .scenes import COLOURS, PATTERNS, QUESTION_TYPES, SHAPES, VOCABULARY, _shape_mask, ask, generate_scenes
 from .vlm import MODEL_DIR, OBJECTS, QUESTIONS, answer, question_split, save_trained_model
@@ -77,9 +77,7 @@ def token_objects(geometry: AnyresGeometry, pixels: np.ndarray) -> np.ndarray:
     xs = np.minimum((centres / geometry.tile * width).astype(int), width - 1)
     labels[0] = pixels[np.ix_(ys, xs)]
     rows, cols = geometry.grid
-    canvas_h, canvas_w = geometry.canvas
-    new_h, new_w = geometry.resized
-    top, left = (canvas_h - new_h) // 2, (canvas_w - new_w) // 2
+    top, left, new_h, new_w = geometry.tile_placement
     for tile in range(rows * cols):
         r, c = divmod(tile, cols)
         y = (r * geometry.tile + centres - top) / new_h * height

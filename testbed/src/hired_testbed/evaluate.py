@@ -37,11 +37,12 @@ class Setting:
     alpha: float
 
     def config(self, tokens_per_tile: int):
-        from ..config import HiredConfig
+        from hired import HiredConfig
 
         if self.method == BASE_VIEW:
-            return HiredConfig(method="hired", tokens=tokens_per_tile, alpha=1.0)
-        return HiredConfig(method=self.method, budget=self.budget, alpha=self.alpha)
+            return HiredConfig(method="hired", tokens=tokens_per_tile, method_options={"alpha": 1.0})
+        options = {"alpha": self.alpha} if self.method == "hired" else {}
+        return HiredConfig(method=self.method, budget=self.budget, method_options=options)
 
 
 def settings_for(methods: Sequence[str], budgets: Sequence[float], alphas: Sequence[float]) -> list[Setting]:
@@ -50,7 +51,7 @@ def settings_for(methods: Sequence[str], budgets: Sequence[float], alphas: Seque
     Raises:
         ValueError: an unknown method or a budget outside ``(0, 1)``.
     """
-    from ..methods import available_methods
+    from hired.methods import available_methods
 
     known = set(available_methods()) | {BASE_VIEW}
     unknown = [m for m in methods if m not in known]
@@ -86,7 +87,6 @@ def evaluate(model, processor, samples: Sequence[Sample], settings: Sequence[Set
     from tqdm import tqdm
 
     import hired
-    from hired.patch.llava import share_tower_runs
 
     from .vlm import answer
 
@@ -104,7 +104,7 @@ def evaluate(model, processor, samples: Sequence[Sample], settings: Sequence[Set
             records.append({"method": setting.method, "budget": setting.budget, "alpha": setting.alpha, "error": str(error)})
             bar.update(len(samples))
             continue
-        share_tower_runs(model, tower_runs)  # every image is encoded once for all settings
+        hired.share_tower_runs(model, tower_runs)  # every image is encoded once for all settings
         hits, tokens = [], []
         for sample in samples:
             reply = answer(model, processor, [sample.image], [sample.question])[0]
@@ -198,7 +198,7 @@ def read_split(path: str) -> list[Sample]:
     Image paths are relative to the file. Raises ``ValueError`` for empty files, missing fields and
     unreadable images.
     """
-    from ..images import open_image
+    from hired.images import open_image
 
     file = Path(path)
     if not file.is_file():
@@ -221,9 +221,9 @@ def read_split(path: str) -> list[Sample]:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from ..cli import CliError, emit
-    from ..methods import available_methods
-    from ..versions import package_versions
+    from hired.cli.common import CliError, emit
+    from hired.methods import available_methods
+    from hired.versions import package_versions
     from .vlm import MODEL_DIR, load_trained_model, question_split
 
     methods = args.method or [*available_methods(), BASE_VIEW]

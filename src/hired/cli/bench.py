@@ -8,9 +8,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from ..cli import CliError
-from .models import known_models
-from .runner import BenchSpec, default_methods
+from ..bench.models import known_models
+from ..bench.runner import BenchSpec, default_methods
+from .common import CliError
 
 MEMORY_NOTE = (
     "peak_rss_mb is the resident-set high-water mark of a fresh process serving one request of the variant, "
@@ -27,8 +27,8 @@ def _image_size(text: str) -> tuple[int, int]:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from .report import markdown_table, write_outputs
-    from .runner import ProbeFailed, run_benchmark
+    from ..bench.report import markdown_table, write_outputs
+    from ..bench.runner import ProbeFailed, run_benchmark
 
     bench = BenchSpec(
         model=args.model, layers=args.layers, dtype=args.dtype, methods=args.methods, budgets=args.budgets,

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..algorithm import AnyresGeometry
+from hired.geometry import AnyresGeometry
 from .sample import Box, Sample
 
 SPLITS = ("scenes", "documents")
@@ -46,47 +46,6 @@ METRICS = ("evidence_recall", "evidence_recall_any", "evidence_area_recall", "ev
 
 # --------------------------------------------------------------------------------------------
 # Geometry: kept tokens -> image regions -> covered evidence
-
-
-def token_footprints(geometry: AnyresGeometry) -> torch.Tensor:
-    """``(P, s*s, 4)`` float64 boxes ``(x0, y0, x1, y1)`` in pixels of the original image.
-
-    Partition 0 (the base view) squashes the whole image into one tile; partitions 1.. are cut
-    from the aspect-preserving resize (``geometry.resized``) centred on ``geometry.canvas``.
-    Footprints are clipped to the image, so a token over padding only has an empty box.
-    """
-    if geometry.num_partitions == 1:
-        raise ValueError("evidence footprints need an AnyRes (multi-tile) geometry; this model has one partition")
-    height, width = geometry.image_size
-    s, patch, tile = geometry.side, geometry.patch, geometry.tile
-    steps = torch.arange(s, dtype=torch.float64)
-    base_x0 = (steps * width / s).repeat(s)
-    base_y0 = (steps * height / s).repeat_interleave(s)
-    base = torch.stack([base_x0, base_y0, base_x0 + width / s, base_y0 + height / s], dim=1)
-
-    canvas_h, canvas_w = geometry.canvas
-    new_h, new_w = geometry.resized
-    top, left = (canvas_h - new_h) // 2, (canvas_w - new_w) // 2
-    rows, cols = geometry.grid
-    tiles = []
-    for tile_row in range(rows):
-        for tile_col in range(cols):
-            x0 = tile_col * tile + (steps * patch).repeat(s)
-            y0 = tile_row * tile + (steps * patch).repeat_interleave(s)
-            canvas_boxes = torch.stack([x0, y0, x0 + patch, y0 + patch], dim=1)
-            image_boxes = torch.stack(
-                [
-                    (canvas_boxes[:, 0] - left) * width / new_w,
-                    (canvas_boxes[:, 1] - top) * height / new_h,
-                    (canvas_boxes[:, 2] - left) * width / new_w,
-                    (canvas_boxes[:, 3] - top) * height / new_h,
-                ],
-                dim=1,
-            )
-            tiles.append(image_boxes)
-    boxes = torch.stack([base, *tiles])
-    limits = torch.tensor([width, height, width, height], dtype=torch.float64)
-    return torch.minimum(boxes.clamp(min=0), limits)
 
 
 def _clip(rects: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -134,7 +93,7 @@ def kept_coverage(
         kept: kept indices per partition (base view first), as in :class:`hired.SelectionRecord`.
         boxes: evidence boxes in pixels of the original image.
     """
-    footprints = token_footprints(geometry)
+    footprints = geometry.footprints()
     if len(kept) != geometry.num_partitions:
         raise ValueError(f"{len(kept)} kept-index lists for an image of {geometry.num_partitions} partitions")
     base_rects = footprints[0, kept[0].long()].numpy()
@@ -220,12 +179,12 @@ class Setting:
     alpha: float | None
 
     def config(self):
-        from ..config import HiredConfig
+        from hired import HiredConfig
 
         if self.method == "full":
             return HiredConfig(budget=1.0, method="full")
         return HiredConfig(budget=self.budget, method=self.method,
-                           **({} if self.alpha is None else {"alpha": self.alpha}))
+                           method_options={} if self.alpha is None else {"alpha": self.alpha})
 
 
 def settings_for(methods: Sequence[str], budgets: Sequence[float], alphas: Sequence[float]) -> list[Setting]:
@@ -234,7 +193,7 @@ def settings_for(methods: Sequence[str], budgets: Sequence[float], alphas: Seque
     Raises:
         ValueError: an unknown method, or one that selects nothing on the vision side.
     """
-    from ..methods import get_method
+    from hired.methods import get_method
 
     settings = []
     for name in methods:
@@ -257,7 +216,7 @@ def settings_for(methods: Sequence[str], budgets: Sequence[float], alphas: Seque
 
 def vision_methods() -> list[str]:
     """Every registered method that chooses tokens on the vision side (``full`` covers everything by construction)."""
-    from ..methods import available_methods, get_method
+    from hired.methods import available_methods, get_method
 
     return [name for name in available_methods()
             if get_method(name).stage == "vision" and get_method(name).select is not None]
@@ -287,7 +246,6 @@ def measure(
     once per batch of images) and restored to the stock classes at the end.
     """
     import hired
-    from hired.patch.llava import share_tower_runs
 
     groups = _group_by_image(samples)
     if not groups:
@@ -306,7 +264,7 @@ def measure(
             tower_runs: dict = {}  # the tower runs once per batch for all settings
             for setting in settings:
                 hired.apply(model, processor, setting.config())
-                share_tower_runs(model, tower_runs)
+                hired.share_tower_runs(model, tower_runs)
                 with torch.inference_mode():
                     model.model.get_image_features(pixel_values=pixel_values, image_sizes=inputs["image_sizes"])
                 for (_image, boxes, kinds), record in zip(batch, hired.selections(model)):
@@ -476,8 +434,8 @@ def run(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """The whole benchmark: generate, measure, summarise, write ``evidence.json``, ``.md`` and ``.png``."""
-    from ..cli import load_model
-    from ..versions import package_versions
+    from hired.cli.common import load_model
+    from hired.versions import package_versions
 
     settings = settings_for(methods, budgets, alphas)
     model, processor = load_model(model_name, "float32")
@@ -512,7 +470,7 @@ def _run_cli(args: argparse.Namespace) -> None:
     import shlex
     import sys
 
-    from ..cli import CliError, emit
+    from hired.cli.common import CliError, emit
 
     methods = args.method or vision_methods()
     try:

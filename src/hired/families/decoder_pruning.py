@@ -1,28 +1,27 @@
-"""FastV (arXiv 2403.06764) inside the LLM of LLaVA / LLaVA-NeXT, under any batch and the KV cache.
+"""Pruning inside the language model of a transformers VLM, under any batch and the KV cache.
 
-Decoder layers ``0..K-1`` see every token. Before layer ``K`` (option ``layer``, default 2), each
-image keeps the ``K_j`` of its placeholder positions that receive the most attention from the last
-prompt token in layer ``K-1`` (heads averaged); layers ``K..`` see only the kept tokens, at their
-original rotary positions. ``K_j`` is the budget a vision-side method would get for the image (a
-fraction or count of its stock tokens, newlines not counted); ``newline`` embeddings are
-candidates like the other placeholders. An image whose budget covers its stock count keeps all its
-placeholders, so ``budget=1.0`` is exactly the stock model.
+An LLM-side method (``stage="llm"``, e.g. FastV) supplies a score of every position, computed in
+decoder layer ``K-1`` (its option ``layer`` is ``K``); these hooks do the rest. Decoder layers
+``0..K-1`` see every token. Before layer ``K``, each image keeps the ``K_j`` of its placeholder
+positions that score highest (``K_j`` the budget a vision-side method would get for it); layers
+``K..`` see only the kept tokens, at their original rotary positions. An image whose budget covers
+its stock count keeps all its placeholders, so ``budget=1.0`` is exactly the stock model.
 
 How it is wired, without copying any forward function:
 
-- a forward pre-hook on the ``LlavaNextModel``/``LlavaModel`` notes where the image placeholders are;
+- a forward pre-hook on the inner model notes where the image placeholders are;
 - hooks on layer ``K-1``'s attention capture its query/key projections and rotary tables, from
-  which the last token's attention row is computed (O(N d); no attention maps are requested, so
-  SDPA runs as usual);
+  which the method's score is computed (no attention maps are requested, so SDPA runs as usual);
 - in the prefill, a pre-hook on layer ``K`` drops the tokens and swaps in the matching causal mask,
   rotary tables and positions; pre-hooks on the later layers pass the same swapped tensors on. The
   KV cache of layers ``K..`` therefore holds only the kept positions, that of layers ``0..K-1``
-  the whole prompt, as in the paper;
+  the whole prompt;
 - in decoding steps, the same pre-hooks give layers ``K..`` a mask over their shorter cache; the
   first layers, the positions and ``generate``'s bookkeeping see the unpruned sequence unchanged.
-  A new token thus attends to every prompt token in layers ``0..K-1`` and to the kept ones after.
-  (Without a cache, ``generate`` re-runs the prefill at each step and FastV re-scores with the
-  newest token as the last one, as the paper's uncached code does.)
+  (Without a cache, ``generate`` re-runs the prefill at each step and the method re-scores with the
+  newest token as the last one.)
+- after each forward, the pruning is checked: a prefill that was to prune and did not, or a cache
+  whose pruned layers are not shorter, raises instead of passing the stock model off as pruned.
 
 In a batch, rows drop different numbers of tokens; shorter rows are left-filled with masked slots,
 and padding is dropped with the image tokens. Limits: a DynamicCache (the ``generate`` default)
@@ -33,7 +32,6 @@ the kept positions only, so ``labels`` (training) are not supported.
 
 from __future__ import annotations
 
-import numbers
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -42,7 +40,6 @@ import torch
 
 from .. import compat
 from ..algorithm import token_budget
-from ..methods import Method, register
 
 _IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -81,12 +78,15 @@ class _Captured:
 
 
 @dataclass
-class FastVState:
-    """Per-model FastV state: the configuration, the hooks, the plan of the last prefill."""
+class PruningState:
+    """Per-model state of an LLM-side method: what it needs, its hooks, the plan of the last prefill."""
 
+    method: Any
     layer: int
-    config: Any
     apply_rotary: Callable
+    dynamic_layer: type
+    config: Any = None
+    records: Callable[[], list] | None = None
     handles: list = field(default_factory=list)
     image_mask: torch.Tensor | None = None
     images_given: bool = False
@@ -94,55 +94,14 @@ class FastVState:
     captured: _Captured = field(default_factory=_Captured)
     plan: PrunePlan | None = None
     decided: bool = False  # the first pruned layer ran in this prefill and decided the plan
-    dynamic_layer: type | None = None
 
 
 # --------------------------------------------------------------------------------------------
 # Pure pieces
 
 
-def last_token_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    rotary: tuple[torch.Tensor, torch.Tensor],
-    apply_rotary: Callable,
-    head_dim: int,
-    scaling: float,
-    attention_mask: torch.Tensor | None,
-) -> torch.Tensor:
-    """Attention of each row's last real token over all positions, heads averaged: ``(B, L)``.
-
-    Args:
-        query: ``(B, L, H * d)`` query projection output.
-        key: ``(B, L, Hkv * d)`` key projection output.
-        rotary: ``(cos, sin)`` of the layer, ``(B or 1, L, d)``.
-        apply_rotary: the decoder's ``apply_rotary_pos_emb(q, k, cos, sin)``.
-        head_dim: ``d``.
-        scaling: the softmax scale (``d ** -0.5`` for Llama).
-        attention_mask: ``(B, L)`` 2D padding mask or ``None``.
-    """
-    batch, length, _ = key.shape
-    cos, sin = (t.expand(batch, -1, -1) for t in rotary)
-    if attention_mask is None:
-        valid = torch.ones(batch, length, dtype=torch.bool, device=key.device)
-    else:
-        valid = attention_mask[:, -length:].bool().to(key.device)
-    positions = torch.arange(length, device=key.device)
-    last = torch.where(valid, positions, -1).amax(dim=1)  # (B,)
-    rows = torch.arange(batch, device=key.device)
-    q = query[rows, last].view(batch, -1, 1, head_dim)  # (B, H, 1, d)
-    k = key.view(batch, length, -1, head_dim).transpose(1, 2)  # (B, Hkv, L, d)
-    q, _ = apply_rotary(q, q, cos[rows, last][:, None], sin[rows, last][:, None])
-    k, _ = apply_rotary(k, k, cos, sin)
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    logits = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * scaling  # (B, H, L)
-    allowed = valid & (positions[None] <= last[:, None])
-    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=1)
-
-
 def image_budget(config, stock_tokens: int) -> int:
-    """Image tokens FastV keeps for an image of ``stock_tokens`` (the vision methods' budget)."""
+    """Image tokens kept for an image of ``stock_tokens`` (the budget a vision-side method would get)."""
     return token_budget(stock_tokens, fraction=config.budget, tokens=config.tokens)
 
 
@@ -204,14 +163,15 @@ def _gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 # Hooks
 
 
-def _image_spans(state: FastVState, inner, image_mask: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """Per row, ``(placeholders, keep)`` for each image, from the adapter's records of this call."""
-    records = inner._hired.records
+def _image_spans(state: PruningState, image_mask: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, ``(placeholders, keep)`` for each image, from the records of this call."""
+    records = state.records()
+    name = state.method.name
     per_row = image_mask.sum(dim=1).tolist()
     total = sum(r.visual_tokens for r in records)
     if not records or sum(per_row) % total:
         raise ValueError(
-            f"FastV found {sum(per_row)} image placeholders but the images of this call produced {total} "
+            f"{name} found {sum(per_row)} image placeholders but the images of this call produced {total} "
             "features; prepare inputs with the processor returned by hired.apply"
         )
     copies = sum(per_row) // total  # generate repeats each row for beams / num_return_sequences
@@ -223,11 +183,11 @@ def _image_spans(state: FastVState, inner, image_mask: torch.Tensor) -> list[lis
         row_spans = []
         while count > 0:
             if pointer >= len(records) or records[pointer].visual_tokens > count:
-                raise ValueError("FastV could not match the image placeholders of each prompt to its images")
+                raise ValueError(f"{name} could not match the image placeholders of each prompt to its images")
             record = records[pointer]
             keep = image_budget(state.config, record.stock_tokens)
             keep = record.visual_tokens if keep >= record.stock_tokens else keep
-            record.extras.update(fastv_layer=state.layer, fastv_kept=keep)
+            record.extras.update(llm_layer=state.layer, llm_kept=keep)
             row_spans.append((record.visual_tokens, keep))
             count -= record.visual_tokens
             pointer += 1
@@ -246,7 +206,7 @@ def _placeholder_mask(inner, args, kwargs) -> torch.Tensor | None:
     return (embeds == image).all(dim=-1)
 
 
-def _on_model(inner, state: FastVState):
+def _on_model(inner, state: PruningState):
     def hook(module, args, kwargs):
         state.image_mask = _placeholder_mask(inner, args, kwargs)
         encoded = kwargs.get("mm_encoder_outputs") or {}
@@ -255,7 +215,7 @@ def _on_model(inner, state: FastVState):
     return hook
 
 
-def _on_language_model(state: FastVState):
+def _on_language_model(state: PruningState):
     def before(module, args, kwargs):
         cache = compat.cache_from_kwargs(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
@@ -268,14 +228,14 @@ def _on_language_model(state: FastVState):
             if has_images:
                 if not state.images_given:
                     raise ValueError(
-                        "FastV needs the images in the same call as their placeholders (pixel_values), to know "
+                        f"{state.method.name} needs the images in the same call as their placeholders (pixel_values), to know "
                         "each image's budget"
                     )
                 state.prefill = True
                 state.captured.attention_mask = kwargs.get("attention_mask")
         elif has_images:
             raise ValueError(
-                "FastV prunes images in the prefill of a sequence; this call adds images to a filled cache"
+                f"{state.method.name} prunes images in the prefill of a sequence; this call adds images to a filled cache"
             )
         elif state.plan is not None:
             state.captured.pruned_keys = _pruned_keys(state.plan, past, kwargs)
@@ -291,11 +251,11 @@ def _on_language_model(state: FastVState):
     return before, after
 
 
-def _check_pruned(state: FastVState, cache) -> None:
-    """Raise when FastV was asked to prune this forward and did not (a hook that never ran)."""
+def _check_pruned(state: PruningState, cache) -> None:
+    """Raise when the method was to prune this forward and did not (a hook that never ran, a cache left whole)."""
     if state.prefill and not state.decided:
         raise RuntimeError(
-            f"FastV was to prune the image tokens before decoder layer {state.layer}, but that layer's hook never "
+            f"{state.method.name} was to prune the image tokens before decoder layer {state.layer}, but that layer's hook never "
             f"ran (transformers {compat.installed_transformers()} may call its layers differently); the stock model "
             "ran instead"
         )
@@ -303,13 +263,13 @@ def _check_pruned(state: FastVState, cache) -> None:
     if plan is None or cache is None or not (state.decided or state.captured.pruned_keys is not None):
         return
     if state.captured.swapped is None:
-        raise RuntimeError("FastV had a plan for this sequence, but the pruned layers did not receive its mask")
+        raise RuntimeError(f"{state.method.name} had a plan for this sequence, but the pruned layers did not receive its mask")
     full = cache.get_seq_length(0)
     pruned = cache.get_seq_length(state.layer)
     expected = plan.length + full - plan.original_length
     if pruned != expected:
         raise RuntimeError(
-            f"FastV pruned the prompt from {plan.original_length} to {plan.length} positions, but decoder layer "
+            f"{state.method.name} pruned the prompt from {plan.original_length} to {plan.length} positions, but decoder layer "
             f"{state.layer}'s cache holds {pruned} (expected {expected}, the unpruned layers {full}); the pruning "
             "did not reach the cache"
         )
@@ -328,7 +288,7 @@ def _pruned_keys(plan: PrunePlan, past: int, kwargs: dict) -> torch.Tensor:
     if mask is None:
         later = torch.ones(plan.valid.shape[0], past + new - plan.original_length, dtype=torch.bool, device=device)
     elif mask.dim() != 2 or mask.shape[1] != past + new:
-        raise ValueError(f"FastV expects a 2D attention mask of {past + new} positions, got shape {tuple(mask.shape)}")
+        raise ValueError(f"pruning inside the language model expects a 2D attention mask of {past + new} positions, got shape {tuple(mask.shape)}")
     else:
         later = mask[:, plan.original_length :].bool().to(device)
     return torch.cat([plan.valid, later], dim=1)
@@ -353,7 +313,7 @@ def pruned_attention_mask(allowed_keys: torch.Tensor, queries: int, implementati
     return allowed
 
 
-def _on_scored_layer(state: FastVState):
+def _on_scored_layer(state: PruningState):
     def query(module, args, output):
         if state.prefill:
             state.captured.query = output
@@ -369,7 +329,7 @@ def _on_scored_layer(state: FastVState):
     return query, key, attention
 
 
-def _on_first_pruned_layer(inner, state: FastVState, attention_module):
+def _on_first_pruned_layer(inner, state: PruningState, attention_module):
     language_model = inner.language_model
 
     def hook(module, args, kwargs):
@@ -379,14 +339,14 @@ def _on_first_pruned_layer(inner, state: FastVState, attention_module):
         implementation = language_model.config._attn_implementation
         if implementation not in _IMPLEMENTATIONS:
             raise ValueError(
-                f"FastV supports the {' and '.join(_IMPLEMENTATIONS)} attention implementations; this model uses "
+                f"{state.method.name} supports the {' and '.join(_IMPLEMENTATIONS)} attention implementations; this model uses "
                 f"{implementation!r} (model.set_attn_implementation('sdpa'))"
             )
         cache = compat.cache_from_kwargs(kwargs)
         if cache is not None and not hasattr(cache, "layers"):
-            raise compat.incompatible(f"{type(cache).__name__}.layers", "FastV's pruned cache")
+            raise compat.incompatible(f"{type(cache).__name__}.layers", f"{state.method.name}'s pruned cache")
         if cache is not None and any(type(layer) is not state.dynamic_layer for layer in cache.layers):
-            raise ValueError("FastV prunes a DynamicCache (the generate default); this call uses another cache")
+            raise ValueError(f"{state.method.name} prunes a DynamicCache (the generate default); this call uses another cache")
         hidden = args[0]
         if captured.pruned_keys is not None:  # decoding: the new tokens attend to the kept keys
             mask = pruned_attention_mask(captured.pruned_keys, hidden.shape[1], implementation, hidden.dtype)
@@ -415,10 +375,10 @@ def _on_first_pruned_layer(inner, state: FastVState, attention_module):
     return hook
 
 
-def _plan(inner, state: FastVState, attention_module) -> PrunePlan | None:
+def _plan(inner, state: PruningState, attention_module) -> PrunePlan | None:
     """Score the image tokens with layer ``K-1``'s captured q/k and decide what each row keeps."""
     captured = state.captured
-    scores = last_token_attention(
+    scores = state.method.score(
         captured.query,
         captured.key,
         captured.rotary,
@@ -429,10 +389,10 @@ def _plan(inner, state: FastVState, attention_module) -> PrunePlan | None:
     )
     captured.query = captured.key = None
     image_mask = state.image_mask.to(scores.device)
-    return plan_pruning(scores, image_mask, _image_spans(state, inner, image_mask), captured.attention_mask)
+    return plan_pruning(scores, image_mask, _image_spans(state, image_mask), captured.attention_mask)
 
 
-def _on_later_layer(state: FastVState):
+def _on_later_layer(state: PruningState):
     def hook(module, args, kwargs):
         if state.captured.swapped is not None:
             kwargs.update(state.captured.swapped)
@@ -449,15 +409,15 @@ def _rotary_function(attention_module) -> Callable:
     function = getattr(sys.modules[type(attention_module).__module__], "apply_rotary_pos_emb", None)
     if function is None:
         raise ValueError(
-            f"FastV needs a rotary decoder whose module defines apply_rotary_pos_emb (Llama, Mistral, ...); "
+            f"pruning inside the language model needs a rotary decoder whose module defines apply_rotary_pos_emb (Llama, Mistral, ...); "
             f"{type(attention_module).__name__} does not"
         )
     return function
 
 
 def _check_internals(language_model, pruned_layer, scored_attention) -> type:
-    """Check the decoder internals FastV's hooks read; return the cache layer class it supports."""
-    needed = "FastV's decoder hooks"
+    """Check the decoder internals these hooks read; return the cache layer class they support."""
+    needed = "pruning inside the language model"
     try:
         from transformers.cache_utils import DynamicLayer
     except ImportError:
@@ -471,68 +431,56 @@ def _check_internals(language_model, pruned_layer, scored_attention) -> type:
     return DynamicLayer
 
 
-def install(inner, config) -> None:
-    """Hook FastV into ``inner.language_model`` (see the module docstring)."""
+def prepare(inner, method, options) -> PruningState:
+    """Check that ``method`` can prune ``inner``'s decoder; nothing is hooked yet (see :func:`install`)."""
     language_model = inner.language_model
+    name = method.name
     layers = getattr(language_model, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"FastV cannot find the decoder layers of {type(language_model).__name__}")
-    layer = FASTV.option(config, "layer")
+        raise ValueError(f"{name} cannot find the decoder layers of {type(language_model).__name__}")
+    layer = options.layer
     if layer >= len(layers):
         raise ValueError(
-            f"FastV cannot prune after layer {layer}: the decoder has only {len(layers)} layers "
+            f"{name} cannot prune after layer {layer}: the decoder has only {len(layers)} layers "
             f"(use method_options={{'layer': k}} with 1 <= k <= {len(layers) - 1})"
         )
     if getattr(language_model.config, "sliding_window", None) is not None:
-        raise ValueError("FastV does not support sliding-window attention (the pruned cache has no window)")
+        raise ValueError(f"{name} does not support sliding-window attention (the pruned cache has no window)")
     scored = layers[layer - 1].self_attn
-    projections = [getattr(scored, name, None) for name in ("q_proj", "k_proj")]
+    projections = [getattr(scored, attribute, None) for attribute in ("q_proj", "k_proj")]
     if not all(isinstance(p, torch.nn.Linear) for p in projections):
-        raise ValueError(f"FastV needs separate q_proj/k_proj projections in {type(scored).__name__}")
-    state = FastVState(layer=layer, config=config, apply_rotary=_rotary_function(scored),
-                       dynamic_layer=_check_internals(language_model, layers[layer], scored))
+        raise ValueError(f"{name} needs separate q_proj/k_proj projections in {type(scored).__name__}")
+    return PruningState(method=method, layer=layer, apply_rotary=_rotary_function(scored),
+                        dynamic_layer=_check_internals(language_model, layers[layer], scored))
+
+
+def install(inner, state: PruningState, config, records: Callable[[], list]) -> None:
+    """Hook the prepared method into ``inner.language_model`` (see the module docstring).
+
+    ``records`` returns the selection records of the current call (one per image, in order).
+    """
+    state.config = config
+    state.records = records
+    language_model = inner.language_model
+    layers = language_model.layers
+    layer = state.layer
+    scored = layers[layer - 1].self_attn
     query, key, attention = _on_scored_layer(state)
     before, after = _on_language_model(state)
     state.handles = [
         inner.register_forward_pre_hook(_on_model(inner, state), with_kwargs=True),
         language_model.register_forward_pre_hook(before, with_kwargs=True),
         language_model.register_forward_hook(after, with_kwargs=True),
-        projections[0].register_forward_hook(query),
-        projections[1].register_forward_hook(key),
+        scored.q_proj.register_forward_hook(query),
+        scored.k_proj.register_forward_hook(key),
         scored.register_forward_pre_hook(attention, with_kwargs=True),
         layers[layer].register_forward_pre_hook(_on_first_pruned_layer(inner, state, scored), with_kwargs=True),
         *(later.register_forward_pre_hook(_on_later_layer(state), with_kwargs=True) for later in layers[layer + 1 :]),
     ]
-    inner._fastv = state
 
 
-def uninstall(inner) -> None:
-    """Remove FastV's hooks from ``inner``."""
-    state = inner.__dict__.pop("_fastv", None)
-    if state is not None:
-        for handle in state.handles:
-            handle.remove()
-
-
-def _check_options(method: str, options: dict) -> None:
-    layer = options["layer"]
-    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer < 1:
-        raise ValueError(
-            f"method {method!r}: option 'layer' must be an integer >= 1 (the attention of layer - 1 decides), "
-            f"got {layer!r}"
-        )
-
-
-FASTV = register(
-    Method(
-        "fastv",
-        None,
-        "FastV (arXiv 2403.06764): after decoder layer K, keep the image tokens the last prompt token attends to most",
-        partition_policy="per image, over all its placeholders (base view, tiles and newlines alike)",
-        options={"layer": 2},
-        stage="llm",
-        install=install,
-        uninstall=uninstall,
-        check_options=_check_options,
-    )
-)
+def uninstall(state: PruningState) -> None:
+    """Remove the hooks of :func:`install`."""
+    for handle in state.handles:
+        handle.remove()
+    state.handles = []

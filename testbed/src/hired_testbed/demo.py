@@ -26,9 +26,10 @@ def run_demo(output_dir: Path, config, questions: int = 6) -> dict[str, Any]:
     """Run the demo and return everything it measured; pictures go to ``output_dir``."""
     import hired
 
-    from .images import open_image
-    from .testbed.vlm import answer, load_trained_model, question_split, training_record
-    from .visualize import show
+    from hired.images import open_image
+    from hired.visualize import show
+
+    from .vlm import answer, load_trained_model, question_split, training_record
 
     output_dir.mkdir(parents=True, exist_ok=True)
     model, processor = load_trained_model()
@@ -84,7 +85,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def _run_cli(args: argparse.Namespace) -> None:
-    from .cli import CliError, config_from_args, emit
+    from hired.cli.common import CliError, config_from_args, emit
 
     config = config_from_args(args)
     try:
@@ -95,7 +96,7 @@ def _run_cli(args: argparse.Namespace) -> None:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    from .cli import add_budget_arguments
+    from hired.cli.common import add_budget_arguments
 
     parser = subparsers.add_parser(
         "demo", help="offline demo: real encoder on a bundled photo and document, trained small VLM's answers",

@@ -18,8 +18,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..methods import get_method
-from .llava import _inner_model
+from .families import family_of
+from .methods import get_method
+from .state import model_state
 
 
 def prepare_inputs(model, processor, images: Any, text: str | Sequence[str]) -> dict[str, torch.Tensor]:
@@ -34,10 +35,8 @@ def prepare_inputs(model, processor, images: Any, text: str | Sequence[str]) -> 
     Returns:
         ``{"inputs_embeds", "attention_mask"}`` for ``model(**inputs)`` or ``model.generate(**inputs)``.
     """
-    inner = _inner_model(model)
-    state = getattr(inner, "_hired", None)
-    if state is None:
-        raise ValueError("the model is not patched; call hired.apply(model, method=..., ...) first")
+    inner = family_of(model).inner(model)
+    state = model_state(model)
     if get_method(state.config.method).stage != "vision":
         raise ValueError(
             f"method {state.config.method!r} prunes inside the LLM; use the processor returned by hired.apply"

@@ -197,7 +197,7 @@ def build_offline_llava_next(
     from transformers import LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    from ..testing import IMAGE_TOKEN, _fix_generation, tiny_tokenizer
+    from hired.testing import IMAGE_TOKEN, set_generation_tokens, tiny_tokenizer
 
     tokenizer = tiny_tokenizer(extra_words=words)
     pinpoints = anyres_pinpoints(tile)
@@ -239,5 +239,5 @@ def build_offline_llava_next(
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
-    _fix_generation(model, tokenizer)
+    set_generation_tokens(model, tokenizer)
     return model, processor

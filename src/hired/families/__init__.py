@@ -1,0 +1,12 @@
+"""Model families: one small adapter each over the one generic apply / remove path of :mod:`.base`.
+
+A new family is one file here: its swapped model and processor classes, a :class:`FamilyAdapter`
+subclass, and a ``register_family`` call; add the module to the import below.
+"""
+
+from .base import FamilyAdapter, HiredModel, HiredProcessor, ImageCall
+from .registry import family_of, register_family, registered_families
+from . import llava, llava_next  # noqa: F401  (registration)
+
+__all__ = ["FamilyAdapter", "HiredModel", "HiredProcessor", "ImageCall", "family_of", "register_family",
+           "registered_families"]

@@ -1,0 +1,375 @@
+"""The one generic apply / remove path, and what a model family's adapter declares.
+
+``apply`` swaps the class of the inner model (the module that holds the vision tower, the projector
+and the language model) and of the processor in place: nothing is copied or re-initialised. The
+swapped model overrides ``get_image_features``, the one method both ``forward`` and ``generate``
+use to encode images; the swapped processor emits exactly as many image placeholders as the model
+will return features. A family adapter (one file in this package) says how its classes do that.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .. import compat
+from ..config import HiredConfig
+from ..geometry import PartitionGeometry
+from ..methods import Selection, VisionEvidence, get_method
+from ..signals import VisionProbe
+from ..state import CONFIG_KEY, ModelState, SelectionRecord, model_state
+from . import decoder_pruning
+
+
+@dataclass
+class ImageCall:
+    """One ``get_image_features`` call, normalised by the family adapter.
+
+    Attributes:
+        tiles: per image, its ``(P, C, T, T)`` partitions in the order of its geometry.
+        geometries: per image, its partition geometry.
+        image_sizes: per image, its ``(height, width)`` (for the stock packing).
+        vision_feature_layer: the layer the call asks features from.
+        stock: runs the stock ``get_image_features`` with the same arguments.
+    """
+
+    tiles: list[torch.Tensor]
+    geometries: list[PartitionGeometry]
+    image_sizes: list[tuple[int, int] | None]
+    vision_feature_layer: Any
+    stock: Callable[[], BaseModelOutputWithPooling]
+
+
+class FamilyAdapter:
+    """What one model family declares; subclass it in one file and register an instance.
+
+    Class attributes:
+        name: the family's name (``"llava-next"``).
+        outer_class: the ``...ForConditionalGeneration`` class users load.
+        inner_class: the stock inner model class (holds ``vision_tower``, the projector, the LLM).
+        hired_inner_class: the swapped inner class, a subclass of ``inner_class`` and :class:`HiredModel`.
+        processor_class: the stock processor class.
+        hired_processor_class: the swapped processor class, a subclass of ``processor_class`` and
+            :class:`HiredProcessor`.
+        model_internals: attributes of the inner class the adapter relies on (checked at apply).
+        processor_internals: attributes of the processor class it relies on.
+    """
+
+    name: ClassVar[str]
+    outer_class: ClassVar[type]
+    inner_class: ClassVar[type]
+    hired_inner_class: ClassVar[type]
+    processor_class: ClassVar[type]
+    hired_processor_class: ClassVar[type]
+    model_internals: ClassVar[tuple[str, ...]] = ("get_image_features", "get_placeholder_mask")
+    processor_internals: ClassVar[tuple[str, ...]] = ()
+
+    # ---- the model side
+    def inner(self, model):
+        """The inner model of ``model`` (which may be the inner model itself)."""
+        return model.model if isinstance(model, self.outer_class) else model
+
+    def geometry(self, config, image_size) -> PartitionGeometry:
+        """The partition geometry of an image of ``(height, width)`` under the model ``config``."""
+        raise NotImplementedError
+
+    def vision_probe(self, inner) -> VisionProbe:
+        """The probe of the inner model's vision tower (which layers, CLS or not, heads)."""
+        raise NotImplementedError
+
+    def feature_layer(self, inner, probe: VisionProbe, vision_feature_layer: Any = None) -> int:
+        """The tower layer index whose output the VLM uses as image features."""
+        layer = inner.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        if not isinstance(layer, int):
+            raise ValueError(
+                f"hired supports a single vision_feature_layer, got {layer!r}; set model.config.vision_feature_layer "
+                "to one layer index"
+            )
+        index = layer % (probe.num_layers + 1) - 1
+        if not -(probe.num_layers + 1) <= layer <= probe.num_layers or index < 0:
+            raise ValueError(
+                f"vision_feature_layer={layer} does not select a transformer layer output of a "
+                f"{probe.num_layers}-layer vision tower"
+            )
+        return index
+
+    def check_call(self, inner, probe: VisionProbe) -> None:
+        """Refuse model settings the selection cannot honour (called before selecting)."""
+
+    def project(self, inner, features: torch.Tensor) -> torch.Tensor:
+        """Features of the tower -> LLM embeddings."""
+        return inner.multi_modal_projector(features)
+
+    def pack_stock(self, inner, projected: torch.Tensor, image_size) -> torch.Tensor:
+        """One image's projected tokens arranged as the stock model feeds them (separators included)."""
+        raise NotImplementedError
+
+    # ---- the processor side
+    def check_processor(self, inner, processor) -> None:
+        """Refuse a processor that does not match the model (called at apply)."""
+
+
+class HiredModel:
+    """Mixed into the swapped inner model: select, project, record. Families call :meth:`_hired_features`."""
+
+    _hired: ModelState
+
+    def _hired_features(self, call: ImageCall) -> BaseModelOutputWithPooling:
+        state = self._hired
+        config = state.config
+        family = state.family
+        method = get_method(config.method)
+        budgets = [config.budget_for(g.stock_tokens) for g in call.geometries]
+
+        if method.stage != "vision" or all(b >= g.stock_tokens for b, g in zip(budgets, call.geometries)):
+            output = call.stock()
+            state.records = [_full_record(g, method.name, len(f)) for g, f in zip(call.geometries, output.pooler_output)]
+            return output
+
+        family.check_call(self, state.probe)
+        probe = state.probe
+        feature_layer = family.feature_layer(self, probe, call.vision_feature_layer)
+        layers = config.options.signal_layers()
+        run = probe.run(
+            torch.cat(call.tiles),
+            feature_layer=feature_layer,
+            distribution_layer=layers.distribution,
+            selection_layer=feature_layer if layers.selection is None else layers.selection,
+            aggregation=layers.aggregation,
+        )
+        outputs, records, start = [], [], 0
+        for geometry, budget, image_size in zip(call.geometries, budgets, call.image_sizes):
+            stop = start + geometry.num_partitions
+            if budget >= geometry.stock_tokens:
+                packed = family.pack_stock(self, family.project(self, run.features[start:stop]), image_size)
+                outputs.append(packed)
+                records.append(_full_record(geometry, method.name, len(packed)))
+                start = stop
+                continue
+            evidence = VisionEvidence(
+                geometry=geometry,
+                features=run.features[start:stop],
+                distribution_scores=_rows(run.distribution_scores, start, stop),
+                selection_scores=_rows(run.selection_scores, start, stop),
+                keys=run.keys[start:stop],
+            )
+            selection = method.select(evidence, budget, config.options)
+            chosen = _selected_features(evidence, selection)
+            if method.has_fixed_budget(config.options) and chosen.shape[0] != budget:
+                raise RuntimeError(
+                    f"method {method.name!r} returned {chosen.shape[0]} tokens for a budget of {budget}; "
+                    "this is a bug in the method"
+                )
+            outputs.append(family.project(self, chosen))
+            records.append(_record(evidence, selection, method.name, chosen.shape[0]))
+            start = stop
+        state.records = records
+        return BaseModelOutputWithPooling(last_hidden_state=run.hidden, pooler_output=outputs)
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
+        if input_ids is None:
+            image_embedding = self.get_input_embeddings()(
+                torch.full((), self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+            )
+            mask = (inputs_embeds == image_embedding).all(-1)
+        else:
+            mask = input_ids == self.config.image_token_id
+        check_counts(self._hired.records, int(mask.sum()), int(image_features.shape[0]))
+        return mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
+
+
+class HiredProcessor:
+    """Mixed into the swapped processor: the placeholder count for an image size."""
+
+    hired_config: HiredConfig
+    _stock_class: ClassVar[type]
+
+    def hired_geometry(self, image_size: Sequence[int]) -> PartitionGeometry:
+        """The geometry of an image of this ``(height, width)`` under this processor's settings."""
+        raise NotImplementedError
+
+    def hired_tokens(self, image_size: Sequence[int]) -> int | None:
+        """Placeholders needed for an image of this ``(height, width)``; ``None`` for the stock count."""
+        geometry = self.hired_geometry(image_size)
+        budget = self.hired_config.budget_for(geometry.stock_tokens)
+        return None if budget >= geometry.stock_tokens else budget
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["processor_class"] = self._stock_class.__name__
+        return output
+
+
+def _rows(tensor: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    return None if tensor is None else tensor[start:stop]
+
+
+def check_counts(records: list[SelectionRecord], placeholders: int, features: int) -> None:
+    """Fail clearly when the prompt's image placeholders do not match the features produced."""
+    if placeholders == features:
+        return
+    fed = sum(r.visual_tokens for r in records)
+    stock = sum(r.stock_tokens + r.extras.get("newline_tokens", 0) for r in records)
+    copies = features // fed if fed and features % fed == 0 else 1  # beam search repeats the images
+    cause = (
+        "the prompt was expanded by the stock processor"
+        if placeholders == stock * copies
+        else "the prompt and the images do not match"
+    )
+    raise ValueError(
+        f"the prompt holds {placeholders} image placeholders but HiRED produced {features} image features "
+        f"({', '.join(str(r.visual_tokens) for r in records)} per image): {cause}. Prepare inputs with the "
+        "processor returned by hired.apply(model, processor), with one <image> token per image."
+    )
+
+
+def _checked_expand(model, inner):
+    """Wrap generate's per-sequence split of image features with the count check (beam search)."""
+    stock_expand = type(model)._expand_multimodal_outputs
+
+    def expand(input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
+        image = mm_encoder_output.get("image")
+        if image is not None and input_ids is not None and input_ids.numel():
+            placeholders = int((input_ids == model.config.image_token_id).sum())
+            check_counts(inner._hired.records, placeholders, sum(len(f) for f in image.pooler_output))
+        return stock_expand(model, input_ids, mm_encoder_output, expand_size=expand_size, inputs_embeds=inputs_embeds)
+
+    return expand
+
+
+def _selected_features(evidence: VisionEvidence, selection: Selection) -> torch.Tensor:
+    if selection.features is not None:
+        return selection.features
+    order = evidence.geometry.stock_order(selection.kept).to(evidence.features.device)
+    return evidence.features[order[:, 0], order[:, 1]]
+
+
+def _full_record(geometry: PartitionGeometry, method: str, fed: int) -> SelectionRecord:
+    candidates = geometry.candidates
+    kept = [row.nonzero().flatten() for row in candidates]
+    return _make_record(geometry, method, fed, candidates.sum(dim=1), kept, None, None, {"stock_model": True})
+
+
+def _record(evidence: VisionEvidence, selection: Selection, method: str, fed: int) -> SelectionRecord:
+    distribution = None if evidence.distribution_scores is None else evidence.distribution_scores[0].detach()
+    scores = None if evidence.selection_scores is None else evidence.selection_scores.detach()
+    return _make_record(evidence.geometry, method, fed, selection.budgets, selection.kept, distribution, scores,
+                        selection.extras)
+
+
+def _make_record(geometry, method, fed, budgets, kept, distribution, selection, extras) -> SelectionRecord:
+    return SelectionRecord(
+        image_size=geometry.image_size,
+        grid=geometry.grid,
+        method=method,
+        visual_tokens=fed,
+        stock_tokens=geometry.stock_tokens,
+        budgets=budgets,
+        kept=kept,
+        distribution_scores=distribution,
+        selection_scores=selection,
+        extras={"newline_tokens": geometry.newline_tokens, **extras},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# apply / remove
+
+
+def _check_internals(family: FamilyAdapter, model, inner, processor) -> None:
+    """Raise a clear error when an internal the adapter relies on is gone from this transformers."""
+    for name in family.model_internals:
+        compat.require_attribute(inner if name == "multi_modal_projector" else family.inner_class, name,
+                                 "selecting image features")
+    if model is not inner:
+        compat.require_attribute(type(model), "_expand_multimodal_outputs",
+                                 "checking placeholder and feature counts in generate")
+    if processor is not None:
+        for name in family.processor_internals:
+            compat.require_attribute(family.processor_class, name, "emitting the kept number of image placeholders")
+    compat.warn_if_untested()
+
+
+def apply(family: FamilyAdapter, model, processor, config: HiredConfig):
+    """Patch ``model`` (and ``processor``) in place; see :func:`hired.apply`."""
+    inner = family.inner(model)
+    if processor is not None and not isinstance(processor, family.processor_class):
+        raise TypeError(f"{type(inner).__name__} needs a {family.processor_class.__name__}, got {type(processor).__name__}")
+    _check_internals(family, model, inner, processor)
+    method = get_method(config.method)
+    options = config.options
+    if processor is not None and not method.has_fixed_budget(options):
+        raise ValueError(
+            f"method {config.method!r} in this mode decides its token count from the pixels, so the processor "
+            "cannot emit placeholders ahead of the model; use its fixed-budget mode, or apply it without a "
+            "processor and build inputs with hired.adaptive.prepare_inputs(model, processor, images, text)"
+        )
+    probe = family.vision_probe(inner)
+    if method.needs_cls and not probe.has_cls:
+        raise ValueError(
+            f"method {config.method!r} scores tokens by CLS attention, but the vision tower of this {family.name} "
+            "model has no CLS token; choose a method that needs none (e.g. divprune, random, spatial)"
+        )
+    feature_layer = family.feature_layer(inner, probe)
+    layers = options.signal_layers()
+    for name, value in (("distribution_layer", layers.distribution), ("selection_layer", layers.selection)):
+        if value is not None and not -probe.num_layers <= value < probe.num_layers:
+            raise ValueError(
+                f"{name}={value} is out of range for a vision tower of {probe.num_layers} layers "
+                f"(valid: {-probe.num_layers}..{probe.num_layers - 1}; the feature layer is {feature_layer})"
+            )
+    if processor is not None:
+        family.check_processor(inner, processor)
+    llm_pruning = decoder_pruning.prepare(inner, method, options) if method.stage == "llm" else None
+
+    _uninstall_llm_method(inner)
+    if isinstance(processor, HiredProcessor):
+        processor.__class__ = processor._stock_class
+    if processor is not None:
+        processor.__class__ = family.hired_processor_class
+        processor.hired_config = config
+    inner.__class__ = family.hired_inner_class
+    state = ModelState(family, config, probe, weakref.ref(processor) if processor is not None else None)
+    inner._hired = state
+    if llm_pruning is not None:
+        state.llm_pruning = llm_pruning
+        decoder_pruning.install(inner, llm_pruning, config, records=lambda: state.records)
+    if model is not inner:
+        model._expand_multimodal_outputs = _checked_expand(model, inner)
+    for holder in {id(model.config): model.config, id(inner.config): inner.config}.values():
+        setattr(holder, CONFIG_KEY, config.to_dict())
+    return model, processor
+
+
+def remove(family: FamilyAdapter, model, processor=None):
+    """Restore the stock classes of ``model`` and of ``processor``; see :func:`hired.remove`."""
+    inner = family.inner(model)
+    state = getattr(inner, "_hired", None)
+    if processor is None and isinstance(state, ModelState):
+        processor = state.paired_processor()
+    _uninstall_llm_method(inner)
+    model.__dict__.pop("_expand_multimodal_outputs", None)
+    if type(inner) is not family.inner_class:
+        inner.__class__ = family.inner_class
+        inner.__dict__.pop("_hired", None)
+    for holder in {id(model.config): model.config, id(inner.config): inner.config}.values():
+        if hasattr(holder, CONFIG_KEY):
+            delattr(holder, CONFIG_KEY)
+    if isinstance(processor, HiredProcessor):
+        processor.__class__ = processor._stock_class
+        del processor.hired_config
+    return model, processor
+
+
+def _uninstall_llm_method(inner) -> None:
+    state = getattr(inner, "_hired", None)
+    if isinstance(state, ModelState) and state.llm_pruning is not None:
+        decoder_pruning.uninstall(state.llm_pruning)
+        state.llm_pruning = None
+
+
+__all__ = ["FamilyAdapter", "HiredModel", "HiredProcessor", "ImageCall", "apply", "check_counts", "model_state", "remove"]

@@ -1,0 +1,89 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): one 336 px partition, no tiles."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaProcessor
+
+from ..geometry import AnyresGeometry
+from .base import HiredModel, HiredProcessor, ImageCall
+from .llava_next import LlavaNextAdapter, tile_size
+from .registry import register_family
+
+
+class HiredLlavaModel(HiredModel, LlavaModel):
+    """``LlavaModel`` whose image features are the tokens the method keeps."""
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        if image_sizes is not None:
+            raise ValueError("hired on LLaVA-1.5 expects square tiles from the stock processor (no image_sizes)")
+        geometries = [LLAVA.geometry(self.config) for _ in range(pixel_values.shape[0])]
+
+        def stock():
+            return LlavaModel.get_image_features(
+                self, pixel_values=pixel_values, vision_feature_layer=layer,
+                vision_feature_select_strategy=strategy, **kwargs,
+            )
+
+        return self._hired_features(
+            ImageCall(list(pixel_values.unsqueeze(1)), geometries, [None] * len(geometries), layer, stock)
+        )
+
+
+class HiredLlavaProcessor(HiredProcessor, LlavaProcessor):
+    """``LlavaProcessor`` that expands ``<image>`` into exactly the tokens the method keeps."""
+
+    _stock_class = LlavaProcessor
+
+    def hired_geometry(self, image_size=None) -> AnyresGeometry:
+        side = tile_size(self.image_processor)
+        return AnyresGeometry.create((side, side), side, self.patch_size)
+
+    def _square(self) -> tuple[int, int]:
+        side = tile_size(self.image_processor)
+        return (side, side)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        count = self.hired_tokens(self._square())
+        if count is None:
+            return super().replace_image_token(image_inputs, image_idx, **kwargs)
+        return self.image_token * count
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
+        data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, **kwargs)
+        count = self.hired_tokens(self._square())
+        if image_sizes is not None and count is not None:
+            data.num_image_tokens = [count] * len(image_sizes)
+        return data
+
+
+class LlavaAdapter(LlavaNextAdapter):
+    """As LLaVA-NeXT (same tower, projector and processor settings), with one partition and no packing."""
+
+    name = "llava"
+    outer_class = LlavaForConditionalGeneration
+    inner_class = LlavaModel
+    hired_inner_class = HiredLlavaModel
+    processor_class = LlavaProcessor
+    hired_processor_class = HiredLlavaProcessor
+    model_internals = ("get_image_features", "get_placeholder_mask", "multi_modal_projector")
+    processor_internals = ("replace_image_token", "_get_num_multimodal_tokens")
+
+    def geometry(self, config, image_size=None) -> AnyresGeometry:
+        vision = config.vision_config
+        return AnyresGeometry.create((vision.image_size, vision.image_size), vision.image_size, vision.patch_size)
+
+    def pack_stock(self, inner, projected, image_size):
+        return projected[0]
+
+
+LLAVA = register_family(LlavaAdapter())

@@ -1,0 +1,125 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``, every llava-hf v1.6 checkpoint): AnyRes tiles plus a base view."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers import LlavaNextForConditionalGeneration, LlavaNextModel, LlavaNextProcessor
+
+from ..geometry import AnyresGeometry
+from ..signals import VisionProbe
+from .base import FamilyAdapter, HiredModel, HiredProcessor, ImageCall
+from .registry import register_family
+
+
+def tile_size(image_processor) -> int:
+    """The square tile side a LLaVA image processor produces."""
+    crop = getattr(image_processor, "crop_size", None)
+    crop = dict(crop) if crop is not None and not isinstance(crop, dict) else crop
+    if crop and crop.get("height"):
+        return int(crop["height"])
+    size = image_processor.size
+    size = dict(size) if not isinstance(size, dict) else size
+    return int(size.get("shortest_edge") or size["height"])
+
+
+def as_pair(size) -> tuple[int, int]:
+    values = size.tolist() if hasattr(size, "tolist") else list(size)
+    return int(values[0]), int(values[1])
+
+
+class HiredLlavaNextModel(HiredModel, LlavaNextModel):
+    """``LlavaNextModel`` whose image features are the tokens the method keeps."""
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ):
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        sizes = [as_pair(s) for s in image_sizes]
+        geometries = [LLAVA_NEXT.geometry(self.config, s) for s in sizes]
+        if pixel_values.dim() == 5:
+            tiles = [pixels[: g.num_partitions] for pixels, g in zip(pixel_values, geometries)]
+        elif pixel_values.dim() == 4:
+            counts = [g.num_partitions for g in geometries]
+            if sum(counts) != pixel_values.shape[0]:
+                raise ValueError(
+                    f"pixel_values holds {pixel_values.shape[0]} tiles but the image sizes imply {sum(counts)}"
+                )
+            tiles = list(torch.split(pixel_values, counts))
+        else:
+            raise ValueError(f"pixel_values must have 4 or 5 dimensions, got shape {tuple(pixel_values.shape)}")
+
+        def stock():
+            return LlavaNextModel.get_image_features(
+                self, pixel_values=pixel_values, image_sizes=image_sizes, vision_feature_layer=layer,
+                vision_feature_select_strategy=strategy, **kwargs,
+            )
+
+        return self._hired_features(ImageCall(tiles, geometries, sizes, layer, stock))
+
+
+class HiredLlavaNextProcessor(HiredProcessor, LlavaNextProcessor):
+    """``LlavaNextProcessor`` that expands ``<image>`` into exactly the tokens the method keeps."""
+
+    _stock_class = LlavaNextProcessor
+
+    def hired_geometry(self, image_size: Sequence[int]) -> AnyresGeometry:
+        return AnyresGeometry.create(image_size, tile_size(self.image_processor), self.patch_size,
+                                     self.image_processor.image_grid_pinpoints)
+
+    def _get_number_of_features(self, orig_height: int, orig_width: int, height: int, width: int) -> int:
+        # The one count both the prompt expansion and the serving-side token count go through. Callers
+        # subtract the CLS token afterwards under the "default" strategy, so it is added back here.
+        count = self.hired_tokens((orig_height, orig_width))
+        if count is None:
+            return super()._get_number_of_features(orig_height, orig_width, height, width)
+        return count + (1 if self.vision_feature_select_strategy == "default" else 0)
+
+
+class LlavaNextAdapter(FamilyAdapter):
+    name = "llava-next"
+    outer_class = LlavaNextForConditionalGeneration
+    inner_class = LlavaNextModel
+    hired_inner_class = HiredLlavaNextModel
+    processor_class = LlavaNextProcessor
+    hired_processor_class = HiredLlavaNextProcessor
+    model_internals = ("get_image_features", "get_placeholder_mask", "pack_image_features", "multi_modal_projector")
+    processor_internals = ("_get_number_of_features", "_get_num_multimodal_tokens")
+
+    def geometry(self, config, image_size) -> AnyresGeometry:
+        vision = config.vision_config
+        return AnyresGeometry.create(image_size, vision.image_size, vision.patch_size, config.image_grid_pinpoints)
+
+    def vision_probe(self, inner) -> VisionProbe:
+        return VisionProbe(inner.vision_tower)
+
+    def check_call(self, inner, probe: VisionProbe) -> None:
+        # The stock model must feed every patch token and nothing else: drop the CLS token where there is one.
+        strategy = inner.config.vision_feature_select_strategy
+        wanted = "default" if probe.has_cls else "full"
+        if strategy != wanted:
+            raise ValueError(
+                f"hired needs vision_feature_select_strategy={wanted!r} for this vision tower (every patch token, "
+                f"no CLS token, reaches the LLM); this model uses {strategy!r}"
+            )
+
+    def pack_stock(self, inner, projected, image_size):
+        packed, _ = inner.pack_image_features(
+            [projected], torch.as_tensor([image_size]), "default", image_newline=inner.image_newline
+        )
+        return packed[0]
+
+    def check_processor(self, inner, processor) -> None:
+        patch = inner.config.vision_config.patch_size
+        if processor.patch_size != patch:
+            raise ValueError(f"processor.patch_size={processor.patch_size} differs from the vision tower's patch size {patch}")
+
+
+LLAVA_NEXT = register_family(LlavaNextAdapter())

@@ -1,0 +1,33 @@
+"""Token-reduction methods, one module each, registered by name.
+
+``register_method`` adds a user's own method; the built-ins below register on import.
+"""
+
+from .base import (
+    HEAD_AGGREGATIONS,
+    Method,
+    MethodOptions,
+    NoOptions,
+    Selection,
+    SignalLayers,
+    VisionEvidence,
+    available_methods,
+    get_method,
+    register_method,
+    registered_methods,
+)
+from . import divprune, fastervlm, fastv, full, hired, prumerge, random, spatial, visionzip  # noqa: F401  (registration)
+
+__all__ = [
+    "HEAD_AGGREGATIONS",
+    "Method",
+    "MethodOptions",
+    "NoOptions",
+    "Selection",
+    "SignalLayers",
+    "VisionEvidence",
+    "available_methods",
+    "get_method",
+    "register_method",
+    "registered_methods",
+]

@@ -1,0 +1,45 @@
+"""Uniformly random tokens, reproducible by seed: the floor any method must clear."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Method, MethodOptions, Selection, VisionEvidence, register_method
+from .common import candidate_positions, check_budget, make_selection, split_rows
+
+
+@dataclass(frozen=True)
+class RandomOptions(MethodOptions):
+    """``seed``: the seed of the draw (an integer >= 0)."""
+
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._check_int("seed", 0)
+
+
+def random_rows(num_candidates: int, budget: int, seed: int) -> torch.Tensor:
+    """``budget`` of ``num_candidates`` positions drawn uniformly without replacement, reproducibly."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_candidates, generator=generator)[:budget].sort().values
+
+
+def select(evidence: VisionEvidence, budget: int, options: RandomOptions) -> Selection:
+    geometry = evidence.geometry
+    check_budget("random", budget, geometry)
+    rows = candidate_positions(geometry)
+    return make_selection(geometry, split_rows(geometry, rows[random_rows(len(rows), budget, options.seed)]))
+
+
+RANDOM = register_method(
+    Method(
+        "random",
+        "uniformly random tokens, reproducible by seed",
+        options=RandomOptions,
+        select=select,
+        signal="none (seeded uniform draw)",
+        partition_policy="global",
+    )
+)

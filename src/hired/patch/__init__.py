@@ -1,1 +1,0 @@
-"""Adapters: one module per model family or engine, each a thin layer over :mod:`hired.algorithm`."""

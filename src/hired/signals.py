@@ -1,0 +1,178 @@
+"""What methods read from a vision tower: features, CLS-attention rows, keys, without attention maps.
+
+Forward hooks on a layer's query/key projections (separate, or one fused q/k/v projection) capture
+what the layer computes anyway; the CLS row of the attention follows in O(N d) (see
+:func:`hired.algorithm.cls_attention`), under any attention backend (SDPA, flash, eager). The tower
+runs only up to the deepest layer needed. A tower without a CLS token still yields features and
+keys; CLS rows are then ``None``, and the methods that need them are refused when they are applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .algorithm import cls_attention
+
+QUERY_NAMES = ("q_proj", "query")
+KEY_NAMES = ("k_proj", "key")
+FUSED_NAMES = ("qkv", "qkv_proj")
+
+
+@dataclass
+class TowerRun:
+    """Outputs of one pass through the truncated tower, for ``B`` tiles of ``[1 +] N`` tokens.
+
+    Attributes:
+        features: ``(B, N, D)`` patch tokens of the feature layer's output (CLS removed).
+        distribution_scores: ``(B, N)`` CLS attention of the distribution layer, or ``None``.
+        selection_scores: ``(B, N)`` CLS attention of the selection layer, or ``None``.
+        keys: ``(B, N, Dk)`` selection-layer keys of the patch tokens.
+        hidden: ``(B, [1 +] N, D)`` the feature layer's whole output.
+    """
+
+    features: torch.Tensor
+    distribution_scores: torch.Tensor | None
+    selection_scores: torch.Tensor | None
+    keys: torch.Tensor
+    hidden: torch.Tensor
+
+
+@dataclass
+class _Projection:
+    """Where one layer's queries and keys come from."""
+
+    query: nn.Module
+    key: nn.Module | None  # None: ``query`` is a fused q/k/v projection
+
+    def split(self, captured: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.key is not None:
+            return captured[f"{prefix}_q"], captured[f"{prefix}_k"]
+        fused = captured[f"{prefix}_q"]
+        query, key, _ = fused.chunk(3, dim=-1)
+        return query, key
+
+
+def _output(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _find(layer: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    for name, module in layer.named_modules():
+        if name.rsplit(".", 1)[-1] in names and isinstance(module, nn.Linear):
+            return module
+    return None
+
+
+def tower_has_cls(tower: nn.Module) -> bool:
+    """Whether a transformers ViT prepends a CLS token (CLIP's ``class_embedding``, DINOv2/ViT's ``cls_token``)."""
+    embeddings = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
+    return hasattr(embeddings, "class_embedding") or hasattr(embeddings, "cls_token")
+
+
+class VisionProbe:
+    """Reads features, keys and CLS attention out of a ViT from transformers (CLIP, DINOv2, SigLIP, ...).
+
+    Args:
+        tower: the vision tower module, called as ``tower(pixel_values=...)``.
+        num_heads: attention heads per layer (default: the tower config's ``num_attention_heads``).
+        has_cls: whether token 0 of every layer is a CLS token (default: read off the embeddings).
+
+    Raises:
+        ValueError: the tower's layers or their query/key projections cannot be found.
+    """
+
+    def __init__(self, tower: nn.Module, num_heads: int | None = None, has_cls: bool | None = None) -> None:
+        self.tower = tower
+        self.num_heads = int(tower.config.num_attention_heads if num_heads is None else num_heads)
+        self.has_cls = tower_has_cls(tower) if has_cls is None else has_cls
+        body = getattr(tower, "vision_model", tower)
+        self.encoder, self.layers_attribute = self._find_layers(body)
+        self.projections = []
+        for index, layer in enumerate(self.layers):
+            query, key = _find(layer, QUERY_NAMES), _find(layer, KEY_NAMES)
+            if query is None or key is None:
+                fused = _find(layer, FUSED_NAMES)
+                if fused is None:
+                    raise ValueError(
+                        f"layer {index} of {type(tower).__name__} has neither separate query/key projections "
+                        f"(looked for {QUERY_NAMES} and {KEY_NAMES}) nor a fused one ({FUSED_NAMES})"
+                    )
+                self.projections.append(_Projection(fused, None))
+            else:
+                self.projections.append(_Projection(query, key))
+
+    @staticmethod
+    def _find_layers(body: nn.Module) -> tuple[nn.Module, str]:
+        encoder = getattr(body, "encoder", None)
+        for attribute in ("layers", "layer"):
+            if isinstance(getattr(encoder, attribute, None), nn.ModuleList):
+                return encoder, attribute
+        raise ValueError(f"cannot find the transformer layers of {type(body).__name__} (expected encoder.layers)")
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return getattr(self.encoder, self.layers_attribute)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @contextlib.contextmanager
+    def _truncated(self, depth: int):
+        full = self.layers
+        setattr(self.encoder, self.layers_attribute, nn.ModuleList(list(full)[:depth]))
+        try:
+            yield
+        finally:
+            setattr(self.encoder, self.layers_attribute, full)
+
+    def run(
+        self,
+        pixel_values: torch.Tensor,
+        feature_layer: int,
+        distribution_layer: int,
+        selection_layer: int,
+        aggregation: str = "sum",
+    ) -> TowerRun:
+        """Run the tower through ``max(layers) + 1`` layers and collect what methods read."""
+        layers = [index % self.num_layers for index in (feature_layer, distribution_layer, selection_layer)]
+        feature_layer, distribution_layer, selection_layer = layers
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep(name):
+            def hook(module, inputs, output):
+                captured[name] = _output(output)
+
+            return hook
+
+        handles = [self.layers[feature_layer].register_forward_hook(keep("features"))]
+        for prefix, layer in (("distribution", distribution_layer), ("selection", selection_layer)):
+            projection = self.projections[layer]
+            handles.append(projection.query.register_forward_hook(keep(f"{prefix}_q")))
+            if projection.key is not None:
+                handles.append(projection.key.register_forward_hook(keep(f"{prefix}_k")))
+        try:
+            with self._truncated(max(layers) + 1):
+                self.tower(pixel_values=pixel_values, output_hidden_states=False, return_dict=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        first = 1 if self.has_cls else 0
+        scores = {}
+        for prefix, layer in (("distribution", distribution_layer), ("selection", selection_layer)):
+            query, key = self.projections[layer].split(captured, prefix)
+            scores[prefix] = cls_attention(query[:, :1], key, self.num_heads, aggregation) if self.has_cls else None
+            if prefix == "selection":
+                keys = key[:, first:]
+        hidden = captured["features"]
+        return TowerRun(
+            features=hidden[:, first:],
+            distribution_scores=scores["distribution"],
+            selection_scores=scores["selection"],
+            keys=keys,
+            hidden=hidden,
+        )
