@@ -19,7 +19,7 @@ from hired.algorithm import (
     top_k_indices,
 )
 from hired.geometry import AnyresGeometry
-from hired.testing import LLAVA_NEXT_PINPOINTS
+from hired.geometry import LLAVA_NEXT_PINPOINTS
 
 SIZES = [
     (672, 672), (500, 1000), (1000, 500), (336, 1008), (1008, 336), (300, 1000), (1000, 300),

@@ -7,18 +7,19 @@ import torch
 import hired
 from hired.algorithm import top_k_indices
 from hired.geometry import AnyresGeometry
-from hired.methods import VisionEvidence, get_method, registered_methods
+from hired.methods import VisionEvidence, get_method, vision_methods
 from hired.methods.common import candidate_positions, lattice_indices
 from hired.methods.divprune import max_min_diverse
 from hired.methods.prumerge import iqr_outliers, merge_neighbours
 from hired.methods.random import random_rows
 from hired.methods.visionzip import contextual_tokens
 from hired.adaptive import prepare_inputs
-from hired.testing import LLAVA_NEXT_PINPOINTS, tiny_llava, tiny_llava_next
+from hired.geometry import LLAVA_NEXT_PINPOINTS
+from hired.testing import tiny_llava, tiny_llava_next
 
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
 MIXED_SIZES = [(672, 672), (500, 1000), (1000, 500), (336, 1008), (800, 600)]  # (width, height)
-VISION_METHODS = sorted(m.name for m in registered_methods() if m.stage == "vision")
+VISION_METHODS = vision_methods()
 BASELINES = [name for name in VISION_METHODS if name != "hired"]
 
 
@@ -313,28 +314,6 @@ def mixed_images():
         Image.fromarray(np.random.RandomState(i).randint(0, 256, size=(h, w, 3), dtype=np.uint8))
         for i, (w, h) in enumerate(MIXED_SIZES)
     ]
-
-
-@pytest.fixture(scope="module", params=[tiny_llava_next, tiny_llava], ids=["llava-next", "llava-1.5"])
-def family(request):
-    """One tiny model per family, shared: ``hired.apply`` re-patches it for each method."""
-    return request.param()
-
-
-@pytest.mark.parametrize("name", VISION_METHODS)
-def test_placeholders_equal_features_equal_budget_in_a_mixed_batch(family, name, mixed_images):
-    model, processor = family
-    hired.apply(model, processor, method=name, budget=0.2)
-    inputs = processor(images=mixed_images, text=[PROMPT] * len(mixed_images), return_tensors="pt", padding=True)
-    with torch.no_grad():  # the model itself refuses a placeholder/feature mismatch
-        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    placeholders = (inputs["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
-    budget = hired.HiredConfig(method=name, budget=0.2).budget_for
-    expected = [budget(hired.family_of(model).geometry(model.config, (h, w)).stock_tokens) for w, h in MIXED_SIZES]
-    records = hired.selections(model)
-    assert placeholders == [r.visual_tokens for r in records] == expected
-    assert all(r.method == name for r in records)
-    assert generated.shape == (len(mixed_images), inputs["input_ids"].shape[1] + 3)
 
 
 @pytest.mark.parametrize("factory", [tiny_llava_next, tiny_llava], ids=["llava-next", "llava-1.5"])

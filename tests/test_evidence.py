@@ -13,7 +13,8 @@ from hired.cli import main
 from hired_testbed import evidence
 from hired_testbed.documents import generate_documents
 from hired_testbed.evidence import ImageResult, Setting, box_coverage, kept_coverage
-from hired.testing import LLAVA_NEXT_PINPOINTS, tiny_llava_next
+from hired.geometry import LLAVA_NEXT_PINPOINTS
+from hired.testing import tiny_llava_next
 
 
 @pytest.fixture(scope="module")

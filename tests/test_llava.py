@@ -9,7 +9,8 @@ from transformers import (
 )
 
 import hired
-from hired.testing import LLAVA_NEXT_PINPOINTS, tiny_llava, tiny_llava_next
+from hired.geometry import LLAVA_NEXT_PINPOINTS
+from hired.testing import tiny_llava, tiny_llava_next
 
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
 GRID_SIZES = {  # (width, height) -> grid

@@ -37,7 +37,7 @@ def prepare_inputs(model, processor, images: Any, text: str | Sequence[str]) -> 
     """
     inner = family_of(model).inner(model)
     state = model_state(model)
-    if get_method(state.config.method).stage != "vision":
+    if not get_method(state.config.method).selects_before_llm:
         raise ValueError(
             f"method {state.config.method!r} prunes inside the LLM; use the processor returned by hired.apply"
         )

@@ -82,7 +82,7 @@ class HiredConfig:
 
         Methods that prune inside the LLM (and ``full``) feed the stock count.
         """
-        if get_method(self.method).stage != "vision":
+        if not get_method(self.method).selects_before_llm:
             return stock_tokens
         return token_budget(stock_tokens, fraction=self.budget, tokens=self.tokens)
 

@@ -137,3 +137,11 @@ def set_generation_tokens(model, tokenizer) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
+
+
+# One tiny model factory per registered family, for the common tester (tests/test_contract.py) that
+# crosses every family with every method. A new family adds its factory here.
+TINY_MODELS = {
+    "llava-next": tiny_llava_next,
+    "llava": tiny_llava,
+}

@@ -40,7 +40,7 @@ def select_tokens(model, processor, image: Image.Image, config):
     import hired
 
     method = hired.get_method(config.method)
-    if method.stage != "vision":
+    if not method.selects_before_llm:
         raise ValueError(
             f"method {config.method!r} selects no visual tokens before the language model, so there is no "
             "selection to show; pick a vision-side method (e.g. hired, random, spatial)"

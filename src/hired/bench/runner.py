@@ -253,7 +253,7 @@ def _prefill_flops(shape: ModelShape, geometry, sample: Sample, batch: int, meth
 
     Methods that prune inside the decoder change both in ways only they know: reported as ``None``.
     """
-    if method != STOCK and get_method(method).stage != "vision":
+    if method != STOCK and not get_method(method).selects_before_llm:
         return {"prefill_flops": None, "vision_flops": None, "llm_prefill_flops": None, "kv_cache_mb": None}
     # The last token generated is never fed back, so the cache ends one short of the output length.
     kv = kv_cache_bytes(shape, sample.prompt_tokens + new_tokens - 1, batch, value_bytes)

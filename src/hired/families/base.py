@@ -125,7 +125,7 @@ class HiredModel:
         method = get_method(config.method)
         budgets = [config.budget_for(g.stock_tokens) for g in call.geometries]
 
-        if method.stage != "vision" or all(b >= g.stock_tokens for b, g in zip(budgets, call.geometries)):
+        if not method.selects_before_llm or all(b >= g.stock_tokens for b, g in zip(budgets, call.geometries)):
             output = call.stock()
             state.records = [_full_record(g, method.name, len(f)) for g, f in zip(call.geometries, output.pooler_output)]
             return output

@@ -15,6 +15,7 @@ from .base import (
     get_method,
     register_method,
     registered_methods,
+    vision_methods,
 )
 from . import divprune, fastervlm, fastv, full, hired, prumerge, random, spatial, visionzip  # noqa: F401  (registration)
 
@@ -30,4 +31,5 @@ __all__ = [
     "get_method",
     "register_method",
     "registered_methods",
+    "vision_methods",
 ]

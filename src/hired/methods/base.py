@@ -189,6 +189,11 @@ class Method:
         except ValueError as error:
             raise ValueError(f"method {self.name!r}: {error}") from None
 
+    @property
+    def selects_before_llm(self) -> bool:
+        """Whether the method chooses the visual tokens before the language model (from the vision tower)."""
+        return self.stage == "vision"
+
     def has_fixed_budget(self, options: MethodOptions) -> bool:
         """Whether, under ``options``, the token count depends only on the image size."""
         return not options.adaptive
@@ -220,6 +225,11 @@ def get_method(name: str) -> Method:
         return _METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; available methods: {', '.join(available_methods())}") from None
+
+
+def vision_methods() -> list[str]:
+    """Names of the registered methods that choose tokens before the language model."""
+    return [name for name in available_methods() if _METHODS[name].selects_before_llm]
 
 
 def registered_methods() -> list[Method]:

@@ -201,7 +201,7 @@ def settings_for(methods: Sequence[str], budgets: Sequence[float], alphas: Seque
         if name == "full":
             settings.append(Setting("full", 1.0, None))
             continue
-        if method.stage != "vision" or method.select is None:
+        if not method.selects_before_llm:
             raise ValueError(
                 f"method {name!r} prunes inside the language model, so it keeps every visual token the vision "
                 "side sees; the evidence benchmark only compares vision-side selections"
@@ -212,14 +212,6 @@ def settings_for(methods: Sequence[str], budgets: Sequence[float], alphas: Seque
             else:
                 settings.append(Setting(name, budget, None))
     return settings
-
-
-def vision_methods() -> list[str]:
-    """Every registered method that chooses tokens on the vision side (``full`` covers everything by construction)."""
-    from hired.methods import available_methods, get_method
-
-    return [name for name in available_methods()
-            if get_method(name).stage == "vision" and get_method(name).select is not None]
 
 
 def _group_by_image(samples: Sequence[Sample]) -> list[tuple[Any, list[Box], list[str]]]:
@@ -471,6 +463,8 @@ def _run_cli(args: argparse.Namespace) -> None:
     import sys
 
     from hired.cli.common import CliError, emit
+
+    from hired.methods import vision_methods
 
     methods = args.method or vision_methods()
     try:

@@ -1,0 +1,119 @@
+"""The shape of the package: no import circle, the core apart from the testbed, engines on the public API."""
+
+import ast
+from pathlib import Path
+
+import hired
+
+PACKAGE = Path(hired.__file__).parent
+# What an engine integration may import of hired: the public API and the pure modules.
+ENGINE_ALLOWED = ("hired", "hired.algorithm", "hired.geometry", "hired.methods", "hired.engines")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Every module this one imports anywhere in its body (function bodies included, type-checking blocks not)."""
+    is_package = path.name == "__init__.py"
+    found = set()
+
+    def visit(node):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                for other in child.orelse:
+                    visit(other)
+                continue
+            if isinstance(child, ast.Import):
+                found.update(alias.name for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = name.split(".") if is_package else name.split(".")[:-1]
+                    base = base[: len(base) - (child.level - 1)]
+                    target = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    target = child.module
+                # ``from package import submodule`` depends on the submodule, not on the package's __init__.
+                for alias in child.names:
+                    submodule = f"{target}.{alias.name}"
+                    found.add(submodule if submodule in MODULES else target)
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return found
+
+
+GRAPH = {name: {m for m in _imports(name, path) if m in MODULES and m != name} for name, path in MODULES.items()}
+
+
+def test_the_graph_sees_the_package():
+    assert {"hired", "hired.config", "hired.methods.base", "hired.families.base"} <= set(GRAPH)
+    assert "hired.methods.base" in GRAPH["hired.config"] or "hired.methods" in GRAPH["hired.config"]
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every back edge of a depth-first walk, as the circle it closes."""
+    state, stack, cycles = {}, [], []
+
+    def walk(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                walk(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            walk(node)
+    return cycles
+
+
+def test_no_import_circle():
+    cycles = find_cycles(GRAPH)
+    assert not cycles, "import circles: " + "; ".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_the_core_imports_nothing_from_the_testbed():
+    offenders = {name for name, path in MODULES.items() if any(m.startswith("hired_testbed") for m in _imports(name, path))}
+    assert not offenders
+
+
+def test_engines_use_only_the_public_api_and_the_pure_modules():
+    for name, path in MODULES.items():
+        if not name.startswith("hired.engines"):
+            continue
+        for imported in _imports(name, path):
+            if imported.startswith("hired"):
+                assert imported in ENGINE_ALLOWED or imported.startswith(("hired.methods.", "hired.engines.")), (
+                    f"{name} imports {imported}"
+                )
+
+
+def test_the_algorithm_and_the_methods_know_no_model_class():
+    pure = [name for name in MODULES if name in ("hired.algorithm", "hired.geometry") or name.startswith("hired.methods")]
+    for name in pure:
+        imported = _imports(name, MODULES[name])
+        assert not any(m.startswith(("hired.families", "hired.state", "hired.signals")) for m in imported), name
+        assert not any(m.startswith("transformers") and not m.startswith("transformers.image_processing_utils") for m in imported), name
+
+
+def test_a_cycle_is_detected():
+    """The detector itself can fail: a made-up circle is found, a chain is not."""
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []

@@ -1,0 +1,190 @@
+"""The common tester: every registered method crossed with every registered family.
+
+For each pair: the exact token count for several image sizes (placeholders = features = the
+budget), identity with the stock model at full budget, a batch equal to its images run alone, a
+``save_pretrained`` / ``from_pretrained`` round trip, and ``remove``. A new method or family is
+covered here by registering it (and, for a family, adding its tiny model to ``hired.testing.TINY_MODELS``).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import hired
+from hired.methods import Method, MethodOptions, Selection, registered_methods
+from hired.testing import TINY_MODELS
+
+PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
+SIZES = [(800, 600), (500, 1000), (672, 672), (1000, 300)]  # (width, height)
+METHODS = [method.name for method in registered_methods()]
+LAYERS = 3  # decoder layers: FastV prunes after layer 2
+
+
+def picture(width, height, seed=0):
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+IMAGES = [picture(w, h, i) for i, (w, h) in enumerate(SIZES)]
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_MODELS))
+def family(request):
+    """A tiny model of each family, shared by the tests of this module (apply re-patches it), with its stock outputs."""
+    model, processor = TINY_MODELS[request.param](text_layers=LAYERS)
+    assert hired.family_of(model).name == request.param, "TINY_MODELS must map each family name to its own model"
+    stock = [logits(model, processor, [image]) for image in IMAGES[:2]]
+    return model, processor, stock
+
+
+def encode(processor, images):
+    return processor(images=images, text=[PROMPT] * len(images), return_tensors="pt", padding=True)
+
+
+def logits(model, processor, images):
+    with torch.no_grad():
+        return model(**encode(processor, images)).logits
+
+
+def expected_tokens(model, config, image):
+    geometry = hired.family_of(model).geometry(model.config, (image.height, image.width))
+    fed = config.budget_for(geometry.stock_tokens)
+    return fed + (geometry.newline_tokens if fed >= geometry.stock_tokens else 0), geometry
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_placeholders_equal_features_equal_the_budget(family, method):
+    model, processor, _ = family
+    hired.apply(model, processor, method=method, budget=0.2)
+    config = hired.stored_config(model)
+    inputs = encode(processor, IMAGES)
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)  # the model refuses a count mismatch
+    placeholders = (inputs["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
+    records = hired.selections(model)
+    expected = [expected_tokens(model, config, image)[0] for image in IMAGES]
+    assert placeholders == [r.visual_tokens for r in records] == expected
+    assert [r.method for r in records] == [method] * len(IMAGES)
+    if hired.get_method(method).stage == "llm":  # fed in full, pruned inside the decoder to the budget
+        budget = hired.HiredConfig(budget=0.2)
+        assert [r.extras["llm_kept"] for r in records] == [
+            budget.budget_for(expected_tokens(model, budget, image)[1].stock_tokens) for image in IMAGES
+        ]
+
+
+@pytest.mark.parametrize("amount", [{"budget": 1.0}, {"tokens": 100_000}], ids=["budget-1", "tokens-above-stock"])
+@pytest.mark.parametrize("method", METHODS)
+def test_full_budget_is_the_stock_model(family, method, amount):
+    model, processor, stock = family
+    hired.apply(model, processor, method=method, **amount)
+    for image, reference in zip(IMAGES[:2], stock):
+        assert torch.equal(logits(model, processor, [image]), reference)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_batch_equals_its_images_alone(family, method):
+    model, processor, _ = family
+    hired.apply(model, processor, method=method, budget=0.2)
+    batch = logits(model, processor, IMAGES[:2])
+    for row, image in enumerate(IMAGES[:2]):
+        alone = logits(model, processor, [image])
+        # left padding: the row's last position predicts the same next token
+        torch.testing.assert_close(batch[row, -1], alone[0, -1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_and_load_round_trip(family, method, tmp_path):
+    model, processor, _ = family
+    hired.apply(model, processor, method=method, budget=0.2)
+    before = logits(model, processor, IMAGES[:1])
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = hired.from_pretrained(str(tmp_path))
+    assert hired.stored_config(loaded) == hired.stored_config(model)
+    torch.testing.assert_close(logits(loaded.eval(), loaded_processor, IMAGES[:1]), before)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_remove_restores_the_stock_model(family, method):
+    model, processor, stock = family
+    hired.apply(model, processor, method=method, budget=0.2)
+    hired.remove(model, processor)
+    family_adapter = hired.family_of(model)
+    assert type(model.model) is family_adapter.inner_class and type(processor) is family_adapter.processor_class
+    assert not hasattr(model.config, "hired")
+    assert torch.equal(logits(model, processor, IMAGES[:1]), stock[0])
+
+
+# --------------------------------------------------------------------------------------------
+# A user's own method, from this file
+
+
+@dataclass(frozen=True)
+class FirstTokensOptions(MethodOptions):
+    """``stride``: keep every stride-th candidate of each partition, in order, until the budget is spent."""
+
+    stride: int = 1
+
+    def __post_init__(self) -> None:
+        self._check_int("stride", 1)
+
+
+def first_tokens(evidence, budget, options):
+    geometry = evidence.geometry
+    kept, left = [], budget
+    for row in geometry.candidates:
+        positions = row.nonzero().flatten()
+        positions = torch.cat([positions[:: options.stride], positions[torch.arange(len(positions)) % options.stride != 0]])
+        take = positions[:left].sort().values
+        kept.append(take)
+        left -= len(take)
+    return Selection(torch.tensor([len(k) for k in kept]), kept)
+
+
+USER_METHOD = Method("first-tokens-test", "the first candidates of each partition", options=FirstTokensOptions,
+                     select=first_tokens)
+
+
+@pytest.fixture(scope="module")
+def user_method():
+    try:
+        hired.register_method(USER_METHOD)
+    except ValueError:
+        pass  # registered by an earlier run in this process
+    return USER_METHOD.name
+
+
+def test_a_user_method_runs_through_apply_on_every_family(family, user_method):
+    model, processor, _ = family
+    hired.apply(model, processor, method=user_method, budget=0.1, stride=2)
+    inputs = encode(processor, IMAGES)
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    config = hired.stored_config(model)
+    assert config.method_options == FirstTokensOptions(stride=2)
+    records = hired.selections(model)
+    assert [r.visual_tokens for r in records] == [expected_tokens(model, config, image)[0] for image in IMAGES]
+    assert all(int(r.kept[0][1] - r.kept[0][0]) == 2 for r in records)
+
+
+def test_register_method_refuses_a_duplicate_name(user_method):
+    with pytest.raises(ValueError, match="registered already"):
+        hired.register_method(Method("hired", "another hired", select=first_tokens))
+    with pytest.raises(ValueError, match="registered already"):
+        hired.register_method(USER_METHOD)
+
+
+def test_a_method_must_match_its_stage():
+    with pytest.raises(ValueError, match="must define select"):
+        Method("broken", "no select")
+    with pytest.raises(ValueError, match="must not define select"):
+        Method("broken", "select on the stock model", stage="none", select=first_tokens)
+
+
+def test_an_option_of_another_method_is_an_error(user_method):
+    with pytest.raises(ValueError, match="has no options \\['alpha'\\]"):
+        hired.HiredConfig.create(method=user_method, alpha=0.5)
+    with pytest.raises(ValueError, match="option 'stride' must be an integer >= 1"):
+        hired.HiredConfig.create(method=user_method, stride=0)
