@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import hired
-from hired.methods import Method, MethodOptions, Selection, registered_methods
+from hired.methods import Method, MethodOptions, Selection, registered_methods, unregister_method
 from hired.testing import TINY_MODELS
 
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
@@ -149,11 +149,9 @@ USER_METHOD = Method("first-tokens-test", "the first candidates of each partitio
 
 @pytest.fixture(scope="module")
 def user_method():
-    try:
-        hired.register_method(USER_METHOD)
-    except ValueError:
-        pass  # registered by an earlier run in this process
-    return USER_METHOD.name
+    hired.register_method(USER_METHOD)
+    yield USER_METHOD.name
+    unregister_method(USER_METHOD.name)
 
 
 def test_a_user_method_runs_through_apply_on_every_family(family, user_method):

@@ -126,9 +126,7 @@ def test_summary_by_item_and_by_area_by_hand():
         ImageResult(np.array([[0.6, 0.9], [0.4, 0.7]]), ["a", "b"], 10, 50),
         ImageResult(np.array([[0.2, 0.3]]), ["a"], 20, 50),
     ]
-    weights = evidence.bootstrap_weights(2, 200, seed=1)
-    summary, resampled = evidence.summarize(results, weights)
-    assert resampled.shape == (200, 4)
+    summary = evidence.summarize(results, resamples=200, seed=1)
     assert summary["evidence_recall"] == pytest.approx(1 / 3)
     assert summary["evidence_recall_any"] == pytest.approx(2 / 3)
     assert summary["evidence_area_recall"] == pytest.approx(0.4)
@@ -136,8 +134,10 @@ def test_summary_by_item_and_by_area_by_hand():
     assert summary["evidence_recall_by_question_type"] == {"a": 0.5, "b": 0.0}
     assert summary["visual_tokens"] == 15 and summary["items"] == 3
     assert 0 <= summary["ci_low"] <= summary["evidence_recall"] <= summary["ci_high"] <= 1
-    assert np.array_equal(weights, evidence.bootstrap_weights(2, 200, seed=1))
-    assert (weights.sum(axis=1) == 2).all()
+    assert summary == evidence.summarize(results, resamples=200, seed=1), "intervals are reproducible by seed"
+    # Two images: the resamples pool image 1 twice, image 2 twice, or one each: 0.3/1 (image 2 alone) .. 1/2
+    low, high = summary["evidence_recall_ci"]
+    assert low == pytest.approx(0.0) and high == pytest.approx(0.5)
 
 
 def test_settings_sweep_alpha_for_hired_only_and_reject_unknown_or_llm_methods():

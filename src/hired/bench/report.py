@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from itertools import groupby
 from pathlib import Path
 from typing import Any
+
+from ..report import write_report
 
 GROUP_KEYS = ("model", "layers", "full_layers", "dtype", "batch", "image_size", "grid")
 
@@ -115,10 +116,5 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 
 def write_outputs(records: list[dict[str, Any]], folder: Path, command: str, settings: dict[str, Any]) -> dict[str, Path]:
     """Write ``bench.json``, ``bench.md`` and ``bench.png`` into ``folder``; return their paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {"json": folder / "bench.json", "markdown": folder / "bench.md", "plot": folder / "bench.png"}
-    document = {"command": command, "machine": machine(), "settings": settings, "records": records}
-    paths["json"].write_text(json.dumps(document, indent=2) + "\n")
-    paths["markdown"].write_text(f"Command: `{command}`\n\n{markdown_table(records)}")
-    plot(records, paths["plot"])
-    return paths
+    return write_report(folder, "bench", command, records, markdown_table(records),
+                        plot=lambda path: plot(records, path), machine=machine(), settings=settings)

@@ -13,7 +13,7 @@ from importlib.metadata import entry_points
 from typing import Sequence
 
 
-from . import bench, generate, show
+from . import bench, generate, methods, show
 from .common import CliError
 
 SUBCOMMAND_ENTRY_POINTS = "hired.cli"
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="HiRED token selection for high-resolution vision-language models.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (generate, bench, show):
+    for module in (generate, methods, bench, show):
         module.add_cli(subparsers)
     for point in sorted(entry_points(group=SUBCOMMAND_ENTRY_POINTS), key=lambda p: p.name):
         point.load()(subparsers)

@@ -15,6 +15,7 @@ from .base import (
     get_method,
     register_method,
     registered_methods,
+    unregister_method,
     vision_methods,
 )
 from . import divprune, fastervlm, fastv, full, hired, prumerge, random, spatial, visionzip  # noqa: F401  (registration)
@@ -31,5 +32,6 @@ __all__ = [
     "get_method",
     "register_method",
     "registered_methods",
+    "unregister_method",
     "vision_methods",
 ]

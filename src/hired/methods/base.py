@@ -216,6 +216,13 @@ def register_method(method: Method) -> Method:
     return method
 
 
+def unregister_method(name: str) -> Method:
+    """Remove a registered method (for tests and notebooks that define one more than once); return it."""
+    method = get_method(name)
+    del _METHODS[name]
+    return method
+
+
 def available_methods() -> list[str]:
     return sorted(_METHODS)
 

