@@ -13,4 +13,4 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_methods_table_is_the_registry(page):
     text = (ROOT / page).read_text()
     table = text.split(BEGIN + "\n", 1)[1].split("\n" + END, 1)[0]
-    assert table == markdown_table(), f"run: hired methods --update README.md docs/methods.md"
+    assert table == markdown_table(), "run: hired methods --update README.md docs/methods.md"
