@@ -3,7 +3,13 @@
 import pytest
 import torch
 from PIL import Image
-from transformers import LlamaConfig, LlamaForCausalLM, LlavaNextConfig, LlavaNextForConditionalGeneration, SiglipVisionConfig
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    SiglipVisionConfig,
+)
 
 import hired
 from hired.cli import main

@@ -5,16 +5,15 @@ import pytest
 import torch
 
 import hired
+from hired.adaptive import prepare_inputs
 from hired.algorithm import top_k_indices
-from hired.geometry import AnyresGeometry
+from hired.geometry import LLAVA_NEXT_PINPOINTS, AnyresGeometry
 from hired.methods import VisionEvidence, get_method, vision_methods
 from hired.methods.common import candidate_positions, lattice_indices
 from hired.methods.divprune import max_min_diverse
 from hired.methods.prumerge import iqr_outliers, merge_neighbours
 from hired.methods.random import random_rows
 from hired.methods.visionzip import contextual_tokens
-from hired.adaptive import prepare_inputs
-from hired.geometry import LLAVA_NEXT_PINPOINTS
 from hired.testing import tiny_llava, tiny_llava_next
 
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"

@@ -8,13 +8,12 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import hired
-from hired.geometry import AnyresGeometry
 from hired.cli import main
+from hired.geometry import LLAVA_NEXT_PINPOINTS, AnyresGeometry
+from hired.testing import tiny_llava_next
 from hired_testbed import evidence
 from hired_testbed.documents import generate_documents
 from hired_testbed.evidence import ImageResult, Setting, box_coverage, kept_coverage
-from hired.geometry import LLAVA_NEXT_PINPOINTS
-from hired.testing import tiny_llava_next
 
 
 @pytest.fixture(scope="module")

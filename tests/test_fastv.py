@@ -9,8 +9,7 @@ from transformers.masking_utils import create_causal_mask
 
 import hired
 from hired import compat
-from hired.geometry import AnyresGeometry
-from hired.geometry import LLAVA_NEXT_PINPOINTS
+from hired.geometry import LLAVA_NEXT_PINPOINTS, AnyresGeometry
 from hired.testing import tiny_llava, tiny_llava_next
 
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"

@@ -23,13 +23,13 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .geometry import LLAVA_NEXT_PINPOINTS
-
 # The PIL backends of the image processors: the default ones want torchvision.
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil as LlavaImageProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import (
     LlavaNextImageProcessorPil as LlavaNextImageProcessor,
 )
+
+from .geometry import LLAVA_NEXT_PINPOINTS
 
 IMAGE_TOKEN = "<image>"
 WORDS = (

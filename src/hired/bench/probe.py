@@ -21,6 +21,7 @@ import hired
 from hired.bench.measure import generate_kwargs, prepare_inputs
 from hired.bench.models import build_model, build_processor, load_model_spec, synthetic_image
 
+
 def _status_bytes(field: str) -> int | None:
     """A memory field of ``/proc/self/status`` (Linux, in KiB there) in bytes; ``None`` elsewhere."""
     status = Path("/proc/self/status")

@@ -11,8 +11,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..geometry import AnyresGeometry
 from ..config import HiredConfig
+from ..geometry import AnyresGeometry
 from ..methods import available_methods, get_method
 from .cost import (
     ModelShape,

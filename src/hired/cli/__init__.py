@@ -12,7 +12,6 @@ import sys
 from importlib.metadata import entry_points
 from typing import Sequence
 
-
 from . import bench, generate, methods, show
 from .common import CliError
 

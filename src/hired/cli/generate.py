@@ -8,8 +8,6 @@ from typing import Any
 from .common import CliError, add_budget_arguments, config_from_args, emit, load_image, load_model
 
 
-
-
 def _generate(args: argparse.Namespace) -> None:
     import torch
 

@@ -3,6 +3,7 @@
 ``register_method`` adds a user's own method; the built-ins below register on import.
 """
 
+from . import divprune, fastervlm, fastv, full, hired, prumerge, random, spatial, visionzip  # noqa: F401  (registration)
 from .base import (
     HEAD_AGGREGATIONS,
     Method,
@@ -18,7 +19,6 @@ from .base import (
     unregister_method,
     vision_methods,
 )
-from . import divprune, fastervlm, fastv, full, hired, prumerge, random, spatial, visionzip  # noqa: F401  (registration)
 
 __all__ = [
     "HEAD_AGGREGATIONS",

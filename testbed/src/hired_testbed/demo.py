@@ -25,7 +25,6 @@ def selection_summary(record) -> dict[str, Any]:
 def run_demo(output_dir: Path, config, questions: int = 6) -> dict[str, Any]:
     """Run the demo and return everything it measured; pictures go to ``output_dir``."""
     import hired
-
     from hired.images import open_image
     from hired.visualize import show
 

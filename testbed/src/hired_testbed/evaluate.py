@@ -214,6 +214,7 @@ def _run(args: argparse.Namespace) -> None:
     from hired.cli.common import CliError, emit
     from hired.methods import available_methods
     from hired.report import write_report
+
     from .vlm import MODEL_DIR, load_trained_model, question_split
 
     methods = args.method or [*available_methods(), BASE_VIEW]

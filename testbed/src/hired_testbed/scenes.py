@@ -22,8 +22,8 @@ import functools
 
 import numpy as np
 from PIL import Image, ImageDraw
-
 from transformers.image_processing_utils import select_best_resolution
+
 from .sample import Box, Sample
 
 TILE = 224

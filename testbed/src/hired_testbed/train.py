@@ -39,6 +39,7 @@ from torch import nn
 
 from hired import compat
 from hired.geometry import AnyresGeometry
+
 from .encoder import build_offline_llava_next
 from .scenes import COLOURS, PATTERNS, QUESTION_TYPES, SHAPES, VOCABULARY, _shape_mask, ask, generate_scenes
 from .vlm import MODEL_DIR, OBJECTS, QUESTIONS, answer, question_split, save_trained_model
