@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .algorithm import token_budget
-from .methods import MethodOptions, get_method
+from .methods import get_method
 
 DEFAULT_BUDGET = 0.2
 # Configurations stored by hired 0.1 kept HiRED's options at the top level.
@@ -66,16 +66,6 @@ class HiredConfig:
         if clash:
             raise ValueError(f"options {clash} given both as keywords and in method_options")
         return cls(**own, method_options={**options, **settings})
-
-    @property
-    def options(self) -> MethodOptions:
-        """The method's validated options object."""
-        return self.method_options
-
-    @property
-    def is_full(self) -> bool:
-        """True when the configuration keeps every token of every image."""
-        return get_method(self.method).stage == "none" or (self.budget is not None and self.budget >= 1.0)
 
     def budget_for(self, stock_tokens: int) -> int:
         """Visual tokens fed to the LLM for an image whose stock count (newlines not counted) is given.

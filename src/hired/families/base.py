@@ -21,7 +21,7 @@ from ..config import HiredConfig
 from ..geometry import PartitionGeometry
 from ..methods import Selection, VisionEvidence, get_method
 from ..signals import VisionProbe
-from ..state import CONFIG_KEY, ModelState, SelectionRecord, model_state
+from ..state import CONFIG_KEY, ModelState, SelectionRecord
 from . import decoder_pruning
 
 
@@ -133,7 +133,7 @@ class HiredModel:
         family.check_call(self, state.probe)
         probe = state.probe
         feature_layer = family.feature_layer(self, probe, call.vision_feature_layer)
-        layers = config.options.signal_layers()
+        layers = config.method_options.signal_layers()
         run = probe.run(
             torch.cat(call.tiles),
             feature_layer=feature_layer,
@@ -157,9 +157,9 @@ class HiredModel:
                 selection_scores=_rows(run.selection_scores, start, stop),
                 keys=run.keys[start:stop],
             )
-            selection = method.select(evidence, budget, config.options)
+            selection = method.select(evidence, budget, config.method_options)
             chosen = _selected_features(evidence, selection)
-            if method.has_fixed_budget(config.options) and chosen.shape[0] != budget:
+            if method.has_fixed_budget(config.method_options) and chosen.shape[0] != budget:
                 raise RuntimeError(
                     f"method {method.name!r} returned {chosen.shape[0]} tokens for a budget of {budget}; "
                     "this is a bug in the method"
@@ -301,7 +301,7 @@ def apply(family: FamilyAdapter, model, processor, config: HiredConfig):
         raise TypeError(f"{type(inner).__name__} needs a {family.processor_class.__name__}, got {type(processor).__name__}")
     _check_internals(family, model, inner, processor)
     method = get_method(config.method)
-    options = config.options
+    options = config.method_options
     if processor is not None and not method.has_fixed_budget(options):
         raise ValueError(
             f"method {config.method!r} in this mode decides its token count from the pixels, so the processor "
@@ -372,4 +372,4 @@ def _uninstall_llm_method(inner) -> None:
         state.llm_pruning = None
 
 
-__all__ = ["FamilyAdapter", "HiredModel", "HiredProcessor", "ImageCall", "apply", "check_counts", "model_state", "remove"]
+__all__ = ["FamilyAdapter", "HiredModel", "HiredProcessor", "ImageCall", "apply", "check_counts", "remove"]
