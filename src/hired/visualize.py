@@ -54,11 +54,14 @@ def select_tokens(model, processor, image: Image.Image, config):
         else:
             model.model.get_image_features(pixel_values=pixel_values)
     record = hired.selections(model)[0]
-    if record.selection_scores is None:
+    if record.extras.get("stock_model"):
         raise ValueError(
             f"a budget of {config.budget if config.tokens is None else config.tokens} keeps every token of this "
             f"{image.width}x{image.height} image, so nothing is selected; give a smaller --budget or --tokens"
         )
+    if record.selection_scores is None:
+        raise ValueError("the picture shows the CLS attention beside the kept tokens, and this vision tower has no "
+                         "CLS token; hired show needs a CLS-token tower (CLIP, DINOv2)")
     tiles = pixel_values[0] if pixel_values.dim() == 5 else pixel_values
     tiles = tiles[: len(record.kept)].float().cpu()
     mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
