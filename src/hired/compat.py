@@ -52,17 +52,12 @@ def require_attribute(owner: Any, name: str, needed_for: str) -> None:
         raise incompatible(f"{label}.{name}", needed_for)
 
 
-def require_arguments(function: Any, names: tuple[str, ...], needed_for: str, any_of: bool = False) -> None:
-    """Raise unless ``function`` takes the keyword arguments ``names`` (one of them, with ``any_of``)."""
+def require_arguments(function: Any, names: tuple[str, ...], needed_for: str) -> None:
+    """Raise unless ``function`` takes each of the keyword arguments ``names``."""
     parameters = inspect.signature(function).parameters
-    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    present = [name for name in names if name in parameters]
-    if any_of and not present and not takes_kwargs:
-        raise incompatible(f"a {' or '.join(names)} argument of {function.__qualname__}", needed_for)
-    if not any_of:
-        missing = [name for name in names if name not in parameters]
-        if missing:
-            raise incompatible(f"the argument(s) {', '.join(missing)} of {function.__qualname__}", needed_for)
+    missing = [name for name in names if name not in parameters]
+    if missing:
+        raise incompatible(f"the argument(s) {', '.join(missing)} of {function.__qualname__}", needed_for)
 
 
 def cache_argument_name(function: Any) -> str:
