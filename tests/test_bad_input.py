@@ -148,4 +148,4 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     good = tmp_path / "good.png"
     Image.new("RGB", (64, 64)).save(good)
     assert main(["inspect", str(good), "--budget", "1.5"]) == 2
-    assert "tokens=1" in capsys.readouterr().err
+    assert "--tokens 1" in capsys.readouterr().err

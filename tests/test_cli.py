@@ -32,7 +32,7 @@ def test_inspect_json(tmp_path, capsys):
     Image.new("RGB", (300, 1000)).save(image)
     assert main(["inspect", str(image), "--budget", "0.1", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
-    assert row["grid"] == [3, 1] and row["budget"] == round(0.1 * row["stock_tokens"])
+    assert row["grid"] == [3, 1] and row["kept_tokens"] == row["fed_tokens"] == round(0.1 * row["stock_tokens"])
 
 
 def test_prompt_marker_count_must_match_images(tmp_path, capsys):

@@ -212,7 +212,7 @@ def test_cli_writes_records_markdown_and_plot(tmp_path, capsys):
     "extra, message",
     [
         (["--method", "nope"], "unknown method 'nope'"),
-        (["--images", "0"], "--images must be at least 1"),
+        (["--images", "0"], "argument --images: expected a whole number >= 1, got 0"),
     ],
 )
 def test_cli_rejects_bad_input(tmp_path, capsys, extra, message):
@@ -221,6 +221,5 @@ def test_cli_rejects_bad_input(tmp_path, capsys, extra, message):
 
 
 def test_cli_rejects_a_budget_outside_zero_one(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["evidence", "--budget", "1.5", "-o", str(tmp_path)])
-    assert "fractions in (0, 1)" in capsys.readouterr().err
+    assert main(["evidence", "--budget", "1.5", "-o", str(tmp_path)]) == 2
+    assert "fraction in (0, 1]" in capsys.readouterr().err

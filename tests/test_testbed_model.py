@@ -140,4 +140,4 @@ def test_eval_cli_reports_bad_input_in_one_line(capsys):
     assert main(["eval", "--method", "nope"]) == 2
     assert "unknown method(s) nope" in capsys.readouterr().err
     assert main(["eval", "--n", "0"]) == 2
-    assert "empty" in capsys.readouterr().err
+    assert "argument --n: expected a whole number >= 1, got 0" in capsys.readouterr().err

@@ -46,7 +46,7 @@ def test_show_works_on_a_single_partition_model(tmp_path, photo):
         (lambda d, p: [str(p), "--method", "full"], "selects no visual tokens"),
         (lambda d, p: [str(p), "--budget", "1.0"], "keeps every token"),
         (lambda d, p: [str(p), "-o", str(d / "out.jpg")], "ending in .png"),
-        (lambda d, p: [str(p), "-o", str(d / "no" / "such" / "out.png")], "does not exist"),
+        (lambda d, p: [str(p), "-o", str(d / "text.png" / "out.png")], "is a file, not a folder"),
     ],
 )
 def test_show_rejects_bad_input_clearly(tmp_path, photo, capsys, make_args, message):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+from transformers.image_utils import get_image_size, to_numpy_array
 
 from .families import family_of
 from .methods import get_method
@@ -50,11 +51,12 @@ def prepare_inputs(model, processor, images: Any, text: str | Sequence[str]) -> 
 
     pixels = processor.image_processor(image_list, return_tensors="pt")
     pixel_values = pixels["pixel_values"].to(inner.device, inner.dtype)
+    # Image processors without AnyRes return no sizes; the records still give each image's own.
+    sizes = pixels.get("image_sizes")
+    if sizes is None:
+        sizes = torch.tensor([get_image_size(to_numpy_array(image)) for image in image_list])
     with torch.no_grad():
-        if "image_sizes" in pixels:
-            encoded = inner.get_image_features(pixel_values, pixels["image_sizes"])
-        else:
-            encoded = inner.get_image_features(pixel_values)
+        encoded = inner.get_image_features(pixel_values, image_sizes=sizes)
     counts = iter(len(features) for features in encoded.pooler_output)
     expanded = []
     for prompt in prompts:

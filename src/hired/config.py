@@ -21,7 +21,9 @@ class HiredConfig:
 
     Args:
         budget: fraction of the tokens the stock model would feed for the image, in ``(0, 1]``;
-            ``1.0`` means the stock model. Mutually exclusive with ``tokens``; with neither, 0.2.
+            ``1.0`` means the stock model. Mutually exclusive with ``tokens``; with neither, 0.2 for
+            methods that take a budget. Methods that cannot honour one (``full``, adaptive modes)
+            refuse it.
         tokens: absolute number of visual tokens per image (>= 1). A count at or above the stock
             count of an image means the stock model for that image.
         method: token-reduction method; see ``hired.available_methods()``.
@@ -36,6 +38,9 @@ class HiredConfig:
     method_options: Any = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        method = get_method(self.method)
+        self.method_options = method.make_options(self.method_options)
+        given = self.budget is not None or self.tokens is not None
         if self.tokens is not None:
             if self.budget is not None:
                 raise ValueError(f"give either budget (a fraction) or tokens (a count), not both: got budget="
@@ -45,16 +50,32 @@ class HiredConfig:
             if self.tokens < 1:
                 raise ValueError(f"tokens must be at least 1, got {self.tokens}")
             self.tokens = int(self.tokens)
-        else:
-            if self.budget is None:
-                self.budget = DEFAULT_BUDGET
+        elif given:
             if isinstance(self.budget, bool) or not isinstance(self.budget, numbers.Real):
                 raise ValueError(f"budget must be a number in (0, 1], got {self.budget!r}")
             if not 0 < self.budget <= 1:
                 hint = f"; for an absolute count use tokens={int(self.budget)}" if self.budget > 1 else ""
                 raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget}{hint}")
             self.budget = float(self.budget)
-        self.method_options = get_method(self.method).make_options(self.method_options)
+        # A budget the method cannot honour is refused rather than ignored.
+        if method.stage == "none":
+            if given and (self.tokens is not None or self.budget != 1.0):
+                amount = f"tokens={self.tokens}" if self.tokens is not None else f"budget={self.budget}"
+                raise ValueError(f"method {self.method!r} feeds every visual token, so {amount} cannot take effect; "
+                                 "drop it, or choose a method that reduces tokens (see hired.available_methods())")
+            self.budget = 1.0
+        elif self.method_options.adaptive:
+            if given:
+                amount = f"tokens={self.tokens}" if self.tokens is not None else f"budget={self.budget}"
+                raise ValueError(f"method {self.method!r} with adaptive=True chooses its token count from the pixels, "
+                                 f"so {amount} cannot take effect; drop it, or set adaptive=False for a fixed budget")
+        elif not given:
+            self.budget = DEFAULT_BUDGET
+
+    @property
+    def fixes_count(self) -> bool:
+        """Whether the visual tokens kept depend only on the image size (not adaptive)."""
+        return get_method(self.method).has_fixed_budget(self.method_options)
 
     @classmethod
     def create(cls, **settings: Any) -> "HiredConfig":
@@ -67,14 +88,47 @@ class HiredConfig:
             raise ValueError(f"options {clash} given both as keywords and in method_options")
         return cls(**own, method_options={**options, **settings})
 
-    def budget_for(self, stock_tokens: int) -> int:
+    def updated(self, **settings: Any) -> "HiredConfig":
+        """This configuration with the given settings (as for :meth:`create`) replacing those they name.
+
+        ``budget`` or ``tokens`` replaces both; a new ``method`` starts from its own default options
+        (and keeps the budget, if the old method had one); options given for the same method are
+        merged into the stored ones. ``HiredConfig.create`` builds a configuration from defaults instead.
+        """
+        method = settings.pop("method", self.method)
+        options = dict(settings.pop("method_options", None) or {})
+        amount = {key: settings.pop(key) for key in ("budget", "tokens") if key in settings}
+        clash = sorted(set(options) & set(settings))
+        if clash:
+            raise ValueError(f"options {clash} given both as keywords and in method_options")
+        options.update(settings)
+        if method == self.method:
+            options = {**self.method_options.to_dict(), **options}
+        if not amount and get_method(self.method).stage != "none" and self.fixes_count:
+            without_amount = HiredConfig(method=method, method_options=options)
+            if get_method(method).stage == "none" or not without_amount.fixes_count:
+                return without_amount
+            amount = {"budget": self.budget, "tokens": self.tokens}
+        return HiredConfig(method=method, method_options=options, **amount)
+
+    def budget_for(self, stock_tokens: int) -> int | None:
         """Visual tokens fed to the LLM for an image whose stock count (newlines not counted) is given.
 
-        Methods that prune inside the LLM (and ``full``) feed the stock count.
+        Methods that prune inside the LLM (and ``full``) feed the stock count; ``None`` for a method
+        that chooses its count from the pixels (adaptive mode).
         """
         if not get_method(self.method).selects_before_llm:
             return stock_tokens
+        if not self.fixes_count:
+            return None
         return token_budget(stock_tokens, fraction=self.budget, tokens=self.tokens)
+
+    def kept_for(self, stock_tokens: int) -> int | None:
+        """Visual tokens the method keeps in the end for such an image: fed to the LLM, or (for a
+        method that prunes inside the LLM) kept after its pruning layer; ``None`` when adaptive."""
+        if get_method(self.method).stage == "llm":
+            return token_budget(stock_tokens, fraction=self.budget, tokens=self.tokens)
+        return self.budget_for(stock_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         return {"budget": self.budget, "tokens": self.tokens, "method": self.method,
@@ -99,6 +153,11 @@ class HiredConfig:
             raise ValueError(f"unknown HiRED config keys {sorted(unknown)}; known keys: {sorted(known)}")
         if data.get("tokens") is not None:
             data["budget"] = None
+        # hired 0.2 stored the default budget with methods that take none (full, adaptive modes).
+        if data.get("budget") == DEFAULT_BUDGET and data.get("tokens") is None:
+            probe = cls(method=data.get("method", "hired"), method_options=data.get("method_options") or {})
+            if probe.budget != DEFAULT_BUDGET:
+                data["budget"] = None
         return cls(**data)
 
     def to_json_string(self) -> str:

@@ -14,6 +14,17 @@ from typing import Any, Callable
 from .versions import package_versions
 
 
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table; every row must have the header's number of cells (``|`` in a cell is escaped)."""
+    def line(cells: list[Any]) -> str:
+        return "| " + " | ".join(str(cell).replace("|", "\\|").replace("\n", " ") for cell in cells) + " |"
+
+    for row in rows:
+        if len(row) != len(header):
+            raise ValueError(f"a table row has {len(row)} cells for {len(header)} columns: {row}")
+    return "\n".join([line(header), "|" + "---|" * len(header), *(line(row) for row in rows)])
+
+
 def write_report(
     folder: Path,
     name: str,

@@ -10,6 +10,7 @@ keys; CLS rows are then ``None``, and the methods that need them are refused whe
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +90,8 @@ class VisionProbe:
         self.tower = tower
         self.num_heads = int(tower.config.num_attention_heads if num_heads is None else num_heads)
         self.has_cls = tower_has_cls(tower) if has_cls is None else has_cls
+        # Runs reused across settings over the same pixels (see hired.share_tower_runs); None: no reuse.
+        self.shared_runs: dict | None = None
         body = getattr(tower, "vision_model", tower)
         self.encoder, self.layers_attribute = self._find_layers(body)
         self.projections = []
@@ -138,7 +141,21 @@ class VisionProbe:
         selection_layer: int,
         aggregation: str = "sum",
     ) -> TowerRun:
-        """Run the tower through ``max(layers) + 1`` layers and collect what methods read."""
+        """Run the tower through ``max(layers) + 1`` layers and collect what methods read.
+
+        With :attr:`shared_runs` set, a run for the same pixels and layers is computed once.
+        """
+        arguments = (feature_layer, distribution_layer, selection_layer, aggregation)
+        if self.shared_runs is None:
+            return self._run(pixel_values, *arguments)
+        pixels = pixel_values.detach().cpu().contiguous()
+        digest = hashlib.sha1(pixels.view(torch.uint8).numpy().tobytes()).hexdigest()
+        key = (digest, tuple(pixels.shape), str(pixels.dtype), arguments)
+        if key not in self.shared_runs:
+            self.shared_runs[key] = self._run(pixel_values, *arguments)
+        return self.shared_runs[key]
+
+    def _run(self, pixel_values, feature_layer, distribution_layer, selection_layer, aggregation) -> TowerRun:
         layers = [index % self.num_layers for index in (feature_layer, distribution_layer, selection_layer)]
         feature_layer, distribution_layer, selection_layer = layers
         captured: dict[str, torch.Tensor] = {}

@@ -7,7 +7,6 @@ patched model; nothing outside :mod:`hired.families` touches the state object's 
 
 from __future__ import annotations
 
-import hashlib
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +23,8 @@ class SelectionRecord:
     """What the method did to one image in the last call.
 
     Attributes:
-        image_size: original ``(height, width)``.
+        image_size: the image's original ``(height, width)``; ``None`` when the model was not told
+            (LLaVA-1.5 inputs prepared by a stock processor rather than the one ``hired.apply`` returns).
         grid: tile grid ``(rows, cols)``; ``(0, 0)`` for single-partition models.
         method: the method that chose the tokens.
         visual_tokens: features fed to the LLM for this image (newline tokens included when the
@@ -37,7 +37,7 @@ class SelectionRecord:
         extras: method-specific fields.
     """
 
-    image_size: tuple[int, int]
+    image_size: tuple[int, int] | None
     grid: tuple[int, int]
     method: str
     visual_tokens: int
@@ -48,10 +48,17 @@ class SelectionRecord:
     selection_scores: torch.Tensor | None
     extras: dict
 
+    @property
+    def kept_tokens(self) -> int:
+        """Visual tokens the method kept in the end: those fed to the LLM, or, for a method that prunes
+        inside the LLM, those left after its pruning layer."""
+        return int(self.extras.get("llm_kept", self.visual_tokens))
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (no score maps)."""
         return {
-            "image_size": list(self.image_size),
+            "kept_tokens": self.kept_tokens,
+            "image_size": None if self.image_size is None else list(self.image_size),
             "grid": list(self.grid),
             "method": self.method,
             "visual_tokens": self.visual_tokens,
@@ -71,6 +78,7 @@ class ModelState:
         probe: the :class:`~hired.signals.VisionProbe` of its vision tower.
         records: one :class:`SelectionRecord` per image of the last call that encoded images.
         llm_pruning: the decoder-side state of an LLM-side method, if one is installed.
+        handles: the hooks ``apply`` registered on the model (removed by ``remove``).
     """
 
     family: Any
@@ -79,6 +87,7 @@ class ModelState:
     processor: weakref.ref | None = None
     records: list[SelectionRecord] = field(default_factory=list)
     llm_pruning: Any = None
+    handles: list = field(default_factory=list)
 
     def paired_processor(self):
         """The processor patched together with the model, if it is still alive and unchanged."""
@@ -128,15 +137,4 @@ def share_tower_runs(model, runs: dict) -> None:
     ``hired.apply``, and the tower runs once per distinct pixel batch. The selection itself still
     runs for every setting.
     """
-    probe = model_state(model).probe
-    compute = probe.run
-
-    def run(pixel_values: torch.Tensor, **layers: Any):
-        pixels = pixel_values.detach().cpu().contiguous()
-        digest = hashlib.sha1(pixels.view(torch.uint8).numpy().tobytes()).hexdigest()
-        key = (digest, tuple(pixels.shape), str(pixels.dtype), tuple(sorted(layers.items())))
-        if key not in runs:
-            runs[key] = compute(pixel_values, **layers)
-        return runs[key]
-
-    probe.run = run
+    model_state(model).probe.shared_runs = runs

@@ -69,16 +69,17 @@ def select_tokens(model, processor, image: Image.Image, config):
     return record, (tiles * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
-def draw_selection(image: Image.Image, record, tiles: np.ndarray, patch: int, pinpoints, path: Path) -> None:
-    """Write the picture of ``record`` (see the module docstring) to ``path`` as PNG."""
+def draw_selection(image: Image.Image, record, geometry, tiles: np.ndarray, path: Path) -> None:
+    """Write the picture of ``record`` (see the module docstring) to ``path`` as PNG.
+
+    ``geometry`` is the image's partition geometry (``processor.hired_geometry`` of the patched
+    processor); ``tiles`` the pixels of :func:`select_tokens`.
+    """
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
     from matplotlib.patches import Rectangle
 
-    from .geometry import AnyresGeometry
-
     partitions = len(record.kept)
-    tile = tiles.shape[1]
-    geometry = AnyresGeometry.create(record.image_size, tile, patch, pinpoints if partitions > 1 else None)
+    patch = geometry.patch
     side = geometry.side
     width, height = figure_size(partitions)
     figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
@@ -150,6 +151,8 @@ def _draw_overview(figure, grid, image, record, geometry, total: int) -> None:
     bottom.set_title("base view, layer-0 CLS attention (sqrt)", fontsize=8)
     for p in range(1, geometry.num_partitions):
         boxes = footprints[p][geometry.candidates[p]]
+        if not len(boxes):  # a tile of padding only (very wide or tall images): nothing of the image to outline
+            continue
         x0, y0 = float(boxes[:, 0].min()), float(boxes[:, 1].min())
         x1, y1 = float(boxes[:, 2].max()), float(boxes[:, 3].max())
         for axis in (top, bottom):
@@ -165,5 +168,4 @@ def _draw_overview(figure, grid, image, record, geometry, total: int) -> None:
 def show(model, processor, image: Image.Image, config, path: Path) -> None:
     """Select tokens of ``image`` with ``config`` and write the picture of the selection to ``path``."""
     record, tiles = select_tokens(model, processor, image, config)
-    draw_selection(image, record, tiles, model.config.vision_config.patch_size,
-                   getattr(model.config, "image_grid_pinpoints", None), path)
+    draw_selection(image, record, processor.hired_geometry((image.height, image.width)), tiles, path)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..bench.models import known_models
 from ..bench.runner import BenchSpec, default_methods
-from .common import CliError
+from .common import DTYPES, CliError, fraction, integer, output_folder, positive_number
 
 MEMORY_NOTE = (
     "peak_rss_mb is the resident-set high-water mark of a fresh process serving one request of the variant, "
@@ -21,7 +21,7 @@ MEMORY_NOTE = (
 
 def _image_size(text: str) -> tuple[int, int]:
     width, sep, height = text.lower().partition("x")
-    if not sep or not width.isdigit() or not height.isdigit():
+    if not sep or not width.isdigit() or not height.isdigit() or int(width) < 1 or int(height) < 1:
         raise argparse.ArgumentTypeError(f"image size must look like WIDTHxHEIGHT (e.g. 672x672), got {text!r}")
     return int(width), int(height)
 
@@ -56,7 +56,7 @@ def _run(args: argparse.Namespace) -> None:
         except (ValueError, ProbeFailed) as error:
             raise CliError(str(error)) from None
     settings = {**asdict(bench), "memory_measurement": MEMORY_NOTE}
-    paths = write_outputs(records, Path(args.output), _command(bench, args.output), settings)
+    paths = write_outputs(records, Path(args.output), _command(bench, str(args.output)), settings)
     print(markdown_table(records))
     print("wrote " + ", ".join(str(path) for path in paths.values()))
 
@@ -86,24 +86,24 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("--model", default="llava-v1.6-vicuna-7b-hf",
                        help=f"architecture (llava-hf/ prefix optional): {', '.join(known_models())}")
-    bench.add_argument("--layers", type=int, default=None,
+    bench.add_argument("--layers", type=integer(1), default=None,
                        help="decoder layers to build (default: all, as the checkpoint); stated in every output")
-    bench.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
+    bench.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     bench.add_argument("--methods", nargs="+", default=None,
                        help=f"methods to compare with the stock model (default: {', '.join(default_methods())})")
-    bench.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.2, 0.4, 1.0],
+    bench.add_argument("--budgets", nargs="+", type=fraction, default=[0.1, 0.2, 0.4, 1.0],
                        help="fractions of the stock visual tokens, each in (0, 1] (default 0.1 0.2 0.4 1.0)")
     bench.add_argument("--image-size", nargs="+", type=_image_size, default=[(672, 672)], metavar="WxH",
                        help="image sizes, each picking a grid: 672x672 (2x2), 1008x336 (1x3), 1000x600, 336x336")
-    bench.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes, e.g. 1 2 4 (default 1)")
-    bench.add_argument("--new-tokens", type=int, default=8, help="tokens generated per request (>= 2)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed requests per variant first (default 1)")
-    bench.add_argument("--repeats", type=int, default=3, help="timed requests per variant, interleaved (default 3)")
+    bench.add_argument("--batch", nargs="+", type=integer(1), default=[1], help="batch sizes, e.g. 1 2 4 (default 1)")
+    bench.add_argument("--new-tokens", type=integer(2), default=8, help="tokens generated per request (>= 2)")
+    bench.add_argument("--warmup", type=integer(0), default=1, help="untimed requests per variant first (default 1)")
+    bench.add_argument("--repeats", type=integer(1), default=3, help="timed requests per variant, interleaved (default 3)")
     bench.add_argument("--no-peak-memory", action="store_true",
                        help="skip the per-variant fresh-process memory probes (peak_rss_mb becomes null)")
-    bench.add_argument("--max-memory-gb", type=float, default=None,
+    bench.add_argument("--max-memory-gb", type=positive_number, default=None,
                        help="refuse runs estimated above this (default: the memory available now)")
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--output", default="bench-results", help="folder for bench.json, bench.md, bench.png")
+    bench.add_argument("--seed", type=integer(0), default=0, help="seed of the random weights and images (default 0)")
+    bench.add_argument("--output", type=output_folder, default="bench-results", help="folder for bench.json, bench.md, bench.png")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(run=_run)

@@ -1,78 +1,208 @@
-"""What every ``hired`` subcommand shares: the error type, the budget options, loading models and images."""
+"""What every ``hired`` subcommand shares: argument types, the budget options, loading models and images.
+
+Bad values are caught where they enter: argument types refuse them at parse time, with the
+option's name, and the few checks that need a model run right after loading it. Whatever still
+goes wrong reaches the one error boundary in :func:`hired.cli.main`, which prints one line.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 from importlib.metadata import entry_points
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 # Entry-point group through which other distributions name models for --model (e.g. the testbed's
 # "offline": the real pretrained encoder in LLaVA-NeXT geometry).
 MODEL_ENTRY_POINTS = "hired.models"
+DTYPES = ("float32", "bfloat16", "float16")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+# --------------------------------------------------------------------------------------------
+# argument types: each turns the text into a value or refuses it with the rule it broke
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A budget: a number in (0, 1]."""
+    value = _number(text)
+    if not 0 < value <= 1:
+        hint = f" (for an absolute count use --tokens {int(value)})" if value > 1 else ""
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}{hint}")
+    return value
+
+
+def share(text: str) -> float:
+    """A number in [0, 1] (HiRED's alpha)."""
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
+def positive_number(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
+    return value
+
+
+def integer(minimum: int) -> Callable[[str], int]:
+    """A whole number of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def method_name(text: str) -> str:
+    from ..methods import get_method
+
+    try:
+        return get_method(text).name
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _writable(path: Path, what: str) -> None:
+    """Refuse ``path`` unless it, or the folder that will be created for it, can be written."""
+    ancestor = path if path.exists() else path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {what} {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {what} {path}: no permission to write in {ancestor}")
+
+
+def output_folder(text: str) -> Path:
+    """A folder to write results into (created with its parents if missing)."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a file; give a folder for the results")
+    _writable(path, "into the folder")
+    return path
+
+
+def png_file(text: str) -> Path:
+    """A PNG file to write (its folder created if missing)."""
+    path = Path(text).expanduser()
+    if path.suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"the picture is written as PNG; give a path ending in .png, got {text}")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder; give a file name ending in .png")
+    _writable(path, "the picture")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# the budget options and the configuration they make
 
 
 def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every token-reduction subcommand shares."""
     from ..methods import available_methods
 
-    group = parser.add_argument_group("token budget")
+    group = parser.add_argument_group(
+        "token budget", "With none of these, a model saved after hired.apply keeps its stored configuration; "
+        "those given replace the stored ones."
+    )
     amount = group.add_mutually_exclusive_group()
-    amount.add_argument("--budget", type=float, default=None,
+    amount.add_argument("--budget", type=fraction, default=None,
                         help="fraction of the stock visual tokens to keep, in (0, 1] (default 0.2)")
-    amount.add_argument("--tokens", type=int, default=None, help="absolute visual tokens per image (>= 1)")
-    group.add_argument("--method", default="hired", help=f"one of: {', '.join(available_methods())} (default hired)")
-    group.add_argument("--alpha", type=float, default=None,
+    amount.add_argument("--tokens", type=integer(1), default=None, help="absolute visual tokens per image (>= 1)")
+    group.add_argument("--method", type=method_name, default=None,
+                       help=f"one of: {', '.join(available_methods())} (default hired)")
+    group.add_argument("--alpha", type=share, default=None,
                        help="HiRED: base view's share of the budget, in [0, 1] (default 0.5); other methods refuse it")
     group.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                        help="method-specific option (repeatable), e.g. --method-option seed=3")
 
 
-def config_from_args(args: argparse.Namespace):
-    """Build a validated :class:`hired.HiredConfig` from parsed budget arguments."""
-    from ..config import HiredConfig
-
+def budget_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The budget options the user gave, as keywords of :meth:`hired.HiredConfig.create`."""
     options: dict[str, Any] = {}
     for item in args.method_option:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key:
             raise CliError(f"--method-option expects KEY=VALUE, got {item!r}")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
-    budget = args.budget if args.budget is not None or args.tokens is not None else 0.2
+    if args.alpha is not None:
+        if "alpha" in options:
+            raise CliError("give alpha either as --alpha or as --method-option alpha=..., not both")
+        options["alpha"] = args.alpha
+    settings = {name: getattr(args, name) for name in ("budget", "tokens", "method") if getattr(args, name) is not None}
+    return {**settings, **({"method_options": options} if options else {})}
+
+
+def config_from_args(args: argparse.Namespace, model=None):
+    """The :class:`hired.HiredConfig` the options ask for.
+
+    A ``model`` that carries a stored configuration (saved after ``hired.apply``) keeps it, with
+    the options given replacing the settings they name; otherwise the options build a new one.
+    """
+    from ..config import HiredConfig
+    from ..state import stored_config
+
+    settings = budget_settings(args)
+    stored = stored_config(model) if model is not None else None
     try:
-        if args.alpha is not None:
-            if "alpha" in options:
-                raise CliError("give alpha either as --alpha or as --method-option alpha=..., not both")
-            options["alpha"] = args.alpha
-        return HiredConfig(budget=None if args.tokens is not None else budget, tokens=args.tokens,
-                           method=args.method, method_options=options)
+        return stored.updated(**settings) if stored is not None else HiredConfig.create(**settings)
     except ValueError as error:
-        raise CliError(str(error)) from None
+        origin = " (the model's stored configuration with the options given)" if stored is not None else ""
+        raise CliError(f"{error}{origin}") from None
 
 
 def load_image(path: str):
-    """Open an image file as RGB, with a clear error for anything unreadable."""
+    """Open an image file as upright RGB, with a clear error for anything unreadable."""
     from ..images import open_image
 
     try:
         return open_image(path)
-    except (OSError, ValueError) as error:
+    except ValueError as error:
         raise CliError(str(error)) from None
 
 
+# --------------------------------------------------------------------------------------------
+# models
+
+
 def load_model(name: str, dtype: str):
-    """Load a LLaVA-NeXT / LLaVA checkpoint (hub id or local folder) and its processor."""
+    """Load a LLaVA-NeXT / LLaVA checkpoint (hub id or local folder) and its processor.
+
+    ``tiny-random`` builds a small random model; other distributions add names through the
+    ``hired.models`` entry-point group.
+    """
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name == "tiny-random":
@@ -89,15 +219,41 @@ def load_model(name: str, dtype: str):
         return model.to(dtypes[dtype]), processor
     if name == "offline":
         raise CliError("model 'offline' comes with the testbed distribution: pip install -e testbed (make install does)")
+    _check_model_source(name)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
     try:
         model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtypes[dtype]).eval()
         processor = AutoProcessor.from_pretrained(name)
     except (OSError, ValueError) as error:
-        raise CliError(f"cannot load model {name!r}: {error}") from None
+        raise CliError(f"cannot load model {name!r}: {_first_line(error)}") from None
     return model, processor
+
+
+def _check_model_source(name: str) -> None:
+    """Name the actual problem with ``--model`` before transformers reports it as something else."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CliError(f"{path} is a folder without config.json, so not a saved model; give a folder written by "
+                           "save_pretrained, or a hub id such as llava-hf/llava-v1.6-vicuna-7b-hf")
+        return
+    if path.exists():
+        raise CliError(f"{path} is a file; --model takes a model folder (written by save_pretrained) or a hub id")
+    if not _HUB_ID.fullmatch(name) or name.startswith((".", "~")):
+        raise CliError(f"no model folder at {path}; check the path, or give a hub id such as "
+                       "llava-hf/llava-v1.6-vicuna-7b-hf")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise CliError(f"model {name!r} is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1); "
+                       "download it on a connected machine (hf download " + name + ") or give a local folder")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data, indent=2) if getattr(args, "json", False) else text)
-
-

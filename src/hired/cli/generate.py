@@ -5,7 +5,18 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import CliError, add_budget_arguments, config_from_args, emit, load_image, load_model
+from ..methods import get_method
+from .common import (
+    DTYPES,
+    CliError,
+    add_budget_arguments,
+    budget_settings,
+    config_from_args,
+    emit,
+    integer,
+    load_image,
+    load_model,
+)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -13,13 +24,11 @@ def _generate(args: argparse.Namespace) -> None:
 
     import hired
 
-    config = config_from_args(args)
+    budget_settings(args)  # option syntax, before the model loads
     images = [load_image(path) for path in args.image]
     model, processor = load_model(args.model, args.dtype)
-    try:
-        hired.apply(model, processor, config)
-    except (TypeError, ValueError) as error:
-        raise CliError(str(error)) from None
+    config = config_from_args(args, model)
+    hired.apply(model, processor, config)
     prompt = args.prompt
     if "<image>" not in prompt:
         prompt = "USER: " + "<image>\n" * len(images) + prompt + " ASSISTANT:"
@@ -36,10 +45,9 @@ def _generate(args: argparse.Namespace) -> None:
     if not answer:
         answer = f"(no text: the model generated {len(new_tokens)} special tokens, ids {new_tokens.tolist()})"
     records = [record.to_dict() for record in hired.selections(model)]
-    # FastV feeds every placeholder and prunes inside the LLM: count what it kept there.
-    fed = sum(r.get("llm_kept", r["visual_tokens"]) for r in records)
+    kept = sum(r["kept_tokens"] for r in records)
     stock = sum(r["stock_tokens"] + r.get("newline_tokens", 0) for r in records)
-    summary = f"[{config.method}] visual tokens: {fed} of {stock} ({100 * fed / stock:.1f}%)"
+    summary = f"[{config.method}] visual tokens: {kept} of {stock} ({100 * kept / stock:.1f}%)"
     emit(args, {"answer": answer, "model": args.model, "config": config.to_dict(), "images": records},
          f"{answer}\n{summary}")
 
@@ -47,31 +55,49 @@ def _generate(args: argparse.Namespace) -> None:
 def _inspect(args: argparse.Namespace) -> None:
     from ..geometry import LLAVA_NEXT_PINPOINTS, AnyresGeometry
 
+    if args.tile % args.patch:
+        raise CliError(f"--tile {args.tile} is not a multiple of --patch {args.patch}; a tile holds whole patches")
     config = config_from_args(args)
+    if not config.fixes_count:
+        raise CliError(f"method {config.method!r} in adaptive mode chooses its token count from the pixels, which "
+                       "inspect does not encode; run hired generate --json to see the count of an image")
     rows = []
     for path in args.image:
         image = load_image(path)
         geometry = AnyresGeometry.create((image.height, image.width), args.tile, args.patch, LLAVA_NEXT_PINPOINTS)
         rows.append(_allocation(path, geometry, config))
-    text = "\n".join(
-        f"{r['image']}: {r['image_size'][1]}x{r['image_size'][0]} px, grid {r['grid'][0]}x{r['grid'][1]}, "
-        f"K={r['budget']} of {r['stock_tokens']} (+{r['newline_tokens']} newlines); "
-        f"base {r['partition_caps'][0]} candidates; tile candidates {r['partition_caps'][1:]}"
-        for r in rows
-    )
-    emit(args, rows, text)
+    emit(args, rows, "\n".join(_describe(row) for row in rows))
 
 
 def _allocation(path: str, geometry, config) -> dict[str, Any]:
-    return {
+    row = {
         "image": path,
         "image_size": list(geometry.image_size),
         "grid": list(geometry.grid),
+        "method": config.method,
         "stock_tokens": geometry.stock_tokens,
         "newline_tokens": geometry.newline_tokens,
-        "budget": config.budget_for(geometry.stock_tokens),
+        "fed_tokens": config.budget_for(geometry.stock_tokens),
+        "kept_tokens": config.kept_for(geometry.stock_tokens),
         "partition_caps": [int(c) for c in geometry.candidates.sum(dim=1)],
     }
+    if get_method(config.method).stage == "llm":
+        row["llm_layer"] = config.method_options.layer
+    return row
+
+
+def _describe(row: dict[str, Any]) -> str:
+    size = f"{row['image']}: {row['image_size'][1]}x{row['image_size'][0]} px, grid {row['grid'][0]}x{row['grid'][1]}"
+    stock = f"{row['stock_tokens']} (+{row['newline_tokens']} newlines)"
+    if "llm_layer" in row:
+        counts = (f"fed {row['fed_tokens']} of {stock}, {row['method']} keeps {row['kept_tokens']} after LLM layer "
+                  f"{row['llm_layer']}")
+    elif row["method"] == "full" or row["kept_tokens"] >= row["stock_tokens"]:
+        counts = f"K={row['stock_tokens']} of {stock}: every token (the stock model)"
+    else:
+        counts = f"K={row['kept_tokens']} of {stock}"
+    caps = row["partition_caps"]
+    return f"{size}, [{row['method']}] {counts}; base {caps[0]} candidates; tile candidates {caps[1:]}"
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -84,8 +110,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--model", default="llava-hf/llava-v1.6-vicuna-7b-hf",
                           help="hub id or local folder ('tiny-random' builds a random test model)")
     generate.add_argument("--prompt", default="Describe the image.", help="question; <image> markers optional")
-    generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    generate.add_argument("--max-new-tokens", type=integer(1), default=64, help="tokens to generate (default 64)")
     generate.add_argument("--json", action="store_true", help="print JSON instead of text")
     add_budget_arguments(generate)
     generate.set_defaults(run=_generate)
@@ -95,14 +121,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         description="AnyRes grid, stock token count, HiRED budget K and per-partition candidate counts "
         "for each image, for LLaVA-NeXT geometry (336 px tiles, 14 px patches by default).",
     )
-    inspect.add_argument("image", nargs="+")
-    inspect.add_argument("--tile", type=int, default=336)
-    inspect.add_argument("--patch", type=int, default=14)
+    inspect.add_argument("image", nargs="+", help="image file(s)")
+    inspect.add_argument("--tile", type=integer(1), default=336, help="tile side in pixels (default 336)")
+    inspect.add_argument("--patch", type=integer(1), default=14, help="patch side in pixels (default 14)")
     inspect.add_argument("--json", action="store_true")
     add_budget_arguments(inspect)
     inspect.set_defaults(run=_inspect)
-
-
-# --------------------------------------------------------------------------------------------
-
 

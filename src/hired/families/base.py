@@ -9,6 +9,8 @@ will return features. A family adapter (one file in this package) says how its c
 
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
@@ -32,7 +34,8 @@ class ImageCall:
     Attributes:
         tiles: per image, its ``(P, C, T, T)`` partitions in the order of its geometry.
         geometries: per image, its partition geometry.
-        image_sizes: per image, its ``(height, width)`` (for the stock packing).
+        image_sizes: per image, its original ``(height, width)``, ``None`` where the model was not told
+            (LLaVA-1.5 inputs made by a stock processor); used for the stock packing and the records.
         vision_feature_layer: the layer the call asks features from.
         stock: runs the stock ``get_image_features`` with the same arguments.
     """
@@ -123,11 +126,13 @@ class HiredModel:
         config = state.config
         family = state.family
         method = get_method(config.method)
+        state.records = []  # a call that fails leaves no records of an earlier one
         budgets = [config.budget_for(g.stock_tokens) for g in call.geometries]
 
-        if not method.selects_before_llm or all(b >= g.stock_tokens for b, g in zip(budgets, call.geometries)):
+        if not method.selects_before_llm or all(_keeps_all(b, g) for b, g in zip(budgets, call.geometries)):
             output = call.stock()
-            state.records = [_full_record(g, method.name, len(f)) for g, f in zip(call.geometries, output.pooler_output)]
+            state.records = [_full_record(g, size, method.name, len(f))
+                             for g, size, f in zip(call.geometries, call.image_sizes, output.pooler_output)]
             return output
 
         family.check_call(self, state.probe)
@@ -144,10 +149,10 @@ class HiredModel:
         outputs, records, start = [], [], 0
         for geometry, budget, image_size in zip(call.geometries, budgets, call.image_sizes):
             stop = start + geometry.num_partitions
-            if budget >= geometry.stock_tokens:
+            if _keeps_all(budget, geometry):
                 packed = family.pack_stock(self, family.project(self, run.features[start:stop]), image_size)
                 outputs.append(packed)
-                records.append(_full_record(geometry, method.name, len(packed)))
+                records.append(_full_record(geometry, image_size, method.name, len(packed)))
                 start = stop
                 continue
             evidence = VisionEvidence(
@@ -165,7 +170,7 @@ class HiredModel:
                     "this is a bug in the method"
                 )
             outputs.append(family.project(self, chosen))
-            records.append(_record(evidence, selection, method.name, chosen.shape[0]))
+            records.append(_record(evidence, image_size, selection, method.name, chosen.shape[0]))
             start = stop
         state.records = records
         return BaseModelOutputWithPooling(last_hidden_state=run.hidden, pooler_output=outputs)
@@ -196,12 +201,19 @@ class HiredProcessor:
         """Placeholders needed for an image of this ``(height, width)``; ``None`` for the stock count."""
         geometry = self.hired_geometry(image_size)
         budget = self.hired_config.budget_for(geometry.stock_tokens)
+        if budget is None:  # hired.apply refuses a processor for such methods; a config set by hand is caught here
+            raise ValueError(f"method {self.hired_config.method!r} chooses its token count from the pixels, so the "
+                             "processor cannot emit placeholders ahead of the model; see hired.adaptive.prepare_inputs")
         return None if budget >= geometry.stock_tokens else budget
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         output["processor_class"] = self._stock_class.__name__
         return output
+
+
+def _keeps_all(budget: int | None, geometry: PartitionGeometry) -> bool:
+    return budget is not None and budget >= geometry.stock_tokens
 
 
 def _rows(tensor: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
@@ -227,18 +239,31 @@ def check_counts(records: list[SelectionRecord], placeholders: int, features: in
     )
 
 
-def _checked_expand(model, inner):
-    """Wrap generate's per-sequence split of image features with the count check (beam search)."""
-    stock_expand = type(model)._expand_multimodal_outputs
+def _checked_expand(model, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
+    """generate's per-sequence split of image features (beam search), with the count check first.
 
-    def expand(input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
-        image = mm_encoder_output.get("image")
-        if image is not None and input_ids is not None and input_ids.numel():
-            placeholders = int((input_ids == model.config.image_token_id).sum())
-            check_counts(inner._hired.records, placeholders, sum(len(f) for f in image.pooler_output))
-        return stock_expand(model, input_ids, mm_encoder_output, expand_size=expand_size, inputs_embeds=inputs_embeds)
+    Installed on the outer model as a ``functools.partial`` (not a closure), so that ``torch.save``
+    and ``copy.deepcopy`` of a patched model work and a copy checks against its own records.
+    """
+    image = mm_encoder_output.get("image")
+    if image is not None and input_ids is not None and input_ids.numel():
+        placeholders = int((input_ids == model.config.image_token_id).sum())
+        check_counts(model.model._hired.records, placeholders, sum(len(f) for f in image.pooler_output))
+    return type(model)._expand_multimodal_outputs(model, input_ids, mm_encoder_output, expand_size=expand_size,
+                                                  inputs_embeds=inputs_embeds)
 
-    return expand
+
+def _forget_records_of_text_only_calls(state: ModelState, parameters: inspect.Signature, module, args, kwargs):
+    """Forward pre-hook: a call that starts a sequence without images leaves no records behind."""
+    arguments = parameters.bind_partial(module, *args, **kwargs).arguments
+    arguments.update(arguments.pop("kwargs", {}))
+    encoded = arguments.get("mm_encoder_outputs") or {}
+    if arguments.get("pixel_values") is not None or encoded.get("image") is not None:
+        return None
+    cache = compat.cache_from_kwargs(arguments)
+    if cache is None or cache.get_seq_length() == 0:
+        state.records = []
+    return None
 
 
 def _selected_features(evidence: VisionEvidence, selection: Selection) -> torch.Tensor:
@@ -248,22 +273,23 @@ def _selected_features(evidence: VisionEvidence, selection: Selection) -> torch.
     return evidence.features[order[:, 0], order[:, 1]]
 
 
-def _full_record(geometry: PartitionGeometry, method: str, fed: int) -> SelectionRecord:
+def _full_record(geometry: PartitionGeometry, image_size, method: str, fed: int) -> SelectionRecord:
     candidates = geometry.candidates
     kept = [row.nonzero().flatten() for row in candidates]
-    return _make_record(geometry, method, fed, candidates.sum(dim=1), kept, None, None, {"stock_model": True})
+    return _make_record(geometry, image_size, method, fed, candidates.sum(dim=1), kept, None, None,
+                        {"stock_model": True})
 
 
-def _record(evidence: VisionEvidence, selection: Selection, method: str, fed: int) -> SelectionRecord:
+def _record(evidence: VisionEvidence, image_size, selection: Selection, method: str, fed: int) -> SelectionRecord:
     distribution = None if evidence.distribution_scores is None else evidence.distribution_scores[0].detach()
     scores = None if evidence.selection_scores is None else evidence.selection_scores.detach()
-    return _make_record(evidence.geometry, method, fed, selection.budgets, selection.kept, distribution, scores,
-                        selection.extras)
+    return _make_record(evidence.geometry, image_size, method, fed, selection.budgets, selection.kept, distribution,
+                        scores, selection.extras)
 
 
-def _make_record(geometry, method, fed, budgets, kept, distribution, selection, extras) -> SelectionRecord:
+def _make_record(geometry, image_size, method, fed, budgets, kept, distribution, selection, extras) -> SelectionRecord:
     return SelectionRecord(
-        image_size=geometry.image_size,
+        image_size=None if image_size is None else tuple(image_size),
         grid=geometry.grid,
         method=method,
         visual_tokens=fed,
@@ -326,7 +352,7 @@ def apply(family: FamilyAdapter, model, processor, config: HiredConfig):
         family.check_processor(inner, processor)
     llm_pruning = decoder_pruning.prepare(inner, method, options) if method.stage == "llm" else None
 
-    _uninstall_llm_method(inner)
+    _uninstall_hooks(inner)
     if isinstance(processor, HiredProcessor):
         processor.__class__ = processor._stock_class
     if processor is not None:
@@ -337,9 +363,13 @@ def apply(family: FamilyAdapter, model, processor, config: HiredConfig):
     inner._hired = state
     if llm_pruning is not None:
         state.llm_pruning = llm_pruning
-        decoder_pruning.install(inner, llm_pruning, config, records=lambda: state.records)
+        decoder_pruning.install(inner, llm_pruning, config, records=functools.partial(getattr, state, "records"))
+    state.handles.append(inner.register_forward_pre_hook(
+        functools.partial(_forget_records_of_text_only_calls, state, inspect.signature(family.inner_class.forward)),
+        with_kwargs=True,
+    ))
     if model is not inner:
-        model._expand_multimodal_outputs = _checked_expand(model, inner)
+        model._expand_multimodal_outputs = functools.partial(_checked_expand, model)
     for holder in {id(model.config): model.config, id(inner.config): inner.config}.values():
         setattr(holder, CONFIG_KEY, config.to_dict())
     return model, processor
@@ -351,7 +381,7 @@ def remove(family: FamilyAdapter, model, processor=None):
     state = getattr(inner, "_hired", None)
     if processor is None and isinstance(state, ModelState):
         processor = state.paired_processor()
-    _uninstall_llm_method(inner)
+    _uninstall_hooks(inner)
     model.__dict__.pop("_expand_multimodal_outputs", None)
     if type(inner) is not family.inner_class:
         inner.__class__ = family.inner_class
@@ -365,11 +395,16 @@ def remove(family: FamilyAdapter, model, processor=None):
     return model, processor
 
 
-def _uninstall_llm_method(inner) -> None:
+def _uninstall_hooks(inner) -> None:
     state = getattr(inner, "_hired", None)
-    if isinstance(state, ModelState) and state.llm_pruning is not None:
+    if not isinstance(state, ModelState):
+        return
+    if state.llm_pruning is not None:
         decoder_pruning.uninstall(state.llm_pruning)
         state.llm_pruning = None
+    for handle in state.handles:
+        handle.remove()
+    state.handles = []
 
 
 __all__ = ["FamilyAdapter", "HiredModel", "HiredProcessor", "ImageCall", "apply", "check_counts", "remove"]

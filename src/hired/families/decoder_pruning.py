@@ -32,6 +32,7 @@ the kept positions only, so ``labels`` (training) are not supported.
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -39,7 +40,6 @@ from typing import Any, Callable
 import torch
 
 from .. import compat
-from ..algorithm import token_budget
 
 _IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -98,11 +98,6 @@ class PruningState:
 
 # --------------------------------------------------------------------------------------------
 # Pure pieces
-
-
-def image_budget(config, stock_tokens: int) -> int:
-    """Image tokens kept for an image of ``stock_tokens`` (the budget a vision-side method would get)."""
-    return token_budget(stock_tokens, fraction=config.budget, tokens=config.tokens)
 
 
 def plan_pruning(
@@ -185,7 +180,7 @@ def _image_spans(state: PruningState, image_mask: torch.Tensor) -> list[list[tup
             if pointer >= len(records) or records[pointer].visual_tokens > count:
                 raise ValueError(f"{name} could not match the image placeholders of each prompt to its images")
             record = records[pointer]
-            keep = image_budget(state.config, record.stock_tokens)
+            keep = state.config.kept_for(record.stock_tokens)
             keep = record.visual_tokens if keep >= record.stock_tokens else keep
             record.extras.update(llm_layer=state.layer, llm_kept=keep)
             row_spans.append((record.visual_tokens, keep))
@@ -206,49 +201,48 @@ def _placeholder_mask(inner, args, kwargs) -> torch.Tensor | None:
     return (embeds == image).all(dim=-1)
 
 
-def _on_model(inner, state: PruningState):
-    def hook(module, args, kwargs):
-        state.image_mask = _placeholder_mask(inner, args, kwargs)
-        encoded = kwargs.get("mm_encoder_outputs") or {}
-        state.images_given = kwargs.get("pixel_values") is not None or encoded.get("image") is not None
-
-    return hook
+# Every hook is a module-level function bound with functools.partial, never a closure, so that a
+# hooked model can be pickled (torch.save) and deep-copied, the copy's hooks bound to the copy.
 
 
-def _on_language_model(state: PruningState):
-    def before(module, args, kwargs):
-        cache = compat.cache_from_kwargs(kwargs)
-        past = cache.get_seq_length() if cache is not None else 0
-        has_images = state.image_mask is not None and bool(state.image_mask.any())
+def _note_placeholders(inner, state: PruningState, module, args, kwargs) -> None:
+    state.image_mask = _placeholder_mask(inner, args, kwargs)
+    encoded = kwargs.get("mm_encoder_outputs") or {}
+    state.images_given = kwargs.get("pixel_values") is not None or encoded.get("image") is not None
+
+
+def _before_language_model(state: PruningState, module, args, kwargs) -> None:
+    cache = compat.cache_from_kwargs(kwargs)
+    past = cache.get_seq_length() if cache is not None else 0
+    has_images = state.image_mask is not None and bool(state.image_mask.any())
+    state.captured = _Captured()
+    state.prefill = False
+    state.decided = False
+    if past == 0:
+        state.plan = None
+        if has_images:
+            if not state.images_given:
+                raise ValueError(
+                    f"{state.method.name} needs the images in the same call as their placeholders (pixel_values), to know "
+                    "each image's budget"
+                )
+            state.prefill = True
+            state.captured.attention_mask = kwargs.get("attention_mask")
+    elif has_images and state.images_given:
+        raise ValueError(
+            f"{state.method.name} prunes images in the prefill of a sequence; this call adds images to a filled cache"
+        )
+    elif state.plan is not None:
+        state.captured.pruned_keys = _pruned_keys(state.plan, past, kwargs)
+
+
+def _after_language_model(state: PruningState, module, args, kwargs, output) -> None:
+    try:
+        _check_pruned(state, compat.cache_from_kwargs(kwargs) or compat.cache_of(output))
+    finally:
         state.captured = _Captured()
         state.prefill = False
-        state.decided = False
-        if past == 0:
-            state.plan = None
-            if has_images:
-                if not state.images_given:
-                    raise ValueError(
-                        f"{state.method.name} needs the images in the same call as their placeholders (pixel_values), to know "
-                        "each image's budget"
-                    )
-                state.prefill = True
-                state.captured.attention_mask = kwargs.get("attention_mask")
-        elif has_images:
-            raise ValueError(
-                f"{state.method.name} prunes images in the prefill of a sequence; this call adds images to a filled cache"
-            )
-        elif state.plan is not None:
-            state.captured.pruned_keys = _pruned_keys(state.plan, past, kwargs)
-
-    def after(module, args, kwargs, output):
-        try:
-            _check_pruned(state, compat.cache_from_kwargs(kwargs) or compat.cache_of(output))
-        finally:
-            state.captured = _Captured()
-            state.prefill = False
-            state.image_mask = None
-
-    return before, after
+        state.image_mask = None
 
 
 def _check_pruned(state: PruningState, cache) -> None:
@@ -313,66 +307,60 @@ def pruned_attention_mask(allowed_keys: torch.Tensor, queries: int, implementati
     return allowed
 
 
-def _on_scored_layer(state: PruningState):
-    def query(module, args, output):
-        if state.prefill:
-            state.captured.query = output
-
-    def key(module, args, output):
-        if state.prefill:
-            state.captured.key = output
-
-    def attention(module, args, kwargs):
-        if state.prefill:
-            state.captured.rotary = kwargs["position_embeddings"]
-
-    return query, key, attention
+def _capture_query(state: PruningState, module, args, output) -> None:
+    if state.prefill:
+        state.captured.query = output
 
 
-def _on_first_pruned_layer(inner, state: PruningState, attention_module):
-    language_model = inner.language_model
+def _capture_key(state: PruningState, module, args, output) -> None:
+    if state.prefill:
+        state.captured.key = output
 
-    def hook(module, args, kwargs):
-        captured = state.captured
-        if not state.prefill and captured.pruned_keys is None:
+
+def _capture_rotary(state: PruningState, module, args, kwargs) -> None:
+    if state.prefill:
+        state.captured.rotary = kwargs["position_embeddings"]
+
+
+def _prune_before_layer(inner, state: PruningState, attention_module, module, args, kwargs):
+    captured = state.captured
+    if not state.prefill and captured.pruned_keys is None:
+        return args, kwargs
+    implementation = inner.language_model.config._attn_implementation
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"{state.method.name} supports the {' and '.join(_IMPLEMENTATIONS)} attention implementations; this model uses "
+            f"{implementation!r} (model.set_attn_implementation('sdpa'))"
+        )
+    cache = compat.cache_from_kwargs(kwargs)
+    if cache is not None and not hasattr(cache, "layers"):
+        raise compat.incompatible(f"{type(cache).__name__}.layers", f"{state.method.name}'s pruned cache")
+    if cache is not None and any(type(layer) is not state.dynamic_layer for layer in cache.layers):
+        raise ValueError(f"{state.method.name} prunes a DynamicCache (the generate default); this call uses another cache")
+    hidden = args[0]
+    if captured.pruned_keys is not None:  # decoding: the new tokens attend to the kept keys
+        mask = pruned_attention_mask(captured.pruned_keys, hidden.shape[1], implementation, hidden.dtype)
+        captured.swapped = {"attention_mask": mask}
+    else:
+        plan = _plan(inner, state, attention_module)
+        state.decided = True
+        if plan is None:
+            state.prefill = False
             return args, kwargs
-        implementation = language_model.config._attn_implementation
-        if implementation not in _IMPLEMENTATIONS:
-            raise ValueError(
-                f"{state.method.name} supports the {' and '.join(_IMPLEMENTATIONS)} attention implementations; this model uses "
-                f"{implementation!r} (model.set_attn_implementation('sdpa'))"
-            )
-        cache = compat.cache_from_kwargs(kwargs)
-        if cache is not None and not hasattr(cache, "layers"):
-            raise compat.incompatible(f"{type(cache).__name__}.layers", f"{state.method.name}'s pruned cache")
-        if cache is not None and any(type(layer) is not state.dynamic_layer for layer in cache.layers):
-            raise ValueError(f"{state.method.name} prunes a DynamicCache (the generate default); this call uses another cache")
-        hidden = args[0]
-        if captured.pruned_keys is not None:  # decoding: the new tokens attend to the kept keys
-            mask = pruned_attention_mask(captured.pruned_keys, hidden.shape[1], implementation, hidden.dtype)
-            captured.swapped = {"attention_mask": mask}
-        else:
-            plan = _plan(inner, state, attention_module)
-            state.decided = True
-            if plan is None:
-                state.prefill = False
-                return args, kwargs
-            state.plan = plan
-            index = plan.index.to(hidden.device)
-            hidden = _gather_rows(hidden, index)
-            positions = kwargs.get("position_ids")
-            cos, sin = kwargs["position_embeddings"]
-            captured.swapped = {
-                "attention_mask": pruned_attention_mask(
-                    plan.valid.to(hidden.device), plan.length, implementation, hidden.dtype
-                ),
-                "position_embeddings": (_gather_rows(cos, index), _gather_rows(sin, index)),
-                "position_ids": None if positions is None else _gather_rows(positions, index),
-            }
-        kwargs.update(captured.swapped)
-        return (hidden, *args[1:]), kwargs
-
-    return hook
+        state.plan = plan
+        index = plan.index.to(hidden.device)
+        hidden = _gather_rows(hidden, index)
+        positions = kwargs.get("position_ids")
+        cos, sin = kwargs["position_embeddings"]
+        captured.swapped = {
+            "attention_mask": pruned_attention_mask(
+                plan.valid.to(hidden.device), plan.length, implementation, hidden.dtype
+            ),
+            "position_embeddings": (_gather_rows(cos, index), _gather_rows(sin, index)),
+            "position_ids": None if positions is None else _gather_rows(positions, index),
+        }
+    kwargs.update(captured.swapped)
+    return (hidden, *args[1:]), kwargs
 
 
 def _plan(inner, state: PruningState, attention_module) -> PrunePlan | None:
@@ -392,13 +380,10 @@ def _plan(inner, state: PruningState, attention_module) -> PrunePlan | None:
     return plan_pruning(scores, image_mask, _image_spans(state, image_mask), captured.attention_mask)
 
 
-def _on_later_layer(state: PruningState):
-    def hook(module, args, kwargs):
-        if state.captured.swapped is not None:
-            kwargs.update(state.captured.swapped)
-        return args, kwargs
-
-    return hook
+def _pass_swapped(state: PruningState, module, args, kwargs):
+    if state.captured.swapped is not None:
+        kwargs.update(state.captured.swapped)
+    return args, kwargs
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,17 +450,16 @@ def install(inner, state: PruningState, config, records: Callable[[], list]) -> 
     layers = language_model.layers
     layer = state.layer
     scored = layers[layer - 1].self_attn
-    query, key, attention = _on_scored_layer(state)
-    before, after = _on_language_model(state)
+    bound = functools.partial
     state.handles = [
-        inner.register_forward_pre_hook(_on_model(inner, state), with_kwargs=True),
-        language_model.register_forward_pre_hook(before, with_kwargs=True),
-        language_model.register_forward_hook(after, with_kwargs=True),
-        scored.q_proj.register_forward_hook(query),
-        scored.k_proj.register_forward_hook(key),
-        scored.register_forward_pre_hook(attention, with_kwargs=True),
-        layers[layer].register_forward_pre_hook(_on_first_pruned_layer(inner, state, scored), with_kwargs=True),
-        *(later.register_forward_pre_hook(_on_later_layer(state), with_kwargs=True) for later in layers[layer + 1 :]),
+        inner.register_forward_pre_hook(bound(_note_placeholders, inner, state), with_kwargs=True),
+        language_model.register_forward_pre_hook(bound(_before_language_model, state), with_kwargs=True),
+        language_model.register_forward_hook(bound(_after_language_model, state), with_kwargs=True),
+        scored.q_proj.register_forward_hook(bound(_capture_query, state)),
+        scored.k_proj.register_forward_hook(bound(_capture_key, state)),
+        scored.register_forward_pre_hook(bound(_capture_rotary, state), with_kwargs=True),
+        layers[layer].register_forward_pre_hook(bound(_prune_before_layer, inner, state, scored), with_kwargs=True),
+        *(later.register_forward_pre_hook(bound(_pass_swapped, state), with_kwargs=True) for later in layers[layer + 1 :]),
     ]
 
 

