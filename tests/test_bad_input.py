@@ -24,7 +24,9 @@ PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
     [
         (dict(budget=0), "fraction in \\(0, 1\\]"),
         (dict(budget=-0.2), "fraction in \\(0, 1\\]"),
-        (dict(budget=1.5), "tokens=1"),
+        (dict(budget=1.5), "fraction in \\(0, 1\\]"),
+        (dict(budget=576), "tokens=576"),
+        (dict(budget=float("inf")), "fraction in \\(0, 1\\]"),
         (dict(budget="0.2"), "must be a number"),
         (dict(tokens=0), "at least 1"),
         (dict(tokens=2.5), "whole number"),
@@ -147,5 +149,5 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
     good = tmp_path / "good.png"
     Image.new("RGB", (64, 64)).save(good)
-    assert main(["inspect", str(good), "--budget", "1.5"]) == 2
-    assert "--tokens 1" in capsys.readouterr().err
+    assert main(["inspect", str(good), "--budget", "576"]) == 2
+    assert "--tokens 576" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from .families import FamilyAdapter, family_of, register_family, registered_fami
 from .families import base as _patching
 from .geometry import AnyresGeometry, PartitionGeometry
 from .methods import Method, MethodOptions, available_methods, get_method, register_method
+from .sources import check_model_source
 from .state import SelectionRecord, pruning_plan, selections, share_tower_runs, stored_config
 
 __version__ = "0.2.0"
@@ -57,11 +58,15 @@ def apply(model, processor=None, config: HiredConfig | None = None, **settings: 
     Returns:
         ``(model, processor)``, the same objects, patched.
     """
+    family = family_of(model)
     if config is not None and settings:
         raise ValueError("pass either a HiredConfig or keyword settings, not both")
     if config is None:
         config = HiredConfig.create(**settings) if settings else (stored_config(model) or HiredConfig())
-    return _patching.apply(family_of(model), model, processor, config)
+    elif not isinstance(config, HiredConfig):
+        raise TypeError(f"config must be a hired.HiredConfig, got {type(config).__name__}; or pass settings as keywords "
+                        "(hired.apply(model, processor, budget=0.2))")
+    return _patching.apply(family, model, processor, config)
 
 
 def remove(model, processor=None):
@@ -81,6 +86,7 @@ def from_pretrained(path: str, **kwargs: Any):
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    check_model_source(path)
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     processor = AutoProcessor.from_pretrained(path)
     config = stored_config(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -54,7 +55,8 @@ class HiredConfig:
             if isinstance(self.budget, bool) or not isinstance(self.budget, numbers.Real):
                 raise ValueError(f"budget must be a number in (0, 1], got {self.budget!r}")
             if not 0 < self.budget <= 1:
-                hint = f"; for an absolute count use tokens={int(self.budget)}" if self.budget > 1 else ""
+                whole = math.isfinite(self.budget) and 1 < self.budget < 1e6 and self.budget == int(self.budget)
+                hint = f"; for an absolute count use tokens={int(self.budget)}" if whole else ""
                 raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget}{hint}")
             self.budget = float(self.budget)
         # A budget the method cannot honour is refused rather than ignored.
@@ -151,8 +153,8 @@ class HiredConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown HiRED config keys {sorted(unknown)}; known keys: {sorted(known)}")
-        if data.get("tokens") is not None:
-            data["budget"] = None
+        if data.get("tokens") is not None and data.get("budget") == DEFAULT_BUDGET:
+            data["budget"] = None  # hired 0.1 stored the default budget beside a token count
         # hired 0.2 stored the default budget with methods that take none (full, adaptive modes).
         if data.get("budget") == DEFAULT_BUDGET and data.get("tokens") is None:
             probe = cls(method=data.get("method", "hired"), method_options=data.get("method_options") or {})

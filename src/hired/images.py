@@ -9,11 +9,17 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow mode (1, L, LA, P, RGBA, CMYK, I;16, F, ...) to RGB; transparency goes on white."""
+    """Convert any Pillow mode to RGB.
+
+    Transparency goes on white; 16-bit, 32-bit and float greyscale are scaled to 8 bits by the
+    range they hold (see :func:`_wide_to_8_bits`); other modes (CMYK, LAB, YCbCr, ...) go through
+    Pillow's conversion.
+    """
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -22,10 +28,30 @@ def to_rgb(image: Image.Image) -> Image.Image:
         canvas.paste(rgba, mask=rgba.getchannel("A"))
         return canvas
     if image.mode.startswith("I") or image.mode == "F":
-        # 16/32-bit and float images: scale the 16-bit range to 8 bits instead of clipping at 255.
-        wide = image.convert("I") if image.mode.startswith("I;") else image
-        return wide.point(lambda value: value / 256).convert("L").convert("RGB")
+        return _wide_to_8_bits(image).convert("RGB")
     return image.convert("RGB")
+
+
+def _wide_to_8_bits(image: Image.Image) -> Image.Image:
+    """Greyscale of more than 8 bits as 8 bits.
+
+    Integers: values within 0..255 are taken as they are (8-bit data in a wide container), values
+    within 0..65535 as 16-bit. Floats: within 0..1 as a fraction of white, within 0..255 as 8-bit.
+    Anything else (negative values, HDR floats, 32-bit counts) is stretched from its minimum to its
+    maximum, with a warning, since no fixed scale fits it.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    floating = image.mode == "F"
+    if low >= 0 and high <= (1.0 if floating else 255):
+        scaled = values * 255 if floating else values
+    elif low >= 0 and high <= (255 if floating else 65535):
+        scaled = values if floating else values / 257
+    else:
+        warnings.warn(f"a {image.mode} image with values from {low:g} to {high:g} has no fixed 8-bit scale; "
+                      "stretching that range to 0..255", stacklevel=3)
+        scaled = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
 def open_image(path: str | Path) -> Image.Image:

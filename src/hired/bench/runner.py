@@ -8,6 +8,7 @@ import os
 import statistics
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -80,8 +81,15 @@ class BenchSpec:
             raise ValueError(f"--layers must be between 1 and {spec.full_layers} for {spec.name}, got {self.layers}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        depth = self.layers or spec.full_layers
         if self.methods is None:
-            self.methods = default_methods()
+            self.methods = []
+            for method in default_methods():
+                try:
+                    _check_depth(method, depth, spec.full_layers)
+                    self.methods.append(method)
+                except ValueError as error:
+                    warnings.warn(f"leaving {method} out of the default methods: {error}", stacklevel=2)
         if not self.methods or not self.budgets or not self.image_sizes or not self.batches:
             raise ValueError("give at least one method, budget, image size and batch size")
         for method in self.methods:
@@ -89,6 +97,7 @@ class BenchSpec:
                 raise ValueError(f"{method!r} is the reference every run measures; list only reducing methods")
             for budget in self.budgets:
                 HiredConfig(budget=budget, method=method)
+            _check_depth(method, depth, spec.full_layers)
         for width, height in self.image_sizes:
             if width < 1 or height < 1:
                 raise ValueError(f"image sizes must be positive, got {width}x{height}")
@@ -100,6 +109,15 @@ class BenchSpec:
 
     def variants(self) -> list[tuple[str, float]]:
         return [(STOCK, 1.0)] + [(method, budget) for method in self.methods for budget in self.budgets]
+
+
+def _check_depth(method: str, depth: int, full_layers: int) -> None:
+    """Refuse an LLM-side method whose pruning layer the decoder built for the run does not have."""
+    layer = getattr(get_method(method).make_options(), "layer", None)
+    if get_method(method).stage == "llm" and layer is not None and layer >= depth:
+        fix = f"build more with --layers {layer + 1} or more, or" if layer < full_layers else "so"
+        raise ValueError(f"{method} prunes before decoder layer {layer}, and the model of this run has {depth} "
+                         f"decoder layers; {fix} leave {method} out")
 
 
 def check_memory(spec: ModelSpec, bench: BenchSpec) -> dict[str, int]:

@@ -11,16 +11,17 @@ import argparse
 import json
 import math
 import os
-import re
+import tempfile
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable
+
+from ..sources import check_model_source
 
 # Entry-point group through which other distributions name models for --model (e.g. the testbed's
 # "offline": the real pretrained encoder in LLaVA-NeXT geometry).
 MODEL_ENTRY_POINTS = "hired.models"
 DTYPES = ("float32", "bfloat16", "float16")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 class CliError(Exception):
@@ -45,9 +46,19 @@ def fraction(text: str) -> float:
     """A budget: a number in (0, 1]."""
     value = _number(text)
     if not 0 < value <= 1:
-        hint = f" (for an absolute count use --tokens {int(value)})" if value > 1 else ""
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}{hint}")
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
     return value
+
+
+def budget_fraction(text: str) -> float:
+    """A budget beside a ``--tokens`` option: a fraction, or a hint to use the count option."""
+    try:
+        return fraction(text)
+    except argparse.ArgumentTypeError as error:
+        value = float(text) if text.replace(".", "", 1).isdigit() else 0.0
+        if 1 < value < 1e6 and value == int(value):
+            raise argparse.ArgumentTypeError(f"{error} (for an absolute count use --tokens {int(value)})") from None
+        raise
 
 
 def share(text: str) -> float:
@@ -90,15 +101,23 @@ def method_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _writable(path: Path, what: str) -> None:
-    """Refuse ``path`` unless it, or the folder that will be created for it, can be written."""
-    ancestor = path if path.exists() else path.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+def _writable_folder(folder: Path, what: str) -> None:
+    """Refuse ``folder`` unless files can be written in it, or it can be created, so that a run that
+    would fail at its end, when it writes, fails before it starts. Nothing is left behind."""
+    ancestor, missing = folder, None
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor, missing = ancestor.parent, ancestor
     if not ancestor.is_dir():
-        raise argparse.ArgumentTypeError(f"cannot write {what} {path}: {ancestor} is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"cannot write {what} {path}: no permission to write in {ancestor}")
+        raise argparse.ArgumentTypeError(f"cannot write {what}: {ancestor} is a file, not a folder")
+    try:
+        if missing is None:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        else:
+            missing.mkdir()
+            missing.rmdir()
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot write {what}: {error.strerror or error} ({folder})") from None
 
 
 def output_folder(text: str) -> Path:
@@ -106,18 +125,18 @@ def output_folder(text: str) -> Path:
     path = Path(text).expanduser()
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} is a file; give a folder for the results")
-    _writable(path, "into the folder")
+    _writable_folder(path, f"into {path}")
     return path
 
 
 def png_file(text: str) -> Path:
     """A PNG file to write (its folder created if missing)."""
     path = Path(text).expanduser()
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name ending in .png")
     if path.suffix.lower() != ".png":
         raise argparse.ArgumentTypeError(f"the picture is written as PNG; give a path ending in .png, got {text}")
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{path} is a folder; give a file name ending in .png")
-    _writable(path, "the picture")
+    _writable_folder(path.parent, f"the picture {path}")
     return path
 
 
@@ -134,7 +153,7 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
         "those given replace the stored ones."
     )
     amount = group.add_mutually_exclusive_group()
-    amount.add_argument("--budget", type=fraction, default=None,
+    amount.add_argument("--budget", type=budget_fraction, default=None,
                         help="fraction of the stock visual tokens to keep, in (0, 1] (default 0.2)")
     amount.add_argument("--tokens", type=integer(1), default=None, help="absolute visual tokens per image (>= 1)")
     group.add_argument("--method", type=method_name, default=None,
@@ -219,7 +238,10 @@ def load_model(name: str, dtype: str):
         return model.to(dtypes[dtype]), processor
     if name == "offline":
         raise CliError("model 'offline' comes with the testbed distribution: pip install -e testbed (make install does)")
-    _check_model_source(name)
+    try:
+        check_model_source(name)
+    except ValueError as error:
+        raise CliError(str(error)) from None
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
@@ -228,26 +250,6 @@ def load_model(name: str, dtype: str):
     except (OSError, ValueError) as error:
         raise CliError(f"cannot load model {name!r}: {_first_line(error)}") from None
     return model, processor
-
-
-def _check_model_source(name: str) -> None:
-    """Name the actual problem with ``--model`` before transformers reports it as something else."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CliError(f"{path} is a folder without config.json, so not a saved model; give a folder written by "
-                           "save_pretrained, or a hub id such as llava-hf/llava-v1.6-vicuna-7b-hf")
-        return
-    if path.exists():
-        raise CliError(f"{path} is a file; --model takes a model folder (written by save_pretrained) or a hub id")
-    if not _HUB_ID.fullmatch(name) or name.startswith((".", "~")):
-        raise CliError(f"no model folder at {path}; check the path, or give a hub id such as "
-                       "llava-hf/llava-v1.6-vicuna-7b-hf")
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str):
-        raise CliError(f"model {name!r} is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1); "
-                       "download it on a connected machine (hf download " + name + ") or give a local folder")
 
 
 def _first_line(error: BaseException) -> str:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import torch
+
+from ..algorithm import allocate
 from ..methods import get_method
 from .common import (
     DTYPES,
@@ -52,11 +55,20 @@ def _generate(args: argparse.Namespace) -> None:
          f"{answer}\n{summary}")
 
 
+MAX_PATCHES_PER_SIDE = 256
+
+
 def _inspect(args: argparse.Namespace) -> None:
     from ..geometry import LLAVA_NEXT_PINPOINTS, AnyresGeometry
 
     if args.tile % args.patch:
         raise CliError(f"--tile {args.tile} is not a multiple of --patch {args.patch}; a tile holds whole patches")
+    if args.tile // args.patch > MAX_PATCHES_PER_SIDE:
+        raise CliError(f"--tile {args.tile} over --patch {args.patch} makes {args.tile // args.patch} patches per tile "
+                       f"side; vision towers use far fewer (LLaVA-NeXT: 24), and inspect allows at most "
+                       f"{MAX_PATCHES_PER_SIDE}")
+    # The llava-hf grids (1x1 .. 3x1 and 1x3 tiles), in tiles of the size asked for.
+    pinpoints = [(h * args.tile // 336, w * args.tile // 336) for h, w in LLAVA_NEXT_PINPOINTS]
     config = config_from_args(args)
     if not config.fixes_count:
         raise CliError(f"method {config.method!r} in adaptive mode chooses its token count from the pixels, which "
@@ -64,7 +76,7 @@ def _inspect(args: argparse.Namespace) -> None:
     rows = []
     for path in args.image:
         image = load_image(path)
-        geometry = AnyresGeometry.create((image.height, image.width), args.tile, args.patch, LLAVA_NEXT_PINPOINTS)
+        geometry = AnyresGeometry.create((image.height, image.width), args.tile, args.patch, pinpoints)
         rows.append(_allocation(path, geometry, config))
     emit(args, rows, "\n".join(_describe(row) for row in rows))
 
@@ -83,6 +95,12 @@ def _allocation(path: str, geometry, config) -> dict[str, Any]:
     }
     if get_method(config.method).stage == "llm":
         row["llm_layer"] = config.method_options.layer
+    alpha = getattr(config.method_options, "alpha", None)
+    if alpha is not None and row["kept_tokens"] < row["stock_tokens"] and geometry.num_partitions > 1:
+        # HiRED's split: the base view's count depends on the sizes only (the tiles' total is what
+        # they can hold of the rest, whatever the attention); how the tiles share it needs the pixels.
+        caps = geometry.candidates.sum(dim=1)
+        row["base_view_tokens"] = int(allocate(row["kept_tokens"], alpha, torch.ones(len(caps) - 1), caps)[0])
     return row
 
 
@@ -96,6 +114,9 @@ def _describe(row: dict[str, Any]) -> str:
         counts = f"K={row['stock_tokens']} of {stock}: every token (the stock model)"
     else:
         counts = f"K={row['kept_tokens']} of {stock}"
+        if "base_view_tokens" in row:
+            base = row["base_view_tokens"]
+            counts += f" (base view {base}, tiles {row['kept_tokens'] - base} shared by attention)"
     caps = row["partition_caps"]
     return f"{size}, [{row['method']}] {counts}; base {caps[0]} candidates; tile candidates {caps[1:]}"
 

@@ -121,12 +121,16 @@ class HiredModel:
 
     _hired: ModelState
 
+    def _begin_image_call(self) -> None:
+        """Families call this first in ``get_image_features``: a call that fails leaves no records of an earlier one."""
+        self._hired.records = []
+
     def _hired_features(self, call: ImageCall) -> BaseModelOutputWithPooling:
         state = self._hired
         config = state.config
         family = state.family
         method = get_method(config.method)
-        state.records = []  # a call that fails leaves no records of an earlier one
+        state.records = []
         budgets = [config.budget_for(g.stock_tokens) for g in call.geometries]
 
         if not method.selects_before_llm or all(_keeps_all(b, g) for b, g in zip(budgets, call.geometries)):
@@ -341,6 +345,8 @@ def apply(family: FamilyAdapter, model, processor, config: HiredConfig):
             "model has no CLS token; choose a method that needs none (e.g. divprune, random, spatial)"
         )
     feature_layer = family.feature_layer(inner, probe)
+    if method.selects_before_llm:
+        family.check_call(inner, probe)  # settings of the model itself, refused here rather than at generate
     layers = options.signal_layers()
     for name, value in (("distribution_layer", layers.distribution), ("selection_layer", layers.selection)):
         if value is not None and not -probe.num_layers <= value < probe.num_layers:

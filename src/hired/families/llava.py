@@ -23,6 +23,7 @@ class HiredLlavaModel(HiredModel, LlavaModel):
         image_sizes: torch.Tensor | None = None,
         **kwargs,
     ):
+        self._begin_image_call()
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         geometries = [LLAVA.geometry(self.config) for _ in range(pixel_values.shape[0])]

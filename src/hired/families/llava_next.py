@@ -40,11 +40,20 @@ class HiredLlavaNextModel(HiredModel, LlavaNextModel):
         vision_feature_select_strategy: str | None = None,
         **kwargs,
     ):
+        self._begin_image_call()
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         sizes = [as_pair(s) for s in image_sizes]
         geometries = [LLAVA_NEXT.geometry(self.config, s) for s in sizes]
         if pixel_values.dim() == 5:
+            if len(pixel_values) != len(geometries):
+                raise ValueError(f"pixel_values holds {len(pixel_values)} images but image_sizes {len(geometries)}")
+            short = [(s, g.num_partitions) for s, g in zip(sizes, geometries) if g.num_partitions > pixel_values.shape[1]]
+            if short:
+                raise ValueError(
+                    f"pixel_values holds {pixel_values.shape[1]} tiles per image, but an image of size {short[0][0]} "
+                    f"needs {short[0][1]}; pass the pixel_values and image_sizes the processor returned together"
+                )
             tiles = [pixels[: g.num_partitions] for pixels, g in zip(pixel_values, geometries)]
         elif pixel_values.dim() == 4:
             counts = [g.num_partitions for g in geometries]

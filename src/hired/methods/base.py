@@ -63,6 +63,7 @@ class MethodOptions:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (minimum is not None and value < minimum):
             bound = "" if minimum is None else f" >= {minimum}"
             raise ValueError(f"option {name!r} must be an integer{bound}, got {value!r}")
+        object.__setattr__(self, name, int(value))  # numpy integers become plain ones (JSON, torch seeds)
 
     def _check_number(self, name: str, low: float, high: float | None = None) -> None:
         value = getattr(self, name)
@@ -70,6 +71,7 @@ class MethodOptions:
         if bad or value < low or (high is not None and value > high):
             bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
             raise ValueError(f"option {name!r} must be a number {bounds}, got {value!r}")
+        object.__setattr__(self, name, float(value))
 
     def _check_bool(self, name: str) -> None:
         if not isinstance(getattr(self, name), bool):

@@ -38,6 +38,8 @@ class HiredOptions(MethodOptions):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 raise ValueError(f"{name} must be a layer index (an int), got {value!r}")
+            if value is not None:
+                object.__setattr__(self, name, int(value))
 
     def signal_layers(self) -> SignalLayers:
         return SignalLayers(self.distribution_layer, self.selection_layer, self.head_aggregation)

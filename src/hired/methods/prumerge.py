@@ -138,7 +138,8 @@ def _select(evidence: VisionEvidence, budget: int, options: PruMergeOptions, nam
     s = geometry.side
     outliers = torch.zeros_like(candidates)
     for p in range(geometry.num_partitions):
-        outliers[p, candidates[p]] = iqr_outliers(scores[p, candidates[p]], factor)
+        if candidates[p].any():  # a tile of padding only (very wide or tall images) has no outliers
+            outliers[p, candidates[p]] = iqr_outliers(scores[p, candidates[p]], factor)
     native = [
         partition_kept(scores[p], candidates[p], s, outliers[p], None, uniform)
         for p in range(geometry.num_partitions)

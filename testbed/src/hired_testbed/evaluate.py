@@ -25,6 +25,7 @@ from .sample import Sample
 from .statistics import mean_interval
 
 BUDGETS = (0.05, 0.1, 0.2, 0.4)
+DEFAULT_ALPHAS = (0.5,)
 BASE_VIEW = "base-view"
 
 
@@ -34,7 +35,7 @@ class Setting:
 
     method: str
     budget: float | None
-    alpha: float
+    alpha: float | None  # HiRED's base-view share; None for methods without one
 
     def config(self, tokens_per_tile: int):
         from hired import HiredConfig
@@ -62,14 +63,14 @@ def settings_for(methods: Sequence[str], budgets: Sequence[float], alphas: Seque
         raise ValueError(f"budgets must be fractions in (0, 1], got {bad}")
     settings = []
     if "full" in methods:
-        settings.append(Setting("full", 1.0, 0.5))
+        settings.append(Setting("full", 1.0, None))
     if BASE_VIEW in methods:
         settings.append(Setting(BASE_VIEW, None, 1.0))
     for method in methods:
         if method in ("full", BASE_VIEW):
             continue
         for budget in budgets:
-            for alpha in alphas if method == "hired" else (0.5,):
+            for alpha in alphas if method == "hired" else (None,):
                 settings.append(Setting(method, budget, alpha))
     return settings
 
@@ -125,6 +126,10 @@ def evaluate(model, processor, samples: Sequence[Sample], settings: Sequence[Set
     return records
 
 
+def _alpha(record: dict) -> str:
+    return "-" if record["alpha"] is None else f"{record['alpha']:g}"
+
+
 def markdown(records: Sequence[dict]) -> str:
     """A table: one row per setting, accuracy with its interval and per question type."""
     from hired.report import markdown_table
@@ -134,10 +139,10 @@ def markdown(records: Sequence[dict]) -> str:
     for r in records:
         budget = "256 tokens" if r["budget"] is None else f"{100 * r['budget']:g}%"
         if "error" in r:
-            rows.append([r["method"], budget, f"{r['alpha']:g}", "-", f"not run: {r['error']}", *["-"] * len(types)])
+            rows.append([r["method"], budget, _alpha(r), "-", f"not run: {r['error']}", *["-"] * len(types)])
             continue
         rows.append([
-            r["method"], budget, f"{r['alpha']:g}", f"{r['visual_tokens']:.0f}",
+            r["method"], budget, _alpha(r), f"{r['visual_tokens']:.0f}",
             f"{100 * r['accuracy']:.1f} ({100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f})",
             *(f"{100 * r['accuracy_by_type'][t]:.0f}" if t in r["accuracy_by_type"] else "-" for t in types),
         ])
@@ -160,7 +165,7 @@ def plot(records: Sequence[dict], path: Path) -> None:
     for r in records:
         if r["method"] not in ("full", BASE_VIEW) and "error" not in r:
             curves.setdefault((r["method"], r["alpha"]), []).append(r)
-    for (method, alpha), rows in sorted(curves.items()):
+    for (method, alpha), rows in sorted(curves.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
         rows = sorted(rows, key=lambda r: r["budget"])
         label = method if method != "hired" or len({a for m, a in curves if m == "hired"}) == 1 else f"hired a={alpha:g}"
         x = [100 * r["budget"] for r in rows]
@@ -217,7 +222,9 @@ def _run(args: argparse.Namespace) -> None:
 
     methods = args.method or [*available_methods(), BASE_VIEW]
     try:
-        settings = settings_for(methods, args.budgets, args.alphas)
+        if args.alphas is not None and "hired" not in methods:
+            raise ValueError("--alphas sets HiRED's base-view share, and hired is not among the --method given")
+        settings = settings_for(methods, args.budgets, args.alphas or DEFAULT_ALPHAS)
         if args.split:
             samples = read_split(args.split)
         else:
@@ -236,7 +243,7 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["hired eval"]
     parts += [f"--split {args.split}"] if args.split else [f"--seed {args.seed}", f"--n {args.n}"]
     parts += [f"--method {m}" for m in args.method or []]
-    parts += ["--budgets " + " ".join(f"{b:g}" for b in args.budgets), "--alphas " + " ".join(f"{a:g}" for a in args.alphas)]
+    parts += ["--budgets " + " ".join(f"{b:g}" for b in args.budgets), "--alphas " + " ".join(f"{a:g}" for a in args.alphas or DEFAULT_ALPHAS)]
     parts += [f"--model {args.model}"] if args.model else []
     return " ".join(parts + [f"--out {args.out}"])
 
@@ -258,7 +265,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", action="append", help=f"method to evaluate (repeatable; default: all, plus {BASE_VIEW})")
     parser.add_argument("--budgets", type=fraction, nargs="+", default=list(BUDGETS),
                         help="fractions of the stock tokens, each in (0, 1]")
-    parser.add_argument("--alphas", type=share, nargs="+", default=[0.5], help="HiRED base-view shares to sweep, in [0, 1]")
+    parser.add_argument("--alphas", type=share, nargs="+", default=None,
+                        help="HiRED base-view shares to sweep, in [0, 1] (default 0.5)")
     parser.add_argument("--model", help="folder of a trained testbed model (default: the bundled one)")
     parser.add_argument("--out", type=output_folder, default="testbed-eval", help="output folder")
     parser.add_argument("--json", action="store_true", help="print the records as JSON")
