@@ -484,35 +484,48 @@ def test_fastv_decodes_a_generated_image_token_as_text():
 # 5. Tracebacks instead of one line: one CLI error boundary
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["inspect", "IMAGE", "--budget", "nan"], "argument --budget: expected a finite number"),
-    (["inspect", "IMAGE", "--budget", "0"], "expected a fraction in (0, 1]"),
-    (["inspect", "IMAGE", "--tokens", "-3"], "argument --tokens: expected a whole number >= 1"),
-    (["inspect", "IMAGE", "--alpha", "2"], "argument --alpha: expected a number in [0, 1]"),
-    (["inspect", "IMAGE", "--tile", "336", "--patch", "5"], "not a multiple of --patch 5"),
-    (["inspect", "IMAGE", "--method-option", "seed"], "--method-option expects KEY=VALUE"),
-    (["generate", "IMAGE", "--max-new-tokens", "0", "--model", "tiny-random"], "argument --max-new-tokens"),
-    (["show", "IMAGE", "-o", "IMAGE/out.png", "--model", "tiny-random"], "is a file, not a folder"),
-    (["show", "IMAGE", "-o", "FOLDER", "--model", "tiny-random"], "ending in .png"),
-    (["show", "BOMB", "--model", "tiny-random"], "more pixels than Pillow reads safely"),
-    (["generate", "IMAGE", "--model", "FOLDER/no/such/model"], "no model folder at"),
-    (["generate", "IMAGE", "--model", "FOLDER"], "folder without config.json"),
-    (["generate", "IMAGE", "--model", "someone/uncached-model"], "nor in the local Hugging Face cache"),
-    (["bench", "--batch", "0"], "argument --batch: expected a whole number >= 1"),
-    (["bench", "--budgets", "576"], "expected a fraction in (0, 1], got 576; see hired bench --help"),
-    (["eval", "--out", "IMAGE"], "is a file; give a folder"),
-    (["eval", "--out", "/proc/hired-results"], "cannot write into /proc/hired-results"),
-    (["show", "IMAGE", "-o", "picture.png/"], "is a folder; give a file name ending in .png"),
-    (["inspect", "IMAGE", "--tile", "100000", "--patch", "1"], "inspect allows at most 256"),
+# Each case runs in process; those marked "fresh" also run as the real command in a new interpreter
+# (a few, since each start costs seconds), which is what a user sees.
+CLI_FAILURES = [
+    (["inspect", "IMAGE", "--budget", "nan"], "argument --budget: expected a finite number", True),
+    (["inspect", "IMAGE", "--budget", "0"], "expected a fraction in (0, 1]", False),
+    (["inspect", "IMAGE", "--tokens", "-3"], "argument --tokens: expected a whole number >= 1", False),
+    (["inspect", "IMAGE", "--alpha", "2"], "argument --alpha: expected a number in [0, 1]", False),
+    (["inspect", "IMAGE", "--tile", "336", "--patch", "5"], "not a multiple of --patch 5", True),
+    (["inspect", "IMAGE", "--tile", "100000", "--patch", "1"], "inspect allows at most 256", False),
+    (["inspect", "IMAGE", "--method-option", "seed"], "--method-option expects KEY=VALUE", False),
+    (["generate", "IMAGE", "--max-new-tokens", "0", "--model", "tiny-random"], "argument --max-new-tokens", False),
+    (["show", "IMAGE", "-o", "IMAGE/out.png", "--model", "tiny-random"], "is a file, not a folder", True),
+    (["show", "IMAGE", "-o", "FOLDER", "--model", "tiny-random"], "ending in .png", False),
+    (["show", "IMAGE", "-o", "picture.png/"], "is a folder; give a file name ending in .png", False),
+    (["show", "BOMB", "--model", "tiny-random"], "more pixels than Pillow reads safely", True),
+    (["generate", "IMAGE", "--model", "FOLDER/no/such/model"], "no model folder at", True),
+    (["generate", "IMAGE", "--model", "FOLDER"], "folder without config.json", False),
+    (["generate", "IMAGE", "--model", "someone/uncached-model"], "nor in the local Hugging Face cache", True),
+    (["bench", "--batch", "0"], "argument --batch: expected a whole number >= 1", False),
+    (["bench", "--budgets", "576"], "expected a fraction in (0, 1], got 576; see hired bench --help", False),
+    (["eval", "--out", "IMAGE"], "is a file; give a folder", False),
+    (["eval", "--out", "/proc/hired-results"], "cannot write into /proc/hired-results", True),
+]
+
+
+@pytest.mark.parametrize("args, fragment, fresh", [
+    pytest.param(args, fragment, fresh, id=f"{'fresh' if fresh else 'in-process'}: {fragment[:40]}")
+    for args, fragment, also_fresh in CLI_FAILURES for fresh in ((False, True) if also_fresh else (False,))
 ])
-def test_cli_failures_are_one_line_and_a_non_zero_exit(tmp_path, args, fragment):
+def test_cli_failures_are_one_line_and_a_non_zero_exit(tmp_path, monkeypatch, args, fragment, fresh):
     image = save_png(noise_image(64, 48), tmp_path / "photo.png")
     giant_png(tmp_path / "bomb.png")
     (tmp_path / "empty").mkdir()
     names = {"IMAGE": str(image), "BOMB": str(tmp_path / "bomb.png"), "FOLDER": str(tmp_path / "empty")}
     arguments = [names.get(a, a) for a in args]
     arguments = [a.replace("IMAGE/", f"{image}/").replace("FOLDER/", f"{tmp_path / 'empty'}/") for a in arguments]
-    assert_one_line_error(run_cli(*arguments, cwd=tmp_path), fragment)
+    if fresh:
+        assert_one_line_error(run_cli(*arguments, cwd=tmp_path), fragment)
+        return
+    monkeypatch.chdir(tmp_path)
+    code, _, err = in_process(*arguments)
+    assert_one_line_error(subprocess.CompletedProcess(arguments, code, "", err), fragment)
 
 
 def test_debug_shows_the_traceback(tmp_path):

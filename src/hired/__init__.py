@@ -52,8 +52,16 @@ def apply(model, processor=None, config: HiredConfig | None = None, **settings: 
             placeholders themselves.
         config: a :class:`HiredConfig`; alternatively its settings as keywords (``budget=0.2``,
             ``tokens=576``, ``method="visionzip"``), where the method's own options may be given
-            directly (``alpha=0.3`` for HiRED) or as ``method_options``. With neither, the
+            directly (``alpha=0.3`` for HiRED) or as ``method_options``. Keywords describe the whole
+            configuration (what they do not name takes its default); to change one setting of a
+            stored one, pass ``hired.stored_config(model).updated(budget=0.1)``. With neither, the
             configuration stored on ``model.config`` by an earlier ``apply`` is used.
+
+    Raises:
+        TypeError: ``model`` is not of a registered family (the message lists the supported
+            classes), or ``processor`` is not that family's processor.
+        ValueError: a setting the model or the method cannot honour (its vision feature layer or
+            strategy, layers out of range, a CLS-attention method on a tower without CLS token).
 
     Returns:
         ``(model, processor)``, the same objects, patched.
