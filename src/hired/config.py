@@ -84,11 +84,7 @@ class HiredConfig:
         """A config from flat keywords: ``budget``, ``tokens``, ``method``, ``method_options``, and any
         of the method's own options (``alpha=0.3`` for HiRED), which join ``method_options``."""
         own = {key: settings.pop(key) for key in ("budget", "tokens", "method") if key in settings}
-        options = dict(settings.pop("method_options", None) or {})
-        clash = sorted(set(options) & set(settings))
-        if clash:
-            raise ValueError(f"options {clash} given both as keywords and in method_options")
-        return cls(**own, method_options={**options, **settings})
+        return cls(**own, method_options=_method_options(settings))
 
     def updated(self, **settings: Any) -> "HiredConfig":
         """This configuration with the given settings (as for :meth:`create`) replacing those they name.
@@ -98,12 +94,8 @@ class HiredConfig:
         merged into the stored ones. ``HiredConfig.create`` builds a configuration from defaults instead.
         """
         method = settings.pop("method", self.method)
-        options = dict(settings.pop("method_options", None) or {})
         amount = {key: settings.pop(key) for key in ("budget", "tokens") if key in settings}
-        clash = sorted(set(options) & set(settings))
-        if clash:
-            raise ValueError(f"options {clash} given both as keywords and in method_options")
-        options.update(settings)
+        options = _method_options(settings)
         if method == self.method:
             options = {**self.method_options.to_dict(), **options}
         if not amount and get_method(self.method).stage != "none" and self.fixes_count:
@@ -164,3 +156,12 @@ class HiredConfig:
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _method_options(settings: dict[str, Any]) -> dict[str, Any]:
+    """``method_options`` merged with the method's options given as keywords (the other keys of ``settings``)."""
+    options = dict(settings.pop("method_options", None) or {})
+    clash = sorted(set(options) & set(settings))
+    if clash:
+        raise ValueError(f"options {clash} given both as keywords and in method_options")
+    return {**options, **settings}

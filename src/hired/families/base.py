@@ -130,7 +130,6 @@ class HiredModel:
         config = state.config
         family = state.family
         method = get_method(config.method)
-        state.records = []
         budgets = [config.budget_for(g.stock_tokens) for g in call.geometries]
 
         if not method.selects_before_llm or all(_keeps_all(b, g) for b, g in zip(budgets, call.geometries)):
@@ -257,10 +256,12 @@ def _checked_expand(model, input_ids, mm_encoder_output, expand_size=1, inputs_e
                                                   inputs_embeds=inputs_embeds)
 
 
-def _forget_records_of_text_only_calls(state: ModelState, parameters: inspect.Signature, module, args, kwargs):
-    """Forward pre-hook: a call that starts a sequence without images leaves no records behind."""
-    arguments = parameters.bind_partial(module, *args, **kwargs).arguments
-    arguments.update(arguments.pop("kwargs", {}))
+def _forget_records_of_text_only_calls(state: ModelState, positional: tuple[str, ...], module, args, kwargs):
+    """Forward pre-hook: a call that starts a sequence without images leaves no records behind.
+
+    ``positional`` names the forward's positional parameters, for callers that pass them so.
+    """
+    arguments = {**dict(zip(positional, args)), **kwargs}
     encoded = arguments.get("mm_encoder_outputs") or {}
     if arguments.get("pixel_values") is not None or encoded.get("image") is not None:
         return None
@@ -268,6 +269,12 @@ def _forget_records_of_text_only_calls(state: ModelState, parameters: inspect.Si
     if cache is None or cache.get_seq_length() == 0:
         state.records = []
     return None
+
+
+def _positional_names(function) -> tuple[str, ...]:
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in inspect.signature(function).parameters.values() if p.kind in kinds]
+    return tuple(names[1:])  # without self
 
 
 def _selected_features(evidence: VisionEvidence, selection: Selection) -> torch.Tensor:
@@ -371,7 +378,7 @@ def apply(family: FamilyAdapter, model, processor, config: HiredConfig):
         state.llm_pruning = llm_pruning
         decoder_pruning.install(inner, llm_pruning, config, records=functools.partial(getattr, state, "records"))
     state.handles.append(inner.register_forward_pre_hook(
-        functools.partial(_forget_records_of_text_only_calls, state, inspect.signature(family.inner_class.forward)),
+        functools.partial(_forget_records_of_text_only_calls, state, _positional_names(family.inner_class.forward)),
         with_kwargs=True,
     ))
     if model is not inner:
