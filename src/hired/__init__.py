@@ -90,14 +90,18 @@ def remove(model, processor=None):
 def from_pretrained(path: str, **kwargs: Any):
     """Load a model and processor saved after ``hired.apply`` and patch them with the stored config.
 
-    Keyword arguments go to ``from_pretrained`` of the model (e.g. ``dtype=torch.bfloat16``).
+    Keyword arguments go to ``from_pretrained`` of the model (e.g. ``dtype=torch.bfloat16``). For a
+    method in an adaptive mode the processor is returned stock (it cannot know the count ahead of the
+    model): build inputs with ``hired.adaptive.prepare_inputs``.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     check_model_source(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     config = stored_config(model)
     if config is None:
         raise ValueError(f"{path} holds no HiRED configuration; load it normally and call hired.apply(model, processor)")
+    if not config.fixes_count:
+        return apply(model, None, config)[0], processor
     return apply(model, processor, config)

@@ -17,9 +17,9 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from transformers.image_utils import get_image_size, to_numpy_array
 
 from .families import family_of
+from .images import image_size_of
 from .methods import get_method
 from .state import model_state
 
@@ -54,7 +54,7 @@ def prepare_inputs(model, processor, images: Any, text: str | Sequence[str]) -> 
     # Image processors without AnyRes return no sizes; the records still give each image's own.
     sizes = pixels.get("image_sizes")
     if sizes is None:
-        sizes = torch.tensor([get_image_size(to_numpy_array(image)) for image in image_list])
+        sizes = torch.tensor([image_size_of(image) for image in image_list])
     with torch.no_grad():
         encoded = inner.get_image_features(pixel_values, image_sizes=sizes)
     counts = iter(len(features) for features in encoded.pooler_output)

@@ -16,9 +16,10 @@ DEFAULT_BUDGET = 0.2
 _LEGACY_HIRED_KEYS = ("alpha", "distribution_layer", "selection_layer", "head_aggregation")
 
 
-@dataclass
+@dataclass(frozen=True)
 class HiredConfig:
-    """How many visual tokens to keep and which method chooses them.
+    """How many visual tokens to keep and which method chooses them (immutable once validated:
+    build a changed one with :meth:`updated`).
 
     Args:
         budget: fraction of the tokens the stock model would feed for the image, in ``(0, 1]``;
@@ -40,7 +41,7 @@ class HiredConfig:
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
-        self.method_options = method.make_options(self.method_options)
+        object.__setattr__(self, "method_options", method.make_options(self.method_options))
         given = self.budget is not None or self.tokens is not None
         if self.tokens is not None:
             if self.budget is not None:
@@ -50,7 +51,7 @@ class HiredConfig:
                 raise ValueError(f"tokens must be a whole number of tokens, got {self.tokens!r}")
             if self.tokens < 1:
                 raise ValueError(f"tokens must be at least 1, got {self.tokens}")
-            self.tokens = int(self.tokens)
+            object.__setattr__(self, "tokens", int(self.tokens))
         elif given:
             if isinstance(self.budget, bool) or not isinstance(self.budget, numbers.Real):
                 raise ValueError(f"budget must be a number in (0, 1], got {self.budget!r}")
@@ -58,21 +59,21 @@ class HiredConfig:
                 whole = math.isfinite(self.budget) and 1 < self.budget < 1e6 and self.budget == int(self.budget)
                 hint = f"; for an absolute count use tokens={int(self.budget)}" if whole else ""
                 raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget}{hint}")
-            self.budget = float(self.budget)
+            object.__setattr__(self, "budget", float(self.budget))
         # A budget the method cannot honour is refused rather than ignored.
         if method.stage == "none":
             if given and (self.tokens is not None or self.budget != 1.0):
                 amount = f"tokens={self.tokens}" if self.tokens is not None else f"budget={self.budget}"
                 raise ValueError(f"method {self.method!r} feeds every visual token, so {amount} cannot take effect; "
                                  "drop it, or choose a method that reduces tokens (see hired.available_methods())")
-            self.budget = 1.0
+            object.__setattr__(self, "budget", 1.0)
         elif self.method_options.adaptive:
             if given:
                 amount = f"tokens={self.tokens}" if self.tokens is not None else f"budget={self.budget}"
                 raise ValueError(f"method {self.method!r} with adaptive=True chooses its token count from the pixels, "
                                  f"so {amount} cannot take effect; drop it, or set adaptive=False for a fixed budget")
         elif not given:
-            self.budget = DEFAULT_BUDGET
+            object.__setattr__(self, "budget", DEFAULT_BUDGET)
 
     @property
     def fixes_count(self) -> bool:

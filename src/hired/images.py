@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -20,13 +21,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     range they hold (see :func:`_wide_to_8_bits`); other modes (CMYK, LAB, YCbCr, ...) go through
     Pillow's conversion.
     """
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # alpha, or a palette / colour key
         rgba = image.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, (255, 255, 255))
         canvas.paste(rgba, mask=rgba.getchannel("A"))
         return canvas
+    if image.mode == "RGB":
+        return image
     if image.mode.startswith("I") or image.mode == "F":
         return _wide_to_8_bits(image).convert("RGB")
     return image.convert("RGB")
@@ -35,16 +36,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def _wide_to_8_bits(image: Image.Image) -> Image.Image:
     """Greyscale of more than 8 bits as 8 bits.
 
-    Integers: values within 0..255 are taken as they are (8-bit data in a wide container), values
-    within 0..65535 as 16-bit. Floats: within 0..1 as a fraction of white, within 0..255 as 8-bit.
-    Anything else (negative values, HDR floats, 32-bit counts) is stretched from its minimum to its
-    maximum, with a warning, since no fixed scale fits it.
+    Integers are 16-bit data (what ``I;16`` files declare; 32-bit ``I`` images within 0..65535 too).
+    Floats within 0..1 are fractions of white, within 0..255 8-bit values. Anything else (negative
+    values, HDR floats, 32-bit counts) is stretched from its minimum to its maximum, with a warning,
+    since no fixed scale fits it. Pixels that are not numbers (NaN) become black, with a warning.
     """
     values = np.asarray(image, dtype=np.float64)
+    missing = ~np.isfinite(values)
+    if missing.any():
+        warnings.warn(f"{int(missing.sum())} pixels of a {image.mode} image are not finite numbers; reading them as black",
+                      stacklevel=3)
+        values = np.where(missing, 0.0, values)
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     floating = image.mode == "F"
-    if low >= 0 and high <= (1.0 if floating else 255):
-        scaled = values * 255 if floating else values
+    if floating and low >= 0 and high <= 1.0:
+        scaled = values * 255
     elif low >= 0 and high <= (255 if floating else 65535):
         scaled = values if floating else values / 257
     else:
@@ -64,11 +70,15 @@ def open_image(path: str | Path) -> Image.Image:
         ValueError: the path is missing or a folder, or the file is not an image, is truncated or
             corrupt, or has more pixels than Pillow's decompression-bomb guard allows.
     """
+    if not str(path):
+        raise ValueError("no image path given (an empty string); give an image file")
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder; give an image file")
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"image file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file (a pipe or a device); give an image file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -84,3 +94,17 @@ def open_image(path: str | Path) -> Image.Image:
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"cannot read {path} as an image ({error}); give a PNG, JPEG or other file Pillow reads") from None
+
+
+def image_size_of(image: Any) -> tuple[int, int]:
+    """``(height, width)`` of an image as processors take it: a PIL image, or an array / tensor.
+
+    PIL images give their size directly: transformers infers the channel axis of an array from its
+    shape, which is ambiguous for images 1 or 3 pixels tall.
+    """
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    from transformers.image_utils import get_image_size, to_numpy_array
+
+    height, width = get_image_size(to_numpy_array(image))
+    return int(height), int(width)

@@ -22,6 +22,7 @@ from . import bench, generate, methods, show
 from .common import CliError
 
 SUBCOMMAND_ENTRY_POINTS = "hired.cli"
+MAX_MESSAGE = 600
 # Errors that describe the user's input or environment; anything else is a bug of hired.
 USER_ERRORS = (CliError, ValueError, TypeError, OSError, ImportError, IncompatibleTransformers)
 
@@ -57,6 +58,8 @@ def describe(error: BaseException) -> str:
     else:
         text = str(error)
     text = " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
+    if len(text) > MAX_MESSAGE:
+        text = text[: MAX_MESSAGE - 30] + f" ... ({len(text)} characters)"
     if isinstance(error, USER_ERRORS):
         return text
     return f"internal error ({type(error).__name__}: {text}); rerun with --debug for the traceback and report it"
@@ -78,6 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    if not sys.stderr.isatty():  # progress bars in a log or a pipe are noise around the one error line
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging
+
+        disable_progress_bars()
+        logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning(args.command)

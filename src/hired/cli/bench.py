@@ -8,9 +8,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from PIL.Image import MAX_IMAGE_PIXELS
+
 from ..bench.models import known_models
 from ..bench.runner import BenchSpec, default_methods
-from .common import DTYPES, CliError, fraction, integer, output_folder, positive_number
+from .common import DTYPES, CliError, fraction, integer, output_folder, positive_number, unique
 
 MEMORY_NOTE = (
     "peak_rss_mb is the resident-set high-water mark of a fresh process serving one request of the variant, "
@@ -23,6 +25,9 @@ def _image_size(text: str) -> tuple[int, int]:
     width, sep, height = text.lower().partition("x")
     if not sep or not width.isdigit() or not height.isdigit() or int(width) < 1 or int(height) < 1:
         raise argparse.ArgumentTypeError(f"image size must look like WIDTHxHEIGHT (e.g. 672x672), got {text!r}")
+    if int(width) * int(height) > MAX_IMAGE_PIXELS:
+        raise argparse.ArgumentTypeError(f"{text} is {int(width) * int(height)} pixels, above the {MAX_IMAGE_PIXELS} "
+                                         "an image may have (Pillow's guard); the models resize to at most 1008 px")
     return int(width), int(height)
 
 
@@ -30,6 +35,9 @@ def _run(args: argparse.Namespace) -> None:
     from ..bench.report import markdown_table, write_outputs
     from ..bench.runner import ProbeFailed, run_benchmark
 
+    for values, option in ((args.methods or [], "--methods"), (args.budgets, "--budgets"),
+                           (args.image_size, "--image-size"), (args.batch, "--batch")):
+        unique(values, option)
     bench = BenchSpec(
         model=args.model, layers=args.layers, dtype=args.dtype, methods=args.methods, budgets=args.budgets,
         image_sizes=args.image_size, batches=args.batch, new_tokens=args.new_tokens, warmup=args.warmup,

@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable
 
+from ..methods import get_method
 from ..sources import check_model_source
 
 # Entry-point group through which other distributions name models for --model (e.g. the testbed's
@@ -101,6 +102,15 @@ def method_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def unique(values, option: str) -> None:
+    """Refuse a value given twice to a list option (it would be measured twice and pooled)."""
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise CliError(f"{option} lists {value} twice; give each value once")
+        seen.add(value)
+
+
 def _writable_folder(folder: Path, what: str) -> None:
     """Refuse ``folder`` unless files can be written in it, or it can be created, so that a run that
     would fail at its end, when it writes, fails before it starts. Nothing is left behind."""
@@ -171,6 +181,8 @@ def budget_settings(args: argparse.Namespace) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise CliError(f"--method-option expects KEY=VALUE, got {item!r}")
+        if key in options:
+            raise CliError(f"--method-option {key} is given twice; give each option once")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -181,6 +193,31 @@ def budget_settings(args: argparse.Namespace) -> dict[str, Any]:
         options["alpha"] = args.alpha
     settings = {name: getattr(args, name) for name in ("budget", "tokens", "method") if getattr(args, name) is not None}
     return {**settings, **({"method_options": options} if options else {})}
+
+
+def check_settings(args: argparse.Namespace, needs: str) -> None:
+    """Refuse, before a model loads, settings the command cannot serve whatever the model stores.
+
+    ``needs``: ``"fixed"`` (a count known ahead of the model, for a processor) or ``"vision"`` (a
+    selection made on the vision side, to draw). Checked when ``--method`` is given; a stored method
+    is checked after loading.
+    """
+    from ..config import HiredConfig
+
+    settings = budget_settings(args)
+    if "method" not in settings:
+        return
+    try:
+        config = HiredConfig.create(**settings)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    if needs == "fixed" and not config.fixes_count:
+        raise CliError(f"method {config.method!r} in adaptive mode chooses its count from the pixels, which the "
+                       "processor cannot know ahead of the model; give a fixed budget (in Python, "
+                       "hired.adaptive.prepare_inputs serves adaptive modes)")
+    if needs == "vision" and not get_method(config.method).selects_before_llm:
+        raise CliError(f"method {config.method!r} selects no visual tokens before the language model, so there is "
+                       "no selection to draw; pick a vision-side method (e.g. hired, random, spatial)")
 
 
 def config_from_args(args: argparse.Namespace, model=None):
@@ -245,8 +282,8 @@ def load_model(name: str, dtype: str):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
+        processor = AutoProcessor.from_pretrained(name)  # first: it is quick, and a folder may lack it
         model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtypes[dtype]).eval()
-        processor = AutoProcessor.from_pretrained(name)
     except (OSError, ValueError) as error:
         raise CliError(f"cannot load model {name!r}: {_first_line(error)}") from None
     return model, processor

@@ -13,7 +13,7 @@ from .common import (
     DTYPES,
     CliError,
     add_budget_arguments,
-    budget_settings,
+    check_settings,
     config_from_args,
     emit,
     integer,
@@ -27,7 +27,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     import hired
 
-    budget_settings(args)  # option syntax, before the model loads
+    check_settings(args, needs="fixed")
     images = [load_image(path) for path in args.image]
     model, processor = load_model(args.model, args.dtype)
     config = config_from_args(args, model)
@@ -72,7 +72,8 @@ def _inspect(args: argparse.Namespace) -> None:
     config = config_from_args(args)
     if not config.fixes_count:
         raise CliError(f"method {config.method!r} in adaptive mode chooses its token count from the pixels, which "
-                       "inspect does not encode; run hired generate --json to see the count of an image")
+                       "inspect does not encode; in Python, hired.adaptive.prepare_inputs encodes the images and "
+                       "hired.selections(model) gives each count")
     rows = []
     for path in args.image:
         image = load_image(path)
@@ -89,8 +90,8 @@ def _allocation(path: str, geometry, config) -> dict[str, Any]:
         "method": config.method,
         "stock_tokens": geometry.stock_tokens,
         "newline_tokens": geometry.newline_tokens,
-        "fed_tokens": config.budget_for(geometry.stock_tokens),
-        "kept_tokens": config.kept_for(geometry.stock_tokens),
+        "fed_tokens": _as_fed(config.budget_for(geometry.stock_tokens), geometry),
+        "kept_tokens": _as_fed(config.kept_for(geometry.stock_tokens), geometry),
         "partition_caps": [int(c) for c in geometry.candidates.sum(dim=1)],
     }
     if get_method(config.method).stage == "llm":
@@ -104,14 +105,19 @@ def _allocation(path: str, geometry, config) -> dict[str, Any]:
     return row
 
 
+def _as_fed(count: int, geometry) -> int:
+    """A count as the records give it: the stock model's count includes its newline tokens."""
+    return count + geometry.newline_tokens if count >= geometry.stock_tokens else count
+
+
 def _describe(row: dict[str, Any]) -> str:
     size = f"{row['image']}: {row['image_size'][1]}x{row['image_size'][0]} px, grid {row['grid'][0]}x{row['grid'][1]}"
     stock = f"{row['stock_tokens']} (+{row['newline_tokens']} newlines)"
     if "llm_layer" in row:
         counts = (f"fed {row['fed_tokens']} of {stock}, {row['method']} keeps {row['kept_tokens']} after LLM layer "
                   f"{row['llm_layer']}")
-    elif row["method"] == "full" or row["kept_tokens"] >= row["stock_tokens"]:
-        counts = f"K={row['stock_tokens']} of {stock}: every token (the stock model)"
+    elif row["kept_tokens"] >= row["stock_tokens"]:
+        counts = f"all {row['kept_tokens']} tokens of {stock}: the stock model"
     else:
         counts = f"K={row['kept_tokens']} of {stock}"
         if "base_view_tokens" in row:

@@ -65,20 +65,33 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
+# Lazy throughout, so that each pair of markers encloses only its own table, an empty pair included.
+MARKED = re.compile(re.escape(BEGIN) + r"\n(?:.*?\n)??" + re.escape(END), re.DOTALL)
+
+
+def updated_text(path: Path) -> str:
+    """The text of ``path`` with the table between each pair of markers rewritten."""
+    if not path.is_file():
+        raise CliError(f"{path} is not a file; give the markdown files that hold the methods table")
+    text = path.read_text()
+    if not MARKED.search(text):
+        raise CliError(f"{path} has no methods table markers; add the two lines {BEGIN} and {END}")
+    return MARKED.sub(lambda _: f"{BEGIN}\n{markdown_table()}\n{END}", text)
+
+
 def update_file(path: Path) -> bool:
     """Rewrite the table between the markers in ``path``; True if it changed."""
-    text = path.read_text()
-    pattern = re.compile(re.escape(BEGIN) + r"\n(?:.*?\n)?" + re.escape(END), re.DOTALL)
-    if not pattern.search(text):
-        raise CliError(f"{path} has no methods table markers; add the lines\n{BEGIN}\n{END}")
-    updated = pattern.sub(lambda _: f"{BEGIN}\n{markdown_table()}\n{END}", text)
+    text, updated = path.read_text(), updated_text(path)
     path.write_text(updated)
     return updated != text
 
 
 def _run(args: argparse.Namespace) -> None:
     if args.update:
-        changed = [str(path) for path in args.update if update_file(Path(path))]
+        paths = [Path(path) for path in args.update]
+        for path in paths:  # every file is checked before any is written
+            updated_text(path)
+        changed = [str(path) for path in paths if update_file(path)]
         print("updated " + ", ".join(changed) if changed else "the methods tables are up to date")
         return
     if args.markdown:

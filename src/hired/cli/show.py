@@ -8,7 +8,7 @@ from ..visualize import show
 from .common import (
     DTYPES,
     add_budget_arguments,
-    budget_settings,
+    check_settings,
     config_from_args,
     emit,
     load_image,
@@ -18,7 +18,7 @@ from .common import (
 
 
 def _run_cli(args: argparse.Namespace) -> None:
-    budget_settings(args)  # option syntax, before the model loads
+    check_settings(args, needs="vision")
     image = load_image(args.image)
     model, processor = load_model(args.model, args.dtype)
     config = config_from_args(args, model)

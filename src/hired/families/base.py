@@ -256,14 +256,18 @@ def _checked_expand(model, input_ids, mm_encoder_output, expand_size=1, inputs_e
                                                   inputs_embeds=inputs_embeds)
 
 
-def _forget_records_of_text_only_calls(state: ModelState, positional: tuple[str, ...], module, args, kwargs):
-    """Forward pre-hook: a call that starts a sequence without images leaves no records behind.
+def _forget_records_of_earlier_calls(state: ModelState, positional: tuple[str, ...], module, args, kwargs):
+    """Forward pre-hook: a call that starts a sequence forgets the records of earlier calls.
 
-    ``positional`` names the forward's positional parameters, for callers that pass them so.
+    Its own images are encoded after this (from ``pixel_values``), or were just encoded for it
+    (``generate`` passes them as ``mm_encoder_outputs``), or are already in ``inputs_embeds``
+    without ``input_ids`` (``hired.adaptive.prepare_inputs``); only the first two kinds of call
+    and text-only calls can be told apart, so the last keeps its records. ``positional`` names the
+    forward's positional parameters, for callers that pass them so.
     """
     arguments = {**dict(zip(positional, args)), **kwargs}
     encoded = arguments.get("mm_encoder_outputs") or {}
-    if arguments.get("pixel_values") is not None or encoded.get("image") is not None:
+    if encoded.get("image") is not None or (arguments.get("input_ids") is None and arguments.get("inputs_embeds") is not None):
         return None
     cache = compat.cache_from_kwargs(arguments)
     if cache is None or cache.get_seq_length() == 0:
@@ -365,6 +369,10 @@ def apply(family: FamilyAdapter, model, processor, config: HiredConfig):
         family.check_processor(inner, processor)
     llm_pruning = decoder_pruning.prepare(inner, method, options) if method.stage == "llm" else None
 
+    previous = getattr(inner, "_hired", None)
+    earlier_processor = previous.paired_processor() if isinstance(previous, ModelState) else None
+    if earlier_processor is not None and earlier_processor is not processor:
+        _restore_processor(earlier_processor)  # it would emit the old count beside the new configuration
     _uninstall_hooks(inner)
     if isinstance(processor, HiredProcessor):
         processor.__class__ = processor._stock_class
@@ -378,7 +386,7 @@ def apply(family: FamilyAdapter, model, processor, config: HiredConfig):
         state.llm_pruning = llm_pruning
         decoder_pruning.install(inner, llm_pruning, config, records=functools.partial(getattr, state, "records"))
     state.handles.append(inner.register_forward_pre_hook(
-        functools.partial(_forget_records_of_text_only_calls, state, _positional_names(family.inner_class.forward)),
+        functools.partial(_forget_records_of_earlier_calls, state, _positional_names(family.inner_class.forward)),
         with_kwargs=True,
     ))
     if model is not inner:
@@ -403,9 +411,13 @@ def remove(family: FamilyAdapter, model, processor=None):
         if hasattr(holder, CONFIG_KEY):
             delattr(holder, CONFIG_KEY)
     if isinstance(processor, HiredProcessor):
-        processor.__class__ = processor._stock_class
-        del processor.hired_config
+        _restore_processor(processor)
     return model, processor
+
+
+def _restore_processor(processor: HiredProcessor) -> None:
+    processor.__class__ = processor._stock_class
+    del processor.hired_config
 
 
 def _uninstall_hooks(inner) -> None:

@@ -429,6 +429,12 @@ def prepare(inner, method, options) -> PruningState:
             f"{name} cannot prune after layer {layer}: the decoder has only {len(layers)} layers "
             f"(use method_options={{'layer': k}} with 1 <= k <= {len(layers) - 1})"
         )
+    implementation = getattr(language_model.config, "_attn_implementation", None)
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"{name} supports the {' and '.join(_IMPLEMENTATIONS)} attention implementations; this model uses "
+            f"{implementation!r} (model.set_attn_implementation('sdpa'))"
+        )
     if getattr(language_model.config, "sliding_window", None) is not None:
         raise ValueError(f"{name} does not support sliding-window attention (the pruned cache has no window)")
     scored = layers[layer - 1].self_attn

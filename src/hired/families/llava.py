@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaProcessor
-from transformers.image_utils import get_image_size, make_flat_list_of_images, to_numpy_array
+from transformers.image_utils import make_flat_list_of_images
 
 from ..geometry import AnyresGeometry
+from ..images import image_size_of
 from .base import HiredModel, HiredProcessor, ImageCall
 from .llava_next import LlavaNextAdapter, as_pair, tile_size
 from .registry import register_family
@@ -57,7 +58,7 @@ class HiredLlavaProcessor(HiredProcessor, LlavaProcessor):
 
     def _process_images(self, images, **kwargs):
         processed, replacements = super()._process_images(images, **kwargs)
-        processed["image_sizes"] = [list(get_image_size(to_numpy_array(image))) for image in make_flat_list_of_images(images)]
+        processed["image_sizes"] = [list(image_size_of(image)) for image in make_flat_list_of_images(images)]
         return processed, replacements
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
@@ -92,6 +93,9 @@ class LlavaAdapter(LlavaNextAdapter):
 
     def pack_stock(self, inner, projected, image_size):
         return projected[0]
+
+    def check_grid(self, inner, processor) -> None:
+        """One partition: no grid to match."""
 
 
 LLAVA = register_family(LlavaAdapter())

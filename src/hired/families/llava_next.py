@@ -126,9 +126,21 @@ class LlavaNextAdapter(FamilyAdapter):
         return packed[0]
 
     def check_processor(self, inner, processor) -> None:
-        patch = inner.config.vision_config.patch_size
-        if processor.patch_size != patch:
-            raise ValueError(f"processor.patch_size={processor.patch_size} differs from the vision tower's patch size {patch}")
+        vision = inner.config.vision_config
+        if processor.patch_size != vision.patch_size:
+            raise ValueError(f"processor.patch_size={processor.patch_size} differs from the vision tower's patch size "
+                             f"{vision.patch_size}")
+        if tile_size(processor.image_processor) != vision.image_size:
+            raise ValueError(f"the processor cuts {tile_size(processor.image_processor)} px tiles but the vision tower "
+                             f"takes {vision.image_size} px; use the processor saved with this model")
+        self.check_grid(inner, processor)
+
+    def check_grid(self, inner, processor) -> None:
+        ours = [list(p) for p in processor.image_processor.image_grid_pinpoints]
+        theirs = [list(p) for p in inner.config.image_grid_pinpoints]
+        if ours != theirs:
+            raise ValueError(f"the processor's grid pinpoints {ours} differ from the model's {theirs}; use the processor "
+                             "saved with this model")
 
 
 LLAVA_NEXT = register_family(LlavaNextAdapter())

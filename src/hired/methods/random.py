@@ -18,6 +18,8 @@ class RandomOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         self._check_int("seed", 0)
+        if self.seed >= 2**63:
+            raise ValueError(f"option 'seed' must be below 2**63 (torch's generator takes a 64-bit seed), got {self.seed}")
 
 
 def random_rows(num_candidates: int, budget: int, seed: int) -> torch.Tensor:

@@ -202,6 +202,9 @@ def read_split(path: str) -> list[Sample]:
             continue
         try:
             row = json.loads(line)
+            texts = [name for name in ("image", "question", "answer") if not isinstance(row[name], str)]
+            if texts:  # an answer of another type would never match the reply and count as wrong
+                raise ValueError(f"{', '.join(texts)} must be text (a JSON string)")
             image = open_image(file.parent / row["image"])
             samples.append(Sample(image, row["question"], row["answer"], [], "custom", row.get("question_type", "any")))
         except (json.JSONDecodeError, KeyError, TypeError) as error:
@@ -214,7 +217,7 @@ def read_split(path: str) -> list[Sample]:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from hired.cli.common import CliError, emit
+    from hired.cli.common import CliError, emit, unique
     from hired.methods import available_methods
     from hired.report import write_report
 
@@ -224,6 +227,9 @@ def _run(args: argparse.Namespace) -> None:
     try:
         if args.alphas is not None and "hired" not in methods:
             raise ValueError("--alphas sets HiRED's base-view share, and hired is not among the --method given")
+        unique(methods, "--method")
+        unique(args.budgets, "--budgets")
+        unique(args.alphas or [], "--alphas")
         settings = settings_for(methods, args.budgets, args.alphas or DEFAULT_ALPHAS)
         if args.split:
             samples = read_split(args.split)
@@ -243,7 +249,9 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["hired eval"]
     parts += [f"--split {args.split}"] if args.split else [f"--seed {args.seed}", f"--n {args.n}"]
     parts += [f"--method {m}" for m in args.method or []]
-    parts += ["--budgets " + " ".join(f"{b:g}" for b in args.budgets), "--alphas " + " ".join(f"{a:g}" for a in args.alphas or DEFAULT_ALPHAS)]
+    parts += ["--budgets " + " ".join(f"{b:g}" for b in args.budgets), ]
+    if args.alphas is not None:
+        parts.append("--alphas " + " ".join(f"{a:g}" for a in args.alphas))
     parts += [f"--model {args.model}"] if args.model else []
     return " ".join(parts + [f"--out {args.out}"])
 

@@ -438,10 +438,14 @@ def reproducing_command(args: argparse.Namespace, methods: Sequence[str]) -> str
 
 
 def _run_cli(args: argparse.Namespace) -> None:
-    from hired.cli.common import CliError, emit
+    from hired.cli.common import CliError, emit, unique
     from hired.methods import vision_methods
 
     methods = args.method or vision_methods()
+    if args.alpha != list(DEFAULT_ALPHAS) and "hired" not in methods:
+        raise CliError("--alpha sets HiRED's base-view share, and hired is not among the --method given")
+    for values, option in ((methods, "--method"), (args.budget, "--budget"), (args.alpha, "--alpha")):
+        unique(values, option)
     try:
         settings_for(methods, args.budget, args.alpha)
         command = reproducing_command(args, methods)

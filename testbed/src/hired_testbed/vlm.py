@@ -60,15 +60,22 @@ def load_trained_model(path: str | Path = MODEL_DIR):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no trained testbed model in {path}; train one with `python -m hired_testbed.train`")
-    vision = convert_state_dict(tile=int(json.loads((path / "config.json").read_text())["vision_config"]["image_size"]))
+    not_testbed = (f"{path} is not a trained testbed model; give a folder written by python -m hired_testbed.train "
+                   "(or leave --model out for the bundled one)")
+    try:
+        vision = convert_state_dict(tile=int(json.loads((path / "config.json").read_text())["vision_config"]["image_size"]))
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(not_testbed) from None
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the tower is absent from the folder on purpose: no missing-weights report
     try:
         model = LlavaNextForConditionalGeneration.from_pretrained(path)
+        model.model.vision_tower.load_state_dict(vision)
+        processor = AutoProcessor.from_pretrained(path)
+    except (RuntimeError, ValueError, OSError, AttributeError):  # another architecture, or a tower of other shapes
+        raise ValueError(not_testbed) from None
     finally:
         logging.set_verbosity(verbosity)
-    model.model.vision_tower.load_state_dict(vision)
-    processor = AutoProcessor.from_pretrained(path)
     return model.eval(), processor
 
 
