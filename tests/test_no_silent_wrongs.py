@@ -822,3 +822,15 @@ def test_reapplying_with_another_processor_restores_the_first():
 def test_long_messages_are_cut_to_one_readable_line():
     line = describe(ValueError("x" * 5000))
     assert len(line) <= 600 and line.endswith("(5000 characters)")
+
+
+def test_junk_and_conflicting_stored_configurations_are_named():
+    with pytest.raises(ValueError, match="is a mapping"):
+        hired.HiredConfig.from_dict("junk")
+    with pytest.raises(ValueError, match=r"gives \['alpha'\] twice, with different values"):
+        hired.HiredConfig.from_dict({"budget": 0.2, "alpha": 0.3, "method_options": {"alpha": 0.6}})
+
+
+def test_demo_refuses_a_method_with_nothing_to_draw_before_making_its_folder(tmp_path):
+    code, _, err = in_process("demo", "--method", "fastv", "-o", str(tmp_path / "demo"))
+    assert code == 2 and "no selection to draw" in err and not (tmp_path / "demo").exists()

@@ -132,10 +132,18 @@ class HiredConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "HiredConfig":
         """The inverse of :meth:`to_dict`; also reads configurations stored by hired 0.1."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a stored HiRED configuration is a mapping (the 'hired' entry of config.json), got "
+                             f"{type(data).__name__}")
         data = dict(data)
         legacy = {key: data.pop(key) for key in _LEGACY_HIRED_KEYS if key in data}
         if data.get("method", "hired") == "hired":
-            data["method_options"] = {**legacy, **dict(data.get("method_options") or {})}
+            options = dict(data.get("method_options") or {})
+            clash = sorted(key for key in legacy if key in options and options[key] != legacy[key])
+            if clash:
+                raise ValueError(f"the stored configuration gives {clash} twice, with different values (at the top "
+                                 "level, as hired 0.1 stored them, and in method_options)")
+            data["method_options"] = {**legacy, **options}
         else:
             defaults = get_method("hired").option_defaults
             changed = sorted(key for key, value in legacy.items() if value != defaults[key])

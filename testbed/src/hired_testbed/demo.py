@@ -84,8 +84,9 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def _run_cli(args: argparse.Namespace) -> None:
-    from hired.cli.common import CliError, config_from_args, emit
+    from hired.cli.common import CliError, check_settings, config_from_args, emit
 
+    check_settings(args, needs="vision")  # before the output folder is made
     config = config_from_args(args)
     try:
         report = run_demo(Path(args.output_dir), config, args.questions)
