@@ -834,3 +834,16 @@ def test_junk_and_conflicting_stored_configurations_are_named():
 def test_demo_refuses_a_method_with_nothing_to_draw_before_making_its_folder(tmp_path):
     code, _, err = in_process("demo", "--method", "fastv", "-o", str(tmp_path / "demo"))
     assert code == 2 and "no selection to draw" in err and not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_forward_with_gradients_on_warns_of_nothing(method):
+    model, processor = tiny_llava_next()
+    if not hired.get_method(method).has_fixed_budget(hired.get_method(method).make_options()):
+        pytest.skip(f"{method} needs hired.adaptive.prepare_inputs")
+    hired.apply(model, processor, **method_settings(method, budget=0.2))
+    inputs = processor(images=noise_image(400, 300), text=PROMPT, return_tensors="pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(**inputs)
+    assert [str(w.message) for w in caught] == []

@@ -96,7 +96,7 @@ def apportion(total: int, weights: torch.Tensor, caps: torch.Tensor) -> torch.Te
     rest is divided again among the others. All-zero weights mean shares proportional to the caps.
     Returns ``min(total, caps.sum())`` tokens in all.
     """
-    weights = weights.double().clamp(min=0)
+    weights = weights.detach().double().clamp(min=0)  # a discrete split: no gradient, no scalar warnings
     caps = caps.long()
     shares = torch.zeros_like(caps)
     open_ = caps > 0

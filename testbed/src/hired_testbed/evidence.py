@@ -442,8 +442,9 @@ def _run_cli(args: argparse.Namespace) -> None:
     from hired.methods import vision_methods
 
     methods = args.method or vision_methods()
-    if args.alpha != list(DEFAULT_ALPHAS) and "hired" not in methods:
+    if args.alpha is not None and "hired" not in methods:
         raise CliError("--alpha sets HiRED's base-view share, and hired is not among the --method given")
+    args.alpha = list(DEFAULT_ALPHAS) if args.alpha is None else args.alpha
     for values, option in ((methods, "--method"), (args.budget, "--budget"), (args.alpha, "--alpha")):
         unique(values, option)
     try:
@@ -480,7 +481,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", nargs="+", default=None, help="methods to compare (default: every vision-side method)")
     parser.add_argument("--budget", nargs="+", type=fraction, default=list(DEFAULT_BUDGETS),
                         help="fractions of the stock tokens, each in (0, 1]")
-    parser.add_argument("--alpha", nargs="+", type=share, default=list(DEFAULT_ALPHAS), help="HiRED alpha sweep, in [0, 1]")
+    parser.add_argument("--alpha", nargs="+", type=share, default=None,
+                        help=f"HiRED alpha sweep, in [0, 1] (default {' '.join(map(str, DEFAULT_ALPHAS))})")
     parser.add_argument("--resamples", type=integer(10), default=1000, help="bootstrap resamples (>= 10)")
     parser.add_argument("--batch-size", type=integer(1), default=4, help="images per encoder call")
     parser.add_argument("-o", "--output", type=output_folder, default="evidence-results", help="output folder")
