@@ -740,7 +740,7 @@ def test_methods_update_keeps_the_text_between_two_tables(tmp_path):
      "--method-option seed is given twice"),
     (["bench", "--image-size", "100000x100000"], "above the 89478485 an image may have"),
     (["generate", "IMAGE", "--model", "tiny-random", "--method", "prumerge", "--method-option", "adaptive=true"],
-     "in adaptive mode chooses its count from the pixels"),
+     "in adaptive mode chooses its token count from the pixels"),
     (["show", "IMAGE", "--model", "tiny-random", "--method", "fastv"], "no selection to draw"),
 ])
 def test_second_pass_cli_cases(tmp_path, monkeypatch, args, fragment):

@@ -80,6 +80,16 @@ class HiredConfig:
         """Whether the visual tokens kept depend only on the image size (not adaptive)."""
         return get_method(self.method).has_fixed_budget(self.method_options)
 
+    def require_fixed_count(self) -> None:
+        """Raise ``ValueError`` unless the token count is known before the model runs (not adaptive)."""
+        if not self.fixes_count:
+            raise ValueError(
+                f"method {self.method!r} in adaptive mode chooses its token count from the pixels, so it is not known "
+                "before the model runs (no processor can emit its placeholders, nor inspect show it); use its "
+                "fixed-budget mode, or build inputs with hired.adaptive.prepare_inputs(model, processor, images, text) "
+                "and read each count from hired.selections(model)"
+            )
+
     @classmethod
     def create(cls, **settings: Any) -> "HiredConfig":
         """A config from flat keywords: ``budget``, ``tokens``, ``method``, ``method_options``, and any

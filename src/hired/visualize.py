@@ -27,6 +27,17 @@ def figure_size(num_partitions: int) -> tuple[int, int]:
     return round(columns * PANEL_INCHES * DPI), round((2 * PANEL_INCHES + TITLE_INCHES) * DPI)
 
 
+def check_drawable(config) -> None:
+    """Raise ``ValueError`` unless ``config``'s method selects tokens on the vision side, which the picture shows."""
+    from .methods import get_method
+
+    if not get_method(config.method).selects_before_llm:
+        raise ValueError(
+            f"method {config.method!r} selects no visual tokens before the language model, so there is no "
+            "selection to draw; pick a vision-side method (e.g. hired, random, spatial)"
+        )
+
+
 def select_tokens(model, processor, image: Image.Image, config):
     """Patch ``model`` with ``config``, encode ``image`` and return its selection record and tiles.
 
@@ -39,12 +50,7 @@ def select_tokens(model, processor, image: Image.Image, config):
     """
     import hired
 
-    method = hired.get_method(config.method)
-    if not method.selects_before_llm:
-        raise ValueError(
-            f"method {config.method!r} selects no visual tokens before the language model, so there is no "
-            "selection to show; pick a vision-side method (e.g. hired, random, spatial)"
-        )
+    check_drawable(config)
     hired.apply(model, processor, config)
     inputs = processor.image_processor([image], return_tensors="pt")
     pixel_values = inputs["pixel_values"].to(model.device, model.dtype)

@@ -16,7 +16,6 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable
 
-from ..methods import get_method
 from ..sources import check_model_source
 
 # Entry-point group through which other distributions name models for --model (e.g. the testbed's
@@ -207,17 +206,16 @@ def check_settings(args: argparse.Namespace, needs: str) -> None:
     settings = budget_settings(args)
     if "method" not in settings:
         return
+    from ..visualize import check_drawable
+
     try:
         config = HiredConfig.create(**settings)
+        if needs == "fixed":
+            config.require_fixed_count()
+        else:
+            check_drawable(config)
     except ValueError as error:
         raise CliError(str(error)) from None
-    if needs == "fixed" and not config.fixes_count:
-        raise CliError(f"method {config.method!r} in adaptive mode chooses its count from the pixels, which the "
-                       "processor cannot know ahead of the model; give a fixed budget (in Python, "
-                       "hired.adaptive.prepare_inputs serves adaptive modes)")
-    if needs == "vision" and not get_method(config.method).selects_before_llm:
-        raise CliError(f"method {config.method!r} selects no visual tokens before the language model, so there is "
-                       "no selection to draw; pick a vision-side method (e.g. hired, random, spatial)")
 
 
 def config_from_args(args: argparse.Namespace, model=None):

@@ -70,10 +70,10 @@ def _inspect(args: argparse.Namespace) -> None:
     # The llava-hf grids (1x1 .. 3x1 and 1x3 tiles), in tiles of the size asked for.
     pinpoints = [(h * args.tile // 336, w * args.tile // 336) for h, w in LLAVA_NEXT_PINPOINTS]
     config = config_from_args(args)
-    if not config.fixes_count:
-        raise CliError(f"method {config.method!r} in adaptive mode chooses its token count from the pixels, which "
-                       "inspect does not encode; in Python, hired.adaptive.prepare_inputs encodes the images and "
-                       "hired.selections(model) gives each count")
+    try:
+        config.require_fixed_count()
+    except ValueError as error:
+        raise CliError(str(error)) from None
     rows = []
     for path in args.image:
         image = load_image(path)

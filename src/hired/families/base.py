@@ -203,10 +203,8 @@ class HiredProcessor:
     def hired_tokens(self, image_size: Sequence[int]) -> int | None:
         """Placeholders needed for an image of this ``(height, width)``; ``None`` for the stock count."""
         geometry = self.hired_geometry(image_size)
+        self.hired_config.require_fixed_count()  # hired.apply checks this; a config set by hand is caught here
         budget = self.hired_config.budget_for(geometry.stock_tokens)
-        if budget is None:  # hired.apply refuses a processor for such methods; a config set by hand is caught here
-            raise ValueError(f"method {self.hired_config.method!r} chooses its token count from the pixels, so the "
-                             "processor cannot emit placeholders ahead of the model; see hired.adaptive.prepare_inputs")
         return None if budget >= geometry.stock_tokens else budget
 
     def to_dict(self) -> dict[str, Any]:
@@ -343,12 +341,8 @@ def apply(family: FamilyAdapter, model, processor, config: HiredConfig):
     _check_internals(family, model, inner, processor)
     method = get_method(config.method)
     options = config.method_options
-    if processor is not None and not method.has_fixed_budget(options):
-        raise ValueError(
-            f"method {config.method!r} in this mode decides its token count from the pixels, so the processor "
-            "cannot emit placeholders ahead of the model; use its fixed-budget mode, or apply it without a "
-            "processor and build inputs with hired.adaptive.prepare_inputs(model, processor, images, text)"
-        )
+    if processor is not None:
+        config.require_fixed_count()
     probe = family.vision_probe(inner)
     if method.needs_cls and not probe.has_cls:
         raise ValueError(

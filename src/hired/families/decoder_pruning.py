@@ -327,11 +327,7 @@ def _prune_before_layer(inner, state: PruningState, attention_module, module, ar
     if not state.prefill and captured.pruned_keys is None:
         return args, kwargs
     implementation = inner.language_model.config._attn_implementation
-    if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(
-            f"{state.method.name} supports the {' and '.join(_IMPLEMENTATIONS)} attention implementations; this model uses "
-            f"{implementation!r} (model.set_attn_implementation('sdpa'))"
-        )
+    _check_implementation(state.method.name, implementation)  # again here: it may be switched after apply
     cache = compat.cache_from_kwargs(kwargs)
     if cache is not None and not hasattr(cache, "layers"):
         raise compat.incompatible(f"{type(cache).__name__}.layers", f"{state.method.name}'s pruned cache")
@@ -361,6 +357,14 @@ def _prune_before_layer(inner, state: PruningState, attention_module, module, ar
         }
     kwargs.update(captured.swapped)
     return (hidden, *args[1:]), kwargs
+
+
+def _check_implementation(name: str, implementation: str | None) -> None:
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"{name} supports the {' and '.join(_IMPLEMENTATIONS)} attention implementations; this model uses "
+            f"{implementation!r} (model.set_attn_implementation('sdpa'))"
+        )
 
 
 def _plan(inner, state: PruningState, attention_module) -> PrunePlan | None:
@@ -429,12 +433,7 @@ def prepare(inner, method, options) -> PruningState:
             f"{name} cannot prune after layer {layer}: the decoder has only {len(layers)} layers "
             f"(use method_options={{'layer': k}} with 1 <= k <= {len(layers) - 1})"
         )
-    implementation = getattr(language_model.config, "_attn_implementation", None)
-    if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(
-            f"{name} supports the {' and '.join(_IMPLEMENTATIONS)} attention implementations; this model uses "
-            f"{implementation!r} (model.set_attn_implementation('sdpa'))"
-        )
+    _check_implementation(name, getattr(language_model.config, "_attn_implementation", None))
     if getattr(language_model.config, "sliding_window", None) is not None:
         raise ValueError(f"{name} does not support sliding-window attention (the pruned cache has no window)")
     scored = layers[layer - 1].self_attn
