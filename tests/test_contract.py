@@ -6,6 +6,7 @@ budget), identity with the stock model at full budget, a batch equal to its imag
 covered here by registering it (and, for a family, adding its tiny model to ``hired.testing.TINY_MODELS``).
 """
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,8 +18,7 @@ import hired
 from hired.methods import Method, MethodOptions, Selection, registered_methods, unregister_method
 from hired.testing import TINY_MODELS
 
-PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
-SIZES = [(800, 600), (500, 1000), (672, 672), (1000, 300)]  # (width, height)
+SIZES = [(800, 600), (500, 1000), (672, 672), (1000, 300), (1920, 1080)]  # (width, height); OneVision downsamples the last
 METHODS = [method.name for method in registered_methods()]
 LAYERS = 3  # decoder layers: FastV prunes after layer 2
 
@@ -39,13 +39,29 @@ def family(request):
     return model, processor, stock
 
 
+def runs_on(model, method):
+    """Whether ``method`` can run on this family (methods that need a CLS token are refused without one)."""
+    has_cls = hired.family_of(model).vision_probe(hired.family_of(model).inner(model)).has_cls
+    return has_cls or not hired.get_method(method).needs_cls
+
+
+@pytest.fixture
+def supported(family, method):
+    if not runs_on(family[0], method):
+        pytest.skip(f"{method} needs a CLS token; test_cls_methods_are_refused_without_a_cls_token covers it")
+
+
 def settings(method, **amount):
     """``method`` at ``amount``; the stock-model method takes no budget (it would refuse one)."""
     return {"method": method} if hired.get_method(method).stage == "none" else {"method": method, **amount}
 
 
+def prompt(processor):
+    return f"USER: {processor.image_token} what is in the image ? ASSISTANT:"
+
+
 def encode(processor, images):
-    return processor(images=images, text=[PROMPT] * len(images), return_tensors="pt", padding=True)
+    return processor(images=images, text=[prompt(processor)] * len(images), return_tensors="pt", padding=True)
 
 
 def logits(model, processor, images):
@@ -53,14 +69,14 @@ def logits(model, processor, images):
         return model(**encode(processor, images)).logits
 
 
-def expected_tokens(model, config, image):
-    geometry = hired.family_of(model).geometry(model.config, (image.height, image.width))
+def expected_tokens(processor, config, image):
+    geometry = processor.hired_geometry((image.height, image.width))
     fed = config.budget_for(geometry.stock_tokens)
     return fed + (geometry.newline_tokens if fed >= geometry.stock_tokens else 0), geometry
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_placeholders_equal_features_equal_the_budget(family, method):
+def test_placeholders_equal_features_equal_the_budget(family, method, supported):
     model, processor, _ = family
     hired.apply(model, processor, **settings(method, budget=0.2))
     config = hired.stored_config(model)
@@ -69,19 +85,19 @@ def test_placeholders_equal_features_equal_the_budget(family, method):
         model.generate(**inputs, max_new_tokens=2, do_sample=False)  # the model refuses a count mismatch
     placeholders = (inputs["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
     records = hired.selections(model)
-    expected = [expected_tokens(model, config, image)[0] for image in IMAGES]
+    expected = [expected_tokens(processor, config, image)[0] for image in IMAGES]
     assert placeholders == [r.visual_tokens for r in records] == expected
     assert [r.method for r in records] == [method] * len(IMAGES)
     if hired.get_method(method).stage == "llm":  # fed in full, pruned inside the decoder to the budget
         budget = hired.HiredConfig(budget=0.2)
         assert [r.extras["llm_kept"] for r in records] == [
-            budget.budget_for(expected_tokens(model, budget, image)[1].stock_tokens) for image in IMAGES
+            budget.budget_for(expected_tokens(processor, budget, image)[1].stock_tokens) for image in IMAGES
         ]
 
 
 @pytest.mark.parametrize("amount", [{"budget": 1.0}, {"tokens": 100_000}], ids=["budget-1", "tokens-above-stock"])
 @pytest.mark.parametrize("method", METHODS)
-def test_full_budget_is_the_stock_model(family, method, amount):
+def test_full_budget_is_the_stock_model(family, method, amount, supported):
     model, processor, stock = family
     hired.apply(model, processor, **settings(method, **amount))
     for image, reference in zip(IMAGES[:2], stock):
@@ -89,7 +105,7 @@ def test_full_budget_is_the_stock_model(family, method, amount):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_a_batch_equals_its_images_alone(family, method):
+def test_a_batch_equals_its_images_alone(family, method, supported):
     model, processor, _ = family
     hired.apply(model, processor, **settings(method, budget=0.2))
     batch = logits(model, processor, IMAGES[:2])
@@ -100,7 +116,7 @@ def test_a_batch_equals_its_images_alone(family, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_save_and_load_round_trip(family, method, tmp_path):
+def test_save_and_load_round_trip(family, method, supported, tmp_path):
     model, processor, _ = family
     hired.apply(model, processor, **settings(method, budget=0.2))
     before = logits(model, processor, IMAGES[:1])
@@ -112,7 +128,7 @@ def test_save_and_load_round_trip(family, method, tmp_path):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_remove_restores_the_stock_model(family, method):
+def test_remove_restores_the_stock_model(family, method, supported):
     model, processor, stock = family
     hired.apply(model, processor, **settings(method, budget=0.2))
     hired.remove(model, processor)
@@ -120,6 +136,15 @@ def test_remove_restores_the_stock_model(family, method):
     assert type(model.model) is family_adapter.inner_class and type(processor) is family_adapter.processor_class
     assert not hasattr(model.config, "hired")
     assert torch.equal(logits(model, processor, IMAGES[:1]), stock[0])
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if hired.get_method(m).needs_cls])
+def test_cls_methods_are_refused_without_a_cls_token(family, method):
+    model, processor, _ = family
+    if runs_on(model, method):
+        pytest.skip("this family's tower has a CLS token")
+    with pytest.raises(ValueError, match=re.escape(f"method '{method}' scores tokens by CLS attention and has no CLS-free form")):
+        hired.apply(model, processor, method=method, budget=0.2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,14 +186,14 @@ def user_method():
 
 def test_a_user_method_runs_through_apply_on_every_family(family, user_method):
     model, processor, _ = family
-    hired.apply(model, processor, method=user_method, budget=0.1, stride=2)
+    hired.apply(model, processor, method=user_method, tokens=100, stride=2)  # within partition 0 of every family
     inputs = encode(processor, IMAGES)
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
     config = hired.stored_config(model)
     assert config.method_options == FirstTokensOptions(stride=2)
     records = hired.selections(model)
-    assert [r.visual_tokens for r in records] == [expected_tokens(model, config, image)[0] for image in IMAGES]
+    assert [r.visual_tokens for r in records] == [expected_tokens(processor, config, image)[0] for image in IMAGES]
     assert all(int(r.kept[0][1] - r.kept[0][0]) == 2 for r in records)
 
 

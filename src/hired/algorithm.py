@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from .geometry import PartitionGeometry
 
 HeadAggregation = Literal["sum", "mean", "max"]
+# The attention scores a tower can give: CLS row, received by each token, or whichever the tower has.
+SCORES = ("auto", "cls", "received")
 
 def round_half_up(x: float) -> int:
     """Round to the nearest integer, halves up (Python's ``round`` rounds halves to even)."""
@@ -62,12 +64,51 @@ def cls_attention(
     logits = torch.einsum("bhd,bnhd->bhn", q_cls, k) / math.sqrt(head_dim)
     attention = logits.softmax(dim=-1)
     patch = torch.cat([attention[..., :cls_index], attention[..., cls_index + 1 :]], dim=-1)
+    return _aggregate(patch, aggregation)
+
+
+def received_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    num_heads: int,
+    aggregation: HeadAggregation = "sum",
+    skip: int = 0,
+) -> torch.Tensor:
+    """The attention each token receives: the mean over all queries of the softmax attention.
+
+    The signal for towers without a CLS token (SigLIP): column ``j`` of one head's attention
+    ``softmax_j(q_i . k_j / sqrt(d))`` averaged over every query ``i``, heads aggregated. One head's
+    ``N x N`` map exists at a time, so memory stays at one layer's attention of one head.
+
+    Args:
+        query, key: ``(B, T, num_heads * d)`` outputs of the layer's query and key projections.
+        num_heads: attention heads of the layer.
+        aggregation: ``"sum"``, ``"mean"`` or ``"max"`` over heads.
+        skip: leading tokens (a CLS token) that are queries but whose columns are dropped.
+
+    Returns:
+        ``(B, T - skip)`` float32 scores.
+    """
+    batch, tokens, width = key.shape
+    if width % num_heads:
+        raise ValueError(f"key width {width} is not divisible by num_heads={num_heads}")
+    head_dim = width // num_heads
+    q = query.float().view(batch, tokens, num_heads, head_dim)
+    k = key.float().view(batch, tokens, num_heads, head_dim)
+    per_head = torch.stack([
+        (torch.einsum("bid,bjd->bij", q[:, :, h], k[:, :, h]) / math.sqrt(head_dim)).softmax(dim=-1).mean(dim=1)
+        for h in range(num_heads)
+    ], dim=1)[..., skip:]
+    return _aggregate(per_head, aggregation)
+
+
+def _aggregate(per_head: torch.Tensor, aggregation: str) -> torch.Tensor:
     if aggregation == "sum":
-        return patch.sum(dim=1)
+        return per_head.sum(dim=1)
     if aggregation == "mean":
-        return patch.mean(dim=1)
+        return per_head.mean(dim=1)
     if aggregation == "max":
-        return patch.amax(dim=1)
+        return per_head.amax(dim=1)
     raise ValueError(f"unknown head aggregation {aggregation!r}; use 'sum', 'mean' or 'max'")
 
 

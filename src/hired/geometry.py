@@ -2,9 +2,10 @@
 
 A model family's adapter describes its images through the :class:`PartitionGeometry` protocol;
 methods and the algorithm read only the protocol. Conventions: a *partition* is one ViT input
-tile; partition 0 is the base view (the whole image in one tile); each partition has ``s*s`` patch
-positions numbered row-major. :class:`AnyresGeometry` is LLaVA-NeXT's AnyRes (and, with no
-pinpoints, LLaVA-1.5's single tile).
+tile; partition 0 is the base view (the whole image in one tile); each partition has ``s*s``
+token positions numbered row-major. :class:`AnyresGeometry` is LLaVA-NeXT's AnyRes (and, with no
+pinpoints, LLaVA-1.5's single tile); :class:`OnevisionGeometry` adds LLaVA-OneVision's downsampling
+of large mosaics; :class:`TiledGeometry` is InternVL's tiles plus thumbnail.
 """
 
 from __future__ import annotations
@@ -304,4 +305,217 @@ class AnyresGeometry:
             partition = 1 + (mosaic_row // s) * cols + mosaic_col // s
             index = (mosaic_row % s) * s + mosaic_col % s
             views.append(TokenView(row1 - row0, col1 - col0, torch.stack([partition, index], dim=1)))
+        return views
+
+
+@dataclass(frozen=True)
+class OnevisionGeometry(AnyresGeometry):
+    """LLaVA-OneVision's AnyRes: LLaVA-NeXT's tiles, then a bilinear downsampling of large mosaics.
+
+    When the unpadded mosaic holds more than ``max_tiles`` tiles' worth of tokens (by more than
+    10%, "anyres_max_9"), the stock model interpolates it down to ``downsampled`` and feeds those
+    tokens. Each of them is given the slot of the mosaic patch under its centre (distinct patches,
+    since the scale is above 1), so partitions, candidates and footprints keep their meaning: a
+    tile's candidates are the fed tokens whose centres it holds. ``multi_image``: an image of a
+    prompt with several images, which the stock model feeds as its base view alone.
+
+    Args:
+        max_tiles: the ``N`` of ``"anyres_max_N"``; ``None``: never downsample.
+        multi_image: feed the base view only (plus one newline), as for several images per prompt.
+    """
+
+    max_tiles: int | None = 9
+    multi_image: bool = False
+
+    @classmethod
+    def create(cls, image_size: Sequence[int], tile: int, patch: int, pinpoints: Sequence[Sequence[int]] | None = None,
+               max_tiles: int | None = 9, multi_image: bool = False) -> "OnevisionGeometry":
+        # SigLIP's 384 px tiles hold 27 whole 14 px patches (the patch convolution drops the last 6 px).
+        base = AnyresGeometry.create(image_size, tile - tile % patch, patch, None if multi_image else pinpoints)
+        points = None if base.pinpoints is None else tuple((h * tile // base.tile, w * tile // base.tile)
+                                                            for h, w in base.pinpoints)
+        return cls(base.image_size, int(tile), int(patch), points, max_tiles, multi_image)
+
+    @cached_property
+    def downsampled(self) -> tuple[int, int] | None:
+        """``(rows, cols)`` of the interpolated mosaic, or ``None`` when the stock model feeds it as it is."""
+        if self.num_partitions == 1 or self.max_tiles is None:
+            return None
+        row0, row1, col0, col1 = self.unpadded_window
+        height, width = row1 - row0, col1 - col0
+        ratio = math.sqrt(height * width / (self.max_tiles * self.side**2))
+        if ratio <= 1.1:
+            return None
+        return (int(height // ratio), int(width // ratio))
+
+    @cached_property
+    def _slots(self) -> torch.Tensor:
+        """``(rows * cols, 2)`` ``(partition, index)`` slot of each downsampled token, row-major."""
+        rows, cols = self.downsampled
+        row0, row1, col0, col1 = self.unpadded_window
+        height, width = row1 - row0, col1 - col0
+        centre_row = row0 + (2 * torch.arange(rows) + 1) * height // (2 * rows)
+        centre_col = col0 + (2 * torch.arange(cols) + 1) * width // (2 * cols)
+        mosaic_row = centre_row.repeat_interleave(cols)
+        mosaic_col = centre_col.repeat(rows)
+        s, grid_cols = self.side, self.grid[1]
+        partition = 1 + (mosaic_row // s) * grid_cols + mosaic_col // s
+        return torch.stack([partition, (mosaic_row % s) * s + mosaic_col % s], dim=1)
+
+    @cached_property
+    def candidates(self) -> torch.Tensor:
+        if self.downsampled is None:
+            return super().candidates
+        mask = torch.zeros(self.num_partitions, self.side * self.side, dtype=torch.bool)
+        mask[0] = True
+        mask[self._slots[:, 0], self._slots[:, 1]] = True
+        return mask
+
+    @property
+    def newline_tokens(self) -> int:
+        if self.num_partitions == 1:
+            return 1 if self.multi_image else 0
+        if self.downsampled is not None:
+            return self.downsampled[0]
+        return super().newline_tokens
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (0, 0) if self.multi_image else super().grid
+
+    def mosaic_position(self, partition: int, index: torch.Tensor) -> torch.Tensor:
+        if self.downsampled is None:
+            return super().mosaic_position(partition, index)
+        lookup = torch.full((self.num_partitions, self.side * self.side), -1, dtype=torch.long)
+        lookup[self._slots[:, 0], self._slots[:, 1]] = torch.arange(len(self._slots))
+        return lookup[partition, index.long()]
+
+    def footprints(self, clip: bool = True) -> torch.Tensor:
+        boxes = super().footprints(clip=clip)
+        if self.downsampled is None:
+            return boxes
+        rows, cols = self.downsampled
+        row0, row1, col0, col1 = self.unpadded_window
+        height, width = self.image_size
+        top, left, new_h, new_w = self.tile_placement
+        cell_h, cell_w = (row1 - row0) / rows, (col1 - col0) / cols
+        i = torch.arange(rows, dtype=torch.float64).repeat_interleave(cols)
+        j = torch.arange(cols, dtype=torch.float64).repeat(rows)
+        pixels = self.tile / self.side  # canvas pixels per mosaic token
+        y0, y1 = (row0 + i * cell_h) * pixels, (row0 + (i + 1) * cell_h) * pixels
+        x0, x1 = (col0 + j * cell_w) * pixels, (col0 + (j + 1) * cell_w) * pixels
+        cells = torch.stack([(x0 - left) * width / new_w, (y0 - top) * height / new_h,
+                             (x1 - left) * width / new_w, (y1 - top) * height / new_h], dim=1)
+        if clip:
+            limits = torch.tensor([width, height, width, height], dtype=torch.float64)
+            cells = torch.minimum(cells.clamp(min=0), limits)
+        boxes[self._slots[:, 0], self._slots[:, 1]] = cells
+        return boxes
+
+    def views(self) -> list[TokenView]:
+        if self.downsampled is None:
+            return super().views()
+        rows, cols = self.downsampled
+        return [super().views()[0], TokenView(rows, cols, self._slots)]
+
+
+@dataclass(frozen=True)
+class TiledGeometry:
+    """Tiles that cover the whole image with no padding, plus a thumbnail (InternVL, GOT-OCR2).
+
+    The image is resized (squashed) to ``rows x cols`` tiles; when that is more than one tile, a
+    thumbnail of the whole image is added, which is the base view here (partition 0), although
+    the stock model feeds it last. Tokens are the LLM's (after any merging of patches), ``side``
+    per tile side.
+
+    Args:
+        image_size: original ``(height, width)`` in pixels.
+        tiles: ``(rows, cols)`` of the tile grid the processor chose.
+        side: LLM tokens per tile side (16 for InternVL's 448 px tiles pixel-shuffled 2x2).
+        tile: tile side in pixels.
+    """
+
+    image_size: tuple[int, int]
+    tiles: tuple[int, int]
+    side: int
+    tile: int
+
+    @classmethod
+    def create(cls, image_size: Sequence[int], tiles: Sequence[int], side: int, tile: int) -> "TiledGeometry":
+        height, width = (int(v) for v in image_size)
+        rows, cols = (int(v) for v in tiles)
+        if min(height, width, rows, cols, side, tile) < 1:
+            raise ValueError(f"image size, tile grid and sides must be positive, got size {(height, width)}, "
+                             f"grid {(rows, cols)}, side {side}, tile {tile}")
+        return cls((height, width), (rows, cols), int(side), int(tile))
+
+    @property
+    def num_partitions(self) -> int:
+        rows, cols = self.tiles
+        return 1 if rows * cols == 1 else 1 + rows * cols
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (0, 0) if self.num_partitions == 1 else self.tiles
+
+    @cached_property
+    def candidates(self) -> torch.Tensor:
+        return torch.ones(self.num_partitions, self.side * self.side, dtype=torch.bool)
+
+    @property
+    def stock_tokens(self) -> int:
+        return self.num_partitions * self.side * self.side
+
+    @property
+    def newline_tokens(self) -> int:
+        return 0
+
+    @cached_property
+    def tile_overlap(self) -> torch.Tensor:
+        """``(P-1, s*s)``: the fraction of each thumbnail token's square that each tile covers."""
+        rows, cols = self.tiles
+        s = self.side
+
+        def overlap(count: int) -> torch.Tensor:
+            edges = torch.arange(count + 1, dtype=torch.float64) / count
+            lo, hi = edges[:-1, None], edges[1:, None]
+            p_lo = torch.arange(s, dtype=torch.float64)[None] / s
+            return ((torch.minimum(hi, p_lo + 1.0 / s) - torch.maximum(lo, p_lo)).clamp(min=0) * s).float()
+
+        if self.num_partitions == 1:
+            return torch.zeros(0, s * s)
+        area = overlap(rows)[:, None, :, None] * overlap(cols)[None, :, None, :]
+        return area.reshape(rows * cols, s * s)
+
+    def stock_order(self, kept: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The tiles in raster order, each in its own raster order, then the thumbnail."""
+        order = list(range(1, len(kept))) + [0]
+        return torch.cat([torch.stack([torch.full_like(kept[p], p), kept[p]], dim=1) for p in order])
+
+    def footprints(self, clip: bool = True) -> torch.Tensor:
+        """``(P, s*s, 4)`` boxes in pixels of the original image (no padding: ``clip`` changes nothing)."""
+        height, width = self.image_size
+        s = self.side
+        steps = torch.arange(s, dtype=torch.float64)
+        x, y = steps.repeat(s), steps.repeat_interleave(s)
+        boxes = [torch.stack([x * width / s, y * height / s, (x + 1) * width / s, (y + 1) * height / s], dim=1)]
+        if self.num_partitions > 1:
+            rows, cols = self.tiles
+            for row in range(rows):
+                for col in range(cols):
+                    gx, gy = col * s + x, row * s + y
+                    boxes.append(torch.stack([gx * width / (cols * s), gy * height / (rows * s),
+                                              (gx + 1) * width / (cols * s), (gy + 1) * height / (rows * s)], dim=1))
+        return torch.stack(boxes)
+
+    def views(self) -> list[TokenView]:
+        s = self.side
+        views = [TokenView(s, s, torch.stack([torch.zeros(s * s, dtype=torch.long), torch.arange(s * s)], dim=1))]
+        if self.num_partitions > 1:
+            rows, cols = self.tiles
+            mosaic_row = torch.arange(rows * s).repeat_interleave(cols * s)
+            mosaic_col = torch.arange(cols * s).repeat(rows * s)
+            partition = 1 + (mosaic_row // s) * cols + mosaic_col // s
+            views.append(TokenView(rows * s, cols * s,
+                                   torch.stack([partition, (mosaic_row % s) * s + mosaic_col % s], dim=1)))
         return views

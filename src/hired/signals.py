@@ -1,10 +1,11 @@
-"""What methods read from a vision tower: features, CLS-attention rows, keys, without attention maps.
+"""What methods read from a vision tower: features, attention scores and keys, under any attention backend.
 
-Forward hooks on a layer's query/key projections (separate, or one fused q/k/v projection) capture
-what the layer computes anyway; the CLS row of the attention follows in O(N d) (see
-:func:`hired.algorithm.cls_attention`), under any attention backend (SDPA, flash, eager). The tower
-runs only up to the deepest layer needed. A tower without a CLS token still yields features and
-keys; CLS rows are then ``None``, and the methods that need them are refused when they are applied.
+Forward hooks on a layer's query/key projections (separate, or one fused q/k/v projection; after
+the query/key norms where the layer has them) capture what the layer computes anyway. Two scores
+follow from them: the CLS row of the attention in O(N d) (:func:`hired.algorithm.cls_attention`),
+and, for towers without a CLS token, the attention each token receives, one head's map at a time
+(:func:`hired.algorithm.received_attention`). Neither needs the backend (SDPA, flash, eager) to
+return attention maps. The tower runs only up to the deepest layer needed.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .algorithm import cls_attention
+from .algorithm import SCORES, cls_attention, received_attention
 
 QUERY_NAMES = ("q_proj", "query")
 KEY_NAMES = ("k_proj", "key")
 FUSED_NAMES = ("qkv", "qkv_proj")
+# Normalisations applied to queries and keys after their projections (InternViT's qk-norm); hooked instead.
+QUERY_NORM_NAMES = ("q_norm",)
+KEY_NORM_NAMES = ("k_norm",)
 
 
 @dataclass
@@ -29,10 +33,12 @@ class TowerRun:
 
     Attributes:
         features: ``(B, N, D)`` patch tokens of the feature layer's output (CLS removed).
-        distribution_scores: ``(B, N)`` CLS attention of the distribution layer, or ``None``.
-        selection_scores: ``(B, N)`` CLS attention of the selection layer, or ``None``.
+        distribution_scores: ``(B, N)`` attention scores of the distribution layer, or ``None``.
+        selection_scores: ``(B, N)`` attention scores of the selection layer, or ``None``.
         keys: ``(B, N, Dk)`` selection-layer keys of the patch tokens.
         hidden: ``(B, [1 +] N, D)`` the feature layer's whole output.
+        score: which attention the scores are: ``"cls"`` (the CLS row) or ``"received"``
+            (mean over queries); ``None`` when no score was asked for.
     """
 
     features: torch.Tensor
@@ -40,6 +46,13 @@ class TowerRun:
     selection_scores: torch.Tensor | None
     keys: torch.Tensor
     hidden: torch.Tensor
+    score: str | None = None
+
+    def __getitem__(self, rows: slice) -> "TowerRun":
+        """The run of a contiguous range of tiles (one image's partitions)."""
+        pick = lambda tensor: None if tensor is None else tensor[rows]  # noqa: E731
+        return TowerRun(self.features[rows], pick(self.distribution_scores), pick(self.selection_scores),
+                        self.keys[rows], self.hidden[rows], self.score)
 
 
 @dataclass
@@ -61,11 +74,15 @@ def _output(value):
     return value[0] if isinstance(value, tuple) else value
 
 
-def _find(layer: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+def _find(layer: nn.Module, names: tuple[str, ...], kind: type = nn.Linear) -> nn.Module | None:
     for name, module in layer.named_modules():
-        if name.rsplit(".", 1)[-1] in names and isinstance(module, nn.Linear):
+        if name.rsplit(".", 1)[-1] in names and isinstance(module, kind):
             return module
     return None
+
+
+def _first(*modules: nn.Module | None) -> nn.Module | None:
+    return next((module for module in modules if module is not None), None)
 
 
 def tower_has_cls(tower: nn.Module) -> bool:
@@ -96,7 +113,8 @@ class VisionProbe:
         self.encoder, self.layers_attribute = self._find_layers(body)
         self.projections = []
         for index, layer in enumerate(self.layers):
-            query, key = _find(layer, QUERY_NAMES), _find(layer, KEY_NAMES)
+            query = _first(_find(layer, QUERY_NORM_NAMES, nn.Module), _find(layer, QUERY_NAMES))
+            key = _first(_find(layer, KEY_NORM_NAMES, nn.Module), _find(layer, KEY_NAMES))
             if query is None or key is None:
                 fused = _find(layer, FUSED_NAMES)
                 if fused is None:
@@ -133,6 +151,23 @@ class VisionProbe:
         finally:
             setattr(self.encoder, self.layers_attribute, full)
 
+    def resolve_score(self, score: str) -> str:
+        """``"auto"`` -> ``"cls"`` on a tower with a CLS token, ``"received"`` without; others as given.
+
+        Raises:
+            ValueError: an unknown score, or ``"cls"`` on a tower without a CLS token.
+        """
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+        if score == "auto":
+            return "cls" if self.has_cls else "received"
+        if score == "cls" and not self.has_cls:
+            raise ValueError(
+                f"score='cls' reads CLS attention, but this {type(self.tower).__name__} has no CLS token; use "
+                "score='received' (the attention each token receives) or 'auto'"
+            )
+        return score
+
     def run(
         self,
         pixel_values: torch.Tensor,
@@ -140,12 +175,14 @@ class VisionProbe:
         distribution_layer: int,
         selection_layer: int,
         aggregation: str = "sum",
+        score: str = "auto",
     ) -> TowerRun:
         """Run the tower through ``max(layers) + 1`` layers and collect what methods read.
 
-        With :attr:`shared_runs` set, a run for the same pixels and layers is computed once.
+        ``score`` picks the attention scores (see :meth:`resolve_score`). With :attr:`shared_runs`
+        set, a run for the same pixels and settings is computed once.
         """
-        arguments = (feature_layer, distribution_layer, selection_layer, aggregation)
+        arguments = (feature_layer, distribution_layer, selection_layer, aggregation, self.resolve_score(score))
         if self.shared_runs is None:
             return self._run(pixel_values, *arguments)
         pixels = pixel_values.detach().cpu().contiguous()
@@ -155,7 +192,7 @@ class VisionProbe:
             self.shared_runs[key] = self._run(pixel_values, *arguments)
         return self.shared_runs[key]
 
-    def _run(self, pixel_values, feature_layer, distribution_layer, selection_layer, aggregation) -> TowerRun:
+    def _run(self, pixel_values, feature_layer, distribution_layer, selection_layer, aggregation, score) -> TowerRun:
         layers = [index % self.num_layers for index in (feature_layer, distribution_layer, selection_layer)]
         feature_layer, distribution_layer, selection_layer = layers
         captured: dict[str, torch.Tensor] = {}
@@ -182,7 +219,10 @@ class VisionProbe:
         scores = {}
         for prefix, layer in (("distribution", distribution_layer), ("selection", selection_layer)):
             query, key = self.projections[layer].split(captured, prefix)
-            scores[prefix] = cls_attention(query[:, :1], key, self.num_heads, aggregation) if self.has_cls else None
+            if score == "cls":
+                scores[prefix] = cls_attention(query[:, :1], key, self.num_heads, aggregation)
+            else:
+                scores[prefix] = received_attention(query, key, self.num_heads, aggregation, skip=first)
             if prefix == "selection":
                 keys = key[:, first:]
         hidden = captured["features"]
@@ -192,4 +232,5 @@ class VisionProbe:
             selection_scores=scores["selection"],
             keys=keys,
             hidden=hidden,
+            score=score,
         )

@@ -1,8 +1,8 @@
-"""Tiny, randomly initialised LLaVA models of the real classes and geometry, for tests and demos.
+"""Tiny, randomly initialised models of every supported family's real classes and geometry, for tests and demos.
 
-They keep what matters to token selection (336 px tiles, 14 px patches, the llava-hf v1.6 grid
-pinpoints, a CLS-token ViT, the real processor classes) and shrink the widths and depths so that
-a forward pass takes milliseconds. Their answers are noise: never read them as results.
+They keep what matters to token selection (tile and patch sizes, grid pinpoints or tile rules, the
+tower's CLS token or its absence, pixel shuffle, the real processor classes) and shrink the widths
+and depths so that a forward pass takes milliseconds. Their answers are noise: never read them as results.
 """
 
 from __future__ import annotations
@@ -23,11 +23,17 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-# The PIL backends of the image processors: the default ones want torchvision.
-from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil as LlavaImageProcessor
-from transformers.models.llava_next.image_processing_pil_llava_next import (
-    LlavaNextImageProcessorPil as LlavaNextImageProcessor,
-)
+from transformers.utils import is_torchvision_available
+
+# The image processor backend that from_pretrained loads back: torchvision's where it imports, PIL's otherwise
+# (so a saved tiny model reloads with the pixels it was tested with).
+if is_torchvision_available():
+    from transformers import LlavaImageProcessor, LlavaNextImageProcessor
+else:
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil as LlavaImageProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil as LlavaNextImageProcessor,
+    )
 
 from .geometry import LLAVA_NEXT_PINPOINTS
 
@@ -38,12 +44,14 @@ WORDS = (
 ).split()
 
 
-def tiny_tokenizer(extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(extra_words: Sequence[str] = (), named_tokens: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
     """A word-level tokenizer with ``<image>`` as a special token; builds offline.
 
-    ``extra_words`` extend the vocabulary (after the default words, duplicates ignored).
+    ``extra_words`` extend the vocabulary (after the default words, duplicates ignored);
+    ``named_tokens`` add special tokens by role (``{"video_token": "<video>"}``), as processors look them up.
     """
-    specials = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+    named = {"image_token": IMAGE_TOKEN, **(named_tokens or {})}
+    specials = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN, *named.values()]
     vocab = {token: index for index, token in enumerate(dict.fromkeys(specials + WORDS + list(extra_words)))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -53,7 +61,7 @@ def tiny_tokenizer(extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens=named,
     )
     tokenizer.padding_side = "left"
     return tokenizer
@@ -72,8 +80,8 @@ def _vision_config(layers: int, width: int, heads: int) -> CLIPVisionConfig:
     )
 
 
-def _text_config(vocab_size: int, width: int, layers: int) -> LlamaConfig:
-    return LlamaConfig(
+def _text_config(vocab_size: int, width: int, layers: int, config_class=LlamaConfig):
+    return config_class(
         vocab_size=vocab_size,
         hidden_size=width,
         intermediate_size=2 * width,
@@ -139,9 +147,96 @@ def set_generation_tokens(model, tokenizer) -> None:
     model.generation_config.bos_token_id = tokenizer.bos_token_id
 
 
+def tiny_internvl(seed: int = 0, vision_layers: int = 3, vision_width: int = 32, vision_heads: int = 4,
+                  text_width: int = 64, text_layers: int = 2, attn_implementation: str = "sdpa", **vision):
+    """A random InternVL (InternViT with CLS over 448 px tiles, pixel shuffle, Qwen2 decoder) and its real processor.
+
+    Up to 12 tiles plus a thumbnail, 256 LLM tokens per tile, as InternVL3. ``vision`` passes more
+    InternVL vision settings (``use_qk_norm``, ``use_mean_pooling``). The processor needs an
+    importable torchvision (its video processor imports it).
+    """
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+        InternVLVisionConfig,
+        Qwen2Config,
+    )
+
+    tokenizer = tiny_tokenizer(named_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                                             "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    config = InternVLConfig(
+        vision_config=InternVLVisionConfig(
+            hidden_size=vision_width, intermediate_size=2 * vision_width, num_hidden_layers=vision_layers,
+            num_attention_heads=vision_heads, image_size=[448, 448], patch_size=[14, 14], layer_scale_init_value=0.1,
+            **vision,
+        ),
+        text_config=_text_config(len(tokenizer), text_width, text_layers, Qwen2Config),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    image_processor = GotOcr2ImageProcessor(crop_to_patches=True, min_patches=1, max_patches=12,
+                                            size={"height": 448, "width": 448})
+    processor = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                  video_processor=InternVLVideoProcessor(), image_seq_length=256)
+    set_generation_tokens(model, tokenizer)
+    return model, processor
+
+
+def tiny_llava_onevision(seed: int = 0, vision_layers: int = 3, vision_width: int = 32, vision_heads: int = 4,
+                         text_width: int = 64, text_layers: int = 2, attn_implementation: str = "sdpa"):
+    """A random LLaVA-OneVision (SigLIP without CLS or head over 384 px tiles, Qwen2 decoder) and its real processor.
+
+    The real 6x6 grid pinpoints and "anyres_max_9" downsampling. The processor needs an importable
+    torchvision (its video processor imports it).
+    """
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    tokenizer = tiny_tokenizer(named_tokens={"video_token": "<video>"})
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=vision_width, intermediate_size=2 * vision_width, num_hidden_layers=vision_layers,
+            num_attention_heads=vision_heads, image_size=384, patch_size=14, vision_use_head=False,
+        ),
+        text_config=_text_config(len(tokenizer), text_width, text_layers, Qwen2Config),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(image_grid_pinpoints=config.image_grid_pinpoints),
+        tokenizer=tokenizer, video_processor=LlavaOnevisionVideoProcessor(), num_image_tokens=729,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+    )
+    set_generation_tokens(model, tokenizer)
+    return model, processor
+
+
 # One tiny model factory per registered family, for the common tester (tests/test_contract.py) that
 # crosses every family with every method. A new family adds its factory here.
 TINY_MODELS = {
     "llava-next": tiny_llava_next,
     "llava": tiny_llava,
+    "internvl": tiny_internvl,
+    "llava-onevision": tiny_llava_onevision,
 }

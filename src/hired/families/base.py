@@ -9,6 +9,7 @@ will return features. A family adapter (one file in this package) says how its c
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import weakref
@@ -22,7 +23,7 @@ from .. import compat
 from ..config import HiredConfig
 from ..geometry import PartitionGeometry
 from ..methods import Selection, VisionEvidence, get_method
-from ..signals import VisionProbe
+from ..signals import TowerRun, VisionProbe
 from ..state import CONFIG_KEY, ModelState, SelectionRecord
 from . import decoder_pruning
 
@@ -38,6 +39,8 @@ class ImageCall:
             (LLaVA-1.5 inputs made by a stock processor); used for the stock packing and the records.
         vision_feature_layer: the layer the call asks features from.
         stock: runs the stock ``get_image_features`` with the same arguments.
+        feature_norm: a norm the stock model applies to the feature layer's output (InternViT's final
+            norm when it takes the last layer), ``None`` when it takes the output as it is.
     """
 
     tiles: list[torch.Tensor]
@@ -45,6 +48,7 @@ class ImageCall:
     image_sizes: list[tuple[int, int] | None]
     vision_feature_layer: Any
     stock: Callable[[], BaseModelOutputWithPooling]
+    feature_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class FamilyAdapter:
@@ -60,6 +64,9 @@ class FamilyAdapter:
             :class:`HiredProcessor`.
         model_internals: attributes of the inner class the adapter relies on (checked at apply).
         processor_internals: attributes of the processor class it relies on.
+        selects_projected: whether :meth:`candidate_tokens` returns LLM embeddings (the stock model
+            mixes tokens after projecting them, as LLaVA-OneVision's downsampling does); then
+            nothing is projected after selection.
     """
 
     name: ClassVar[str]
@@ -70,6 +77,7 @@ class FamilyAdapter:
     hired_processor_class: ClassVar[type]
     model_internals: ClassVar[tuple[str, ...]] = ("get_image_features", "get_placeholder_mask")
     processor_internals: ClassVar[tuple[str, ...]] = ()
+    selects_projected: ClassVar[bool] = False
 
     # ---- the model side
     def inner(self, model):
@@ -107,8 +115,16 @@ class FamilyAdapter:
         """Features of the tower -> LLM embeddings."""
         return inner.multi_modal_projector(features)
 
-    def pack_stock(self, inner, projected: torch.Tensor, image_size) -> torch.Tensor:
-        """One image's projected tokens arranged as the stock model feeds them (separators included)."""
+    def candidate_tokens(self, inner, run: TowerRun, geometry: PartitionGeometry, image_size) -> TowerRun:
+        """One image's tower run in its geometry's token numbering; as it is where a token is a patch.
+
+        Families whose LLM tokens are not patches (merged groups, interpolated mosaics) rearrange the
+        features, scores and keys here, with the stock model's own arithmetic.
+        """
+        return run
+
+    def pack_stock(self, inner, run: TowerRun, geometry: PartitionGeometry, image_size) -> torch.Tensor:
+        """One image's tokens, from its tower run, as the stock model feeds them (separators included)."""
         raise NotImplementedError
 
     # ---- the processor side
@@ -134,8 +150,8 @@ class HiredModel:
 
         if not method.selects_before_llm or all(_keeps_all(b, g) for b, g in zip(budgets, call.geometries)):
             output = call.stock()
-            state.records = [_full_record(g, size, method.name, len(f))
-                             for g, size, f in zip(call.geometries, call.image_sizes, output.pooler_output)]
+            state.records = [_full_record(g, size, method.name, g.stock_tokens + g.newline_tokens)
+                             for g, size in zip(call.geometries, call.image_sizes)]
             return output
 
         family.check_call(self, state.probe)
@@ -148,22 +164,26 @@ class HiredModel:
             distribution_layer=layers.distribution,
             selection_layer=feature_layer if layers.selection is None else layers.selection,
             aggregation=layers.aggregation,
+            score=layers.score,
         )
+        if call.feature_norm is not None:
+            run = dataclasses.replace(run, features=call.feature_norm(run.features))  # runs may be shared: no edits
         outputs, records, start = [], [], 0
         for geometry, budget, image_size in zip(call.geometries, budgets, call.image_sizes):
             stop = start + geometry.num_partitions
             if _keeps_all(budget, geometry):
-                packed = family.pack_stock(self, family.project(self, run.features[start:stop]), image_size)
+                packed = family.pack_stock(self, run[start:stop], geometry, image_size)
                 outputs.append(packed)
                 records.append(_full_record(geometry, image_size, method.name, len(packed)))
                 start = stop
                 continue
+            tokens = family.candidate_tokens(self, run[start:stop], geometry, image_size)
             evidence = VisionEvidence(
                 geometry=geometry,
-                features=run.features[start:stop],
-                distribution_scores=_rows(run.distribution_scores, start, stop),
-                selection_scores=_rows(run.selection_scores, start, stop),
-                keys=run.keys[start:stop],
+                features=tokens.features,
+                distribution_scores=tokens.distribution_scores,
+                selection_scores=tokens.selection_scores,
+                keys=tokens.keys,
             )
             selection = method.select(evidence, budget, config.method_options)
             chosen = _selected_features(evidence, selection)
@@ -172,8 +192,8 @@ class HiredModel:
                     f"method {method.name!r} returned {chosen.shape[0]} tokens for a budget of {budget}; "
                     "this is a bug in the method"
                 )
-            outputs.append(family.project(self, chosen))
-            records.append(_record(evidence, image_size, selection, method.name, chosen.shape[0]))
+            outputs.append(chosen if family.selects_projected else family.project(self, chosen))
+            records.append(_record(evidence, image_size, selection, method.name, chosen.shape[0], run.score))
             start = stop
         state.records = records
         return BaseModelOutputWithPooling(last_hidden_state=run.hidden, pooler_output=outputs)
@@ -186,7 +206,7 @@ class HiredModel:
             mask = (inputs_embeds == image_embedding).all(-1)
         else:
             mask = input_ids == self.config.image_token_id
-        check_counts(self._hired.records, int(mask.sum()), int(image_features.shape[0]))
+        check_counts(self._hired.records, int(mask.sum()), image_features.shape[:-1].numel())  # InternVL's are per tile
         return mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
 
 
@@ -202,7 +222,10 @@ class HiredProcessor:
 
     def hired_tokens(self, image_size: Sequence[int]) -> int | None:
         """Placeholders needed for an image of this ``(height, width)``; ``None`` for the stock count."""
-        geometry = self.hired_geometry(image_size)
+        return self.kept_tokens(self.hired_geometry(image_size))
+
+    def kept_tokens(self, geometry: PartitionGeometry) -> int | None:
+        """Placeholders needed for an image of this geometry; ``None`` for the stock count."""
         self.hired_config.require_fixed_count()  # hired.apply checks this; a config set by hand is caught here
         budget = self.hired_config.budget_for(geometry.stock_tokens)
         return None if budget >= geometry.stock_tokens else budget
@@ -215,10 +238,6 @@ class HiredProcessor:
 
 def _keeps_all(budget: int | None, geometry: PartitionGeometry) -> bool:
     return budget is not None and budget >= geometry.stock_tokens
-
-
-def _rows(tensor: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
-    return None if tensor is None else tensor[start:stop]
 
 
 def check_counts(records: list[SelectionRecord], placeholders: int, features: int) -> None:
@@ -273,7 +292,8 @@ def _forget_records_of_earlier_calls(state: ModelState, positional: tuple[str, .
     return None
 
 
-def _positional_names(function) -> tuple[str, ...]:
+def positional_names(function) -> tuple[str, ...]:
+    """The names of a method's positional parameters, ``self`` left out."""
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     names = [p.name for p in inspect.signature(function).parameters.values() if p.kind in kinds]
     return tuple(names[1:])  # without self
@@ -293,11 +313,12 @@ def _full_record(geometry: PartitionGeometry, image_size, method: str, fed: int)
                         {"stock_model": True})
 
 
-def _record(evidence: VisionEvidence, image_size, selection: Selection, method: str, fed: int) -> SelectionRecord:
+def _record(evidence: VisionEvidence, image_size, selection: Selection, method: str, fed: int,
+            score: str | None) -> SelectionRecord:
     distribution = None if evidence.distribution_scores is None else evidence.distribution_scores[0].detach()
     scores = None if evidence.selection_scores is None else evidence.selection_scores.detach()
     return _make_record(evidence.geometry, image_size, method, fed, selection.budgets, selection.kept, distribution,
-                        scores, selection.extras)
+                        scores, {"score": score, **selection.extras})
 
 
 def _make_record(geometry, image_size, method, fed, budgets, kept, distribution, selection, extras) -> SelectionRecord:
@@ -346,13 +367,16 @@ def apply(family: FamilyAdapter, model, processor, config: HiredConfig):
     probe = family.vision_probe(inner)
     if method.needs_cls and not probe.has_cls:
         raise ValueError(
-            f"method {config.method!r} scores tokens by CLS attention, but the vision tower of this {family.name} "
-            "model has no CLS token; choose a method that needs none (e.g. divprune, random, spatial)"
+            f"method {config.method!r} scores tokens by CLS attention and has no CLS-free form, but the vision tower "
+            f"of this {family.name} model has no CLS token; choose a method that needs none (hired and visionzip "
+            "use the attention each token receives there; divprune, random and spatial need no attention)"
         )
     feature_layer = family.feature_layer(inner, probe)
     if method.selects_before_llm:
         family.check_call(inner, probe)  # settings of the model itself, refused here rather than at generate
     layers = options.signal_layers()
+    if method.selects_before_llm:
+        probe.resolve_score(layers.score)  # score='cls' on a tower without a CLS token is refused here
     for name, value in (("distribution_layer", layers.distribution), ("selection_layer", layers.selection)):
         if value is not None and not -probe.num_layers <= value < probe.num_layers:
             raise ValueError(
@@ -380,7 +404,7 @@ def apply(family: FamilyAdapter, model, processor, config: HiredConfig):
         state.llm_pruning = llm_pruning
         decoder_pruning.install(inner, llm_pruning, config, records=functools.partial(getattr, state, "records"))
     state.handles.append(inner.register_forward_pre_hook(
-        functools.partial(_forget_records_of_earlier_calls, state, _positional_names(family.inner_class.forward)),
+        functools.partial(_forget_records_of_earlier_calls, state, positional_names(family.inner_class.forward)),
         with_kwargs=True,
     ))
     if model is not inner:
@@ -426,4 +450,5 @@ def _uninstall_hooks(inner) -> None:
     state.handles = []
 
 
-__all__ = ["FamilyAdapter", "HiredModel", "HiredProcessor", "ImageCall", "apply", "check_counts", "remove"]
+__all__ = ["FamilyAdapter", "HiredModel", "HiredProcessor", "ImageCall", "apply", "check_counts", "positional_names",
+           "remove"]

@@ -91,8 +91,8 @@ class LlavaAdapter(LlavaNextAdapter):
         vision = config.vision_config
         return AnyresGeometry.create((vision.image_size, vision.image_size), vision.image_size, vision.patch_size)
 
-    def pack_stock(self, inner, projected, image_size):
-        return projected[0]
+    def pack_stock(self, inner, run, geometry, image_size):
+        return self.project(inner, run.features)[0]
 
     def check_grid(self, inner, processor) -> None:
         """One partition: no grid to match."""

@@ -119,9 +119,10 @@ class LlavaNextAdapter(FamilyAdapter):
                 f"no CLS token, reaches the LLM); this model uses {strategy!r}"
             )
 
-    def pack_stock(self, inner, projected, image_size):
+    def pack_stock(self, inner, run, geometry, image_size):
         packed, _ = inner.pack_image_features(
-            [projected], torch.as_tensor([image_size]), "default", image_newline=inner.image_newline
+            [self.project(inner, run.features)], torch.as_tensor([image_size]), "default",
+            image_newline=inner.image_newline,
         )
         return packed[0]
 

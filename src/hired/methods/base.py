@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 import torch
 
+from ..algorithm import SCORES
+
 if TYPE_CHECKING:
     from ..geometry import PartitionGeometry
 
@@ -26,15 +28,19 @@ HEAD_AGGREGATIONS = ("sum", "mean", "max")
 
 @dataclass(frozen=True)
 class SignalLayers:
-    """Which vision-tower layers a method reads, and how attention heads are combined.
+    """Which vision-tower layers a method reads, which attention score, and how heads are combined.
 
     ``distribution`` and ``selection`` are layer indices of the tower (negative ones count from
     its end); ``None`` for ``selection`` means the layer the VLM takes its features from.
+    ``score``: ``"cls"`` (the CLS token's attention row), ``"received"`` (the attention each
+    token receives, averaged over queries: for towers without a CLS token) or ``"auto"`` (CLS
+    where the tower has one, received otherwise).
     """
 
     distribution: int = 0
     selection: int | None = None
     aggregation: str = "sum"
+    score: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,10 @@ class MethodOptions:
             bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
             raise ValueError(f"option {name!r} must be a number {bounds}, got {value!r}")
         object.__setattr__(self, name, float(value))
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        if getattr(self, name) not in choices:
+            raise ValueError(f"option {name!r} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
     def _check_bool(self, name: str) -> None:
         if not isinstance(getattr(self, name), bool):
@@ -139,7 +149,8 @@ class Method:
         score: for LLM-side methods, ``(query, key, rotary, apply_rotary, head_dim, scaling,
             attention_mask) -> (B, L)`` importance of every position, computed in the decoder layer
             before the one where pruning starts (``options.layer``).
-        needs_cls: reads CLS attention, so towers without a CLS token cannot run it.
+        needs_cls: reads CLS attention and has no CLS-free form, so towers without a CLS token
+            cannot run it (methods with a ``score`` option choose their signal instead).
         paper, signal, merges, partition_policy: documentation, rendered into the methods table.
     """
 

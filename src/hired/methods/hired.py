@@ -6,7 +6,7 @@ import numbers
 from dataclasses import dataclass, field
 
 from ..algorithm import hired_select
-from .base import HEAD_AGGREGATIONS, Method, MethodOptions, Selection, SignalLayers, VisionEvidence, register_method
+from .base import HEAD_AGGREGATIONS, SCORES, Method, MethodOptions, Selection, SignalLayers, VisionEvidence, register_method
 
 
 @dataclass(frozen=True)
@@ -19,12 +19,16 @@ class HiredOptions(MethodOptions):
         selection_layer: ViT layer whose CLS attention picks tokens inside a partition; ``None``
             means the layer the VLM takes its features from (``vision_feature_layer``).
         head_aggregation: how attention heads are combined: ``"sum"``, ``"mean"`` or ``"max"``.
+        score: ``"cls"`` (the paper's CLS attention), ``"received"`` (the attention each token
+            receives, averaged over queries: the CLS-free signal for SigLIP towers) or ``"auto"``
+            (CLS where the tower has a CLS token, received otherwise). The record says which ran.
     """
 
     alpha: float = 0.5
     distribution_layer: int = 0
     selection_layer: int | None = field(default=None, metadata={"shown": "feature layer"})
     head_aggregation: str = "sum"
+    score: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not 0 <= self.alpha <= 1:
@@ -40,9 +44,10 @@ class HiredOptions(MethodOptions):
                 raise ValueError(f"{name} must be a layer index (an int), got {value!r}")
             if value is not None:
                 object.__setattr__(self, name, int(value))
+        self._check_choice("score", SCORES)
 
     def signal_layers(self) -> SignalLayers:
-        return SignalLayers(self.distribution_layer, self.selection_layer, self.head_aggregation)
+        return SignalLayers(self.distribution_layer, self.selection_layer, self.head_aggregation, self.score)
 
 
 def select(evidence: VisionEvidence, budget: int, options: HiredOptions) -> Selection:
@@ -58,9 +63,9 @@ HIRED = register_method(
         "HiRED: budget shared by first-layer CLS attention, tokens picked by feature-layer CLS attention",
         options=HiredOptions,
         select=select,
-        needs_cls=True,
         paper="HiRED, arXiv 2408.10945",
-        signal="CLS attention: layer 0 shares the budget, the feature layer picks tokens",
+        signal="CLS attention (received attention on towers without CLS): layer 0 shares the budget, the "
+        "feature layer picks tokens",
         partition_policy="base view gets `alpha*K`; tiles share the rest by the base-view attention over the region "
         "each covers; top-k per tile",
     )

@@ -8,20 +8,29 @@ from dataclasses import dataclass
 import torch
 
 from ..algorithm import apportion, round_half_up, top_k_indices
-from .base import Method, MethodOptions, Selection, VisionEvidence, register_method
+from .base import SCORES, Method, MethodOptions, Selection, SignalLayers, VisionEvidence, register_method
 from .common import check_budget, cosine, make_selection
 
 
 @dataclass(frozen=True)
 class VisionZipOptions(MethodOptions):
-    """Dominant and contextual tokens per tile (54 + 10 of 576 in the paper); at a fixed K only their ratio matters."""
+    """Dominant and contextual tokens per tile (54 + 10 of 576 in the paper); at a fixed K only their ratio matters.
+
+    ``score`` ranks the dominant tokens: ``"cls"`` (the paper's CLS attention), ``"received"`` (the
+    attention each token receives, for towers without a CLS token) or ``"auto"`` (whichever the tower has).
+    """
 
     dominant: int = 54
     contextual: int = 10
+    score: str = "auto"
 
     def __post_init__(self) -> None:
         self._check_int("dominant", 1)
         self._check_int("contextual", 0)
+        self._check_choice("score", SCORES)
+
+    def signal_layers(self) -> SignalLayers:
+        return SignalLayers(score=self.score)
 
 
 def contextual_tokens(
@@ -82,9 +91,9 @@ VISIONZIP = register_method(
         "VisionZip (arXiv 2412.04467): dominant tokens by CLS attention plus contextual tokens merged by similarity",
         options=VisionZipOptions,
         select=select,
-        needs_cls=True,
         paper="VisionZip, arXiv 2412.04467",
-        signal="feature-layer CLS attention (dominant); key similarity (contextual)",
+        signal="feature-layer CLS attention (received attention on towers without CLS) for dominant tokens; key "
+        "similarity (contextual)",
         merges="yes: contextual tokens are means of similar remaining tokens",
         partition_policy="per tile: K shared in proportion to each partition's unpadded tokens, split "
         "dominant:contextual",
