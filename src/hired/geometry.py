@@ -20,6 +20,8 @@ from transformers.image_processing_utils import select_best_resolution
 
 # The (height, width) canvases of every llava-hf v1.6 checkpoint, for 336 px tiles.
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+# LLaVA-OneVision's: every grid of 1..6 x 1..6 tiles of 384 px.
+ONEVISION_PINPOINTS = [[384 * rows, 384 * cols] for rows in range(1, 7) for cols in range(1, 7)]
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
-"""The picture of a selection: every partition with its kept tokens and its CLS-attention heat map.
+"""The picture of a selection: every partition with its kept tokens and its attention heat map.
 
 One column per partition (the base view, then the AnyRes tiles in row-major order), showing the
 pixels the vision tower saw (read back from the processor's ``pixel_values``): kept tokens
 outlined, dropped tokens dimmed, positions over padding hatched, the partition's budget in the
-title; below, the selection-layer CLS attention that ranked the tokens. For AnyRes models a first
+title; below, the selection-layer attention (CLS, or received where the tower has no CLS token)
+that ranked the tokens. For AnyRes models a first
 column shows the whole image with the tiles' regions and budgets, over the base view's
 distribution-layer attention that shared the budget among them (the paper's figure 1).
 """
@@ -52,24 +53,18 @@ def select_tokens(model, processor, image: Image.Image, config):
 
     check_drawable(config)
     hired.apply(model, processor, config)
-    inputs = processor.image_processor([image], return_tensors="pt")
-    pixel_values = inputs["pixel_values"].to(model.device, model.dtype)
+    inputs = processor(images=[image], text=[processor.image_token], return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.device, model.dtype)
+    image_inputs = {key: inputs[key] for key in ("pixel_values", "image_sizes", "batch_num_images") if key in inputs}
     with torch.inference_mode():
-        if "image_sizes" in inputs:
-            model.model.get_image_features(pixel_values=pixel_values, image_sizes=inputs["image_sizes"])
-        else:
-            model.model.get_image_features(pixel_values=pixel_values)
+        model.model.get_image_features(**image_inputs)
     record = hired.selections(model)[0]
     if record.extras.get("stock_model"):
         raise ValueError(
             f"a budget of {config.budget if config.tokens is None else config.tokens} keeps every token of this "
             f"{image.width}x{image.height} image, so nothing is selected; give a smaller --budget or --tokens"
         )
-    if record.selection_scores is None:
-        raise ValueError("the picture shows the CLS attention beside the kept tokens, and this vision tower has no "
-                         "CLS token; hired show needs a CLS-token tower (CLIP, DINOv2)")
-    tiles = pixel_values[0] if pixel_values.dim() == 5 else pixel_values
-    tiles = tiles[: len(record.kept)].float().cpu()
+    tiles = hired.family_of(model).partition_pixels(inputs)[: len(record.kept)].float().cpu()
     mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
     return record, (tiles * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
@@ -85,8 +80,10 @@ def draw_selection(image: Image.Image, record, geometry, tiles: np.ndarray, path
     from matplotlib.patches import Rectangle
 
     partitions = len(record.kept)
-    patch = geometry.patch
     side = geometry.side
+    patch = tiles.shape[1] // side  # pixels of a token in the tile (a 2x2 group of patches on InternVL)
+    tiles = tiles[:, : side * patch, : side * patch]  # SigLIP's 384 px tiles: the patches cover 378 px
+    score = {"cls": "CLS", "received": "received"}.get(record.extras.get("score"), "attention")
     width, height = figure_size(partitions)
     figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     columns = partitions + (1 if partitions > 1 else 0)
@@ -103,7 +100,7 @@ def draw_selection(image: Image.Image, record, geometry, tiles: np.ndarray, path
     first = 0
     if partitions > 1:
         first = 1
-        _draw_overview(figure, grid, image, record, geometry, total)
+        _draw_overview(figure, grid, image, record, geometry, total, score)
     for p in range(partitions):
         title = "base view" if p == 0 else f"tile {p} (row {(p - 1) // record.grid[1] + 1}, col {(p - 1) % record.grid[1] + 1})"
         kept = torch.zeros(side * side, dtype=torch.bool)
@@ -119,14 +116,14 @@ def draw_selection(image: Image.Image, record, geometry, tiles: np.ndarray, path
         scores = record.selection_scores[p].float().view(side, side).numpy()
         bottom.imshow(tiles[p].mean(axis=2), cmap="gray", vmin=0, vmax=1)
         bottom.imshow(np.kron(scores, np.ones((patch, patch))), cmap="inferno", alpha=0.75, norm=_norm(scores))
-        bottom.set_title("selection-layer CLS attention (sqrt scale)", fontsize=8)
+        bottom.set_title(f"selection-layer {score} attention (sqrt scale)", fontsize=8)
         for axis in (top, bottom):
             axis.set_axis_off()
     figure.savefig(path, dpi=DPI, format="png")
 
 
 def _norm(scores: np.ndarray):
-    """Square-root colour scale: CLS attention is peaked, and a linear scale shows only its peak."""
+    """Square-root colour scale: attention is peaked, and a linear scale shows only its peak."""
     from matplotlib.colors import PowerNorm
 
     return PowerNorm(gamma=0.5, vmin=0.0, vmax=max(float(scores.max()), 1e-12))
@@ -143,7 +140,7 @@ def _dimmed(pixels: np.ndarray, kept: torch.Tensor, candidates: torch.Tensor, si
     return shaded
 
 
-def _draw_overview(figure, grid, image, record, geometry, total: int) -> None:
+def _draw_overview(figure, grid, image, record, geometry, total: int, score: str) -> None:
     from matplotlib.patches import Rectangle
 
     footprints = geometry.footprints()
@@ -154,7 +151,7 @@ def _draw_overview(figure, grid, image, record, geometry, total: int) -> None:
     side = geometry.side
     scores = record.distribution_scores.float().view(side, side).numpy()
     bottom.imshow(scores, cmap="inferno", extent=(0, image.width, image.height, 0), aspect="auto", norm=_norm(scores))
-    bottom.set_title("base view, layer-0 CLS attention (sqrt)", fontsize=8)
+    bottom.set_title(f"base view, distribution-layer {score} attention (sqrt)", fontsize=8)
     for p in range(1, geometry.num_partitions):
         boxes = footprints[p][geometry.candidates[p]]
         if not len(boxes):  # a tile of padding only (very wide or tall images): nothing of the image to outline

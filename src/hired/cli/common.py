@@ -251,18 +251,22 @@ def load_image(path: str):
 
 
 def load_model(name: str, dtype: str):
-    """Load a LLaVA-NeXT / LLaVA checkpoint (hub id or local folder) and its processor.
+    """Load a checkpoint of a supported family (hub id or local folder) and its processor.
 
-    ``tiny-random`` builds a small random model; other distributions add names through the
-    ``hired.models`` entry-point group.
+    ``tiny-random`` builds a small random LLaVA-NeXT, ``tiny-random-<family>`` one of that family;
+    other distributions add names through the ``hired.models`` entry-point group.
     """
     import torch
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name == "tiny-random":
-        from ..testing import tiny_llava_next
+    if name == "tiny-random" or name.startswith("tiny-random-"):
+        from ..testing import TINY_MODELS
 
-        model, processor = tiny_llava_next()
+        family = name.removeprefix("tiny-random").removeprefix("-") or "llava-next"
+        if family not in TINY_MODELS:
+            raise CliError(f"no tiny random model of family {family!r}; choose one of "
+                           + ", ".join(f"tiny-random-{f}" for f in TINY_MODELS))
+        model, processor = TINY_MODELS[family]()
         return model.to(dtypes[dtype]), processor
     named = {point.name: point for point in entry_points(group=MODEL_ENTRY_POINTS)}
     if name in named:

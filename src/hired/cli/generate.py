@@ -37,6 +37,7 @@ def _generate(args: argparse.Namespace) -> None:
         prompt = "USER: " + "<image>\n" * len(images) + prompt + " ASSISTANT:"
     if prompt.count("<image>") != len(images):
         raise CliError(f"the prompt has {prompt.count('<image>')} <image> markers for {len(images)} images")
+    prompt = prompt.replace("<image>", processor.image_token)  # InternVL's is <IMG_CONTEXT>
     inputs = processor(images=images, text=prompt, return_tensors="pt")
     inputs = inputs.to(model.device)
     if "pixel_values" in inputs:
@@ -59,16 +60,16 @@ MAX_PATCHES_PER_SIDE = 256
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from ..geometry import LLAVA_NEXT_PINPOINTS, AnyresGeometry
+    from ..families import registered_families
 
-    if args.tile % args.patch:
-        raise CliError(f"--tile {args.tile} is not a multiple of --patch {args.patch}; a tile holds whole patches")
-    if args.tile // args.patch > MAX_PATCHES_PER_SIDE:
-        raise CliError(f"--tile {args.tile} over --patch {args.patch} makes {args.tile // args.patch} patches per tile "
-                       f"side; vision towers use far fewer (LLaVA-NeXT: 24), and inspect allows at most "
-                       f"{MAX_PATCHES_PER_SIDE}")
-    # The llava-hf grids (1x1 .. 3x1 and 1x3 tiles), in tiles of the size asked for.
-    pinpoints = [(h * args.tile // 336, w * args.tile // 336) for h, w in LLAVA_NEXT_PINPOINTS]
+    families = {family.name: family for family in registered_families()}
+    if args.family != "llava-next":
+        if args.tile is not None or args.patch is not None:
+            raise CliError(f"--tile and --patch scale the LLaVA-NeXT grid; --family {args.family} uses the tiles of its "
+                           "released checkpoints")
+        layout = families[args.family].released_geometry
+    else:
+        layout = _llava_next_layout(args.tile or 336, args.patch or 14)
     config = config_from_args(args)
     try:
         config.require_fixed_count()
@@ -77,9 +78,22 @@ def _inspect(args: argparse.Namespace) -> None:
     rows = []
     for path in args.image:
         image = load_image(path)
-        geometry = AnyresGeometry.create((image.height, image.width), args.tile, args.patch, pinpoints)
-        rows.append(_allocation(path, geometry, config))
+        rows.append(_allocation(path, layout((image.height, image.width)), config))
     emit(args, rows, "\n".join(_describe(row) for row in rows))
+
+
+def _llava_next_layout(tile: int, patch: int):
+    from ..geometry import LLAVA_NEXT_PINPOINTS, AnyresGeometry
+
+    if tile % patch:
+        raise CliError(f"--tile {tile} is not a multiple of --patch {patch}; a tile holds whole patches")
+    if tile // patch > MAX_PATCHES_PER_SIDE:
+        raise CliError(f"--tile {tile} over --patch {patch} makes {tile // patch} patches per tile "
+                       f"side; vision towers use far fewer (LLaVA-NeXT: 24), and inspect allows at most "
+                       f"{MAX_PATCHES_PER_SIDE}")
+    # The llava-hf grids (1x1 .. 3x1 and 1x3 tiles), in tiles of the size asked for.
+    pinpoints = [(h * tile // 336, w * tile // 336) for h, w in LLAVA_NEXT_PINPOINTS]
+    return lambda size: AnyresGeometry.create(size, tile, patch, pinpoints)
 
 
 def _allocation(path: str, geometry, config) -> dict[str, Any]:
@@ -128,14 +142,18 @@ def _describe(row: dict[str, Any]) -> str:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    from ..families import registered_families
+
     generate = subparsers.add_parser(
         "generate", help="answer a prompt about images with a HiRED-patched model",
-        description="Load a LLaVA-NeXT or LLaVA-1.5 checkpoint, apply HiRED and generate an answer. "
+        description="Load a checkpoint (LLaVA-NeXT, LLaVA-1.5, InternVL, LLaVA-OneVision), apply HiRED and generate "
+        "an answer. "
         "Prints the answer and a one-line token summary (--json for machines).",
     )
     generate.add_argument("image", nargs="+", help="image file(s)")
     generate.add_argument("--model", default="llava-hf/llava-v1.6-vicuna-7b-hf",
-                          help="hub id or local folder ('tiny-random' builds a random test model)")
+                          help="hub id or local folder ('tiny-random' or 'tiny-random-<family>' builds a random test "
+                          "model)")
     generate.add_argument("--prompt", default="Describe the image.", help="question; <image> markers optional")
     generate.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     generate.add_argument("--max-new-tokens", type=integer(1), default=64, help="tokens to generate (default 64)")
@@ -145,12 +163,17 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
     inspect = subparsers.add_parser(
         "inspect", help="show how an image's token budget is laid out (no model needed)",
-        description="AnyRes grid, stock token count, HiRED budget K and per-partition candidate counts "
-        "for each image, for LLaVA-NeXT geometry (336 px tiles, 14 px patches by default).",
+        description="Tile grid, stock token count, budget K and per-partition candidate counts for each image, "
+        "under the tiling of a model family's released checkpoints (LLaVA-NeXT: 336 px tiles of 14 px patches; "
+        "InternVL: 1 to 12 tiles of 448 px plus a thumbnail, 256 tokens each; LLaVA-OneVision: up to 6x6 tiles "
+        "of 384 px, mosaics above nine tiles' worth downsampled).",
     )
     inspect.add_argument("image", nargs="+", help="image file(s)")
-    inspect.add_argument("--tile", type=integer(1), default=336, help="tile side in pixels (default 336)")
-    inspect.add_argument("--patch", type=integer(1), default=14, help="patch side in pixels (default 14)")
+    inspect.add_argument("--family", default="llava-next", choices=sorted(f.name for f in registered_families()),
+                         help="whose tiling (default llava-next)")
+    inspect.add_argument("--tile", type=integer(1), default=None,
+                         help="LLaVA-NeXT tile side in pixels (default 336); the grid pinpoints scale with it")
+    inspect.add_argument("--patch", type=integer(1), default=None, help="LLaVA-NeXT patch side in pixels (default 14)")
     inspect.add_argument("--json", action="store_true")
     add_budget_arguments(inspect)
     inspect.set_defaults(run=_inspect)

@@ -88,6 +88,10 @@ class FamilyAdapter:
         """The partition geometry of an image of ``(height, width)`` under the model ``config``."""
         raise NotImplementedError
 
+    def released_geometry(self, image_size) -> PartitionGeometry:
+        """The geometry of an image under the settings of the family's released checkpoints (no model needed)."""
+        raise NotImplementedError
+
     def vision_probe(self, inner) -> VisionProbe:
         """The probe of the inner model's vision tower (which layers, CLS or not, heads)."""
         raise NotImplementedError
@@ -128,6 +132,11 @@ class FamilyAdapter:
         raise NotImplementedError
 
     # ---- the processor side
+    def partition_pixels(self, inputs) -> torch.Tensor:
+        """``(P, C, T, T)``: the first image's partitions in ``inputs`` (a processor's output), in geometry order."""
+        pixels = inputs["pixel_values"]
+        return pixels[0] if pixels.dim() == 5 else pixels
+
     def check_processor(self, inner, processor) -> None:
         """Refuse a processor that does not match the model (called at apply)."""
 

@@ -32,6 +32,15 @@ def _pair(value) -> int:
     return int(value)
 
 
+def tile_grid(image_size: Sequence[int], tile: int = 448, min_tiles: int = 1, max_tiles: int = 12) -> tuple[int, int]:
+    """``(rows, cols)`` of the tiles InternVL's image processor cuts an image of ``(height, width)`` into.
+
+    transformers' own rule (the grid of ``min_tiles..max_tiles`` tiles closest in aspect ratio).
+    """
+    cols, rows = get_optimal_tiled_canvas(tuple(int(v) for v in image_size), (tile, tile), min_tiles, max_tiles)
+    return rows, cols
+
+
 class HiredInternVLModel(HiredModel, InternVLModel):
     """``InternVLModel`` whose image features are the tokens the method keeps.
 
@@ -115,9 +124,8 @@ class HiredInternVLProcessor(HiredProcessor, InternVLProcessor):
         crop = settings.get("crop_to_patches", image_processor.crop_to_patches)
         low = settings.get("min_patches", image_processor.min_patches)
         high = settings.get("max_patches", image_processor.max_patches)
-        height, width = (int(v) for v in image_size)
-        cols, rows = get_optimal_tiled_canvas((height, width), (tile, tile), low, high) if crop else (1, 1)
-        return TiledGeometry.create((height, width), (rows, cols), math.isqrt(self.image_seq_length), tile)
+        tiles = tile_grid(image_size, tile, low, high) if crop else (1, 1)
+        return TiledGeometry.create(image_size, tiles, math.isqrt(self.image_seq_length), tile)
 
     def __call__(self, images=None, text=None, videos=None, **kwargs):
         if videos is not None:
@@ -170,6 +178,10 @@ class InternVLAdapter(FamilyAdapter):
         patches = _pair(vision.image_size) // _pair(vision.patch_size)
         return TiledGeometry.create(image_size, tiles, round(patches * config.downsample_ratio), _pair(vision.image_size))
 
+    def released_geometry(self, image_size) -> TiledGeometry:
+        """InternVL 2.5 / 3 / 3.5: 448 px tiles, 1 to 12 of them, 256 tokens each."""
+        return TiledGeometry.create(image_size, tile_grid(image_size), 16, 448)
+
     def vision_probe(self, inner) -> VisionProbe:
         return VisionProbe(inner.vision_tower)
 
@@ -203,6 +215,11 @@ class InternVLAdapter(FamilyAdapter):
         projected = self.project(inner, self.candidate_tokens(inner, run, geometry, image_size).features)
         order = geometry.stock_order([row.nonzero().flatten() for row in geometry.candidates])
         return projected[order[:, 0], order[:, 1]]
+
+    def partition_pixels(self, inputs) -> torch.Tensor:
+        rows, cols = (int(v) for v in inputs["image_sizes"][0, 2:])
+        pixels = inputs["pixel_values"][: 1 if rows * cols == 1 else 1 + rows * cols]
+        return torch.cat([pixels[-1:], pixels[:-1]])
 
     def check_processor(self, inner, processor) -> None:
         vision = inner.config.vision_config

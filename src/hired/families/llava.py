@@ -91,6 +91,9 @@ class LlavaAdapter(LlavaNextAdapter):
         vision = config.vision_config
         return AnyresGeometry.create((vision.image_size, vision.image_size), vision.image_size, vision.patch_size)
 
+    def released_geometry(self, image_size) -> AnyresGeometry:
+        return AnyresGeometry.create((336, 336), 336, 14)
+
     def pack_stock(self, inner, run, geometry, image_size):
         return self.project(inner, run.features)[0]
 

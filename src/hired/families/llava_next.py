@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from transformers import LlavaNextForConditionalGeneration, LlavaNextModel, LlavaNextProcessor
 
-from ..geometry import AnyresGeometry
+from ..geometry import LLAVA_NEXT_PINPOINTS, AnyresGeometry
 from ..signals import VisionProbe
 from .base import FamilyAdapter, HiredModel, HiredProcessor, ImageCall
 from .registry import register_family
@@ -105,6 +105,9 @@ class LlavaNextAdapter(FamilyAdapter):
     def geometry(self, config, image_size) -> AnyresGeometry:
         vision = config.vision_config
         return AnyresGeometry.create(image_size, vision.image_size, vision.patch_size, config.image_grid_pinpoints)
+
+    def released_geometry(self, image_size) -> AnyresGeometry:
+        return AnyresGeometry.create(image_size, 336, 14, LLAVA_NEXT_PINPOINTS)
 
     def vision_probe(self, inner) -> VisionProbe:
         return VisionProbe(inner.vision_tower)

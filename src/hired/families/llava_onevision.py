@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel, LlavaOnevisionProcessor
 
-from ..geometry import OnevisionGeometry
+from ..geometry import ONEVISION_PINPOINTS, OnevisionGeometry
 from ..signals import TowerRun
 from .base import HiredModel, HiredProcessor, ImageCall, check_counts
 from .llava_next import LlavaNextAdapter, as_pair, tile_size
@@ -147,6 +147,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         aspect = config.vision_aspect_ratio if vision_aspect_ratio is None else vision_aspect_ratio
         return OnevisionGeometry.create(image_size, vision.image_size, vision.patch_size, config.image_grid_pinpoints,
                                         max_tiles=max_tiles(aspect), multi_image=multi_image)
+
+    def released_geometry(self, image_size) -> OnevisionGeometry:
+        return OnevisionGeometry.create(image_size, 384, 14, ONEVISION_PINPOINTS)
 
     def check_call(self, inner, probe) -> None:
         super().check_call(inner, probe)
