@@ -165,18 +165,20 @@ class Setting:
     method: str
     budget: float
     alpha: float | None
+    score: str | None = None  # HiRED's attention score; None: the method's default
 
     def config(self):
         from hired import HiredConfig
 
         if self.method == "full":
             return HiredConfig(budget=1.0, method="full")
-        return HiredConfig(budget=self.budget, method=self.method,
-                           method_options={} if self.alpha is None else {"alpha": self.alpha})
+        options = {name: value for name, value in (("alpha", self.alpha), ("score", self.score)) if value is not None}
+        return HiredConfig(budget=self.budget, method=self.method, method_options=options)
 
 
-def settings_for(methods: Sequence[str], budgets: Sequence[float], alphas: Sequence[float]) -> list[Setting]:
-    """HiRED at every budget and alpha, every other vision-side method at every budget, ``full`` once.
+def settings_for(methods: Sequence[str], budgets: Sequence[float], alphas: Sequence[float],
+                 scores: Sequence[str | None] = (None,)) -> list[Setting]:
+    """HiRED at every budget, alpha and score, every other vision-side method at every budget, ``full`` once.
 
     Raises:
         ValueError: an unknown method, or one that selects nothing on the vision side.
@@ -196,7 +198,7 @@ def settings_for(methods: Sequence[str], budgets: Sequence[float], alphas: Seque
             )
         for budget in budgets:
             if name == "hired":
-                settings.extend(Setting(name, budget, alpha) for alpha in alphas)
+                settings.extend(Setting(name, budget, alpha, score) for score in scores for alpha in alphas)
             else:
                 settings.append(Setting(name, budget, None))
     return settings
@@ -271,16 +273,21 @@ def records_for(
 ) -> list[dict[str, Any]]:
     """One JSON record per setting.
 
-    Records of other methods carry ``hired_minus_this``: for each metric, HiRED (alpha 0.5, same
-    budget) minus this setting, with a paired 95% bootstrap interval (same resampled images).
+    Every other record carries ``hired_minus_this``: for each metric, the reference (HiRED with
+    alpha 0.5 and the first score measured, same budget) minus this setting, with a paired 95%
+    bootstrap interval (same resampled images).
     """
     summaries = {setting: summarize(rows, resamples, seed) for setting, rows in results.items()}
+    references = {}
+    for setting in results:
+        if setting.method == "hired" and setting.alpha == 0.5:
+            references.setdefault(setting.budget, setting)
     records = []
     for setting, summary in summaries.items():
         record = {"split": split, "method": setting.method, "budget": setting.budget, "alpha": setting.alpha,
-                  "seed": seed, **summary}
-        reference = Setting("hired", setting.budget, 0.5)
-        if reference in results and setting.method != "hired":
+                  "seed": seed, **({} if setting.score is None else {"score": setting.score}), **summary}
+        reference = references.get(setting.budget)
+        if reference is not None and setting != reference:
             reference_totals, counts = _per_image_totals(results[reference])
             totals, _ = _per_image_totals(results[setting])
             samples = (reference_totals.T, totals.T, np.broadcast_to(counts, totals.T.shape))
@@ -321,7 +328,8 @@ def load_split(split: str, seed: int, images: int) -> list[Sample]:
 
 def _label(record: dict[str, Any]) -> str:
     if record["method"] == "hired":
-        return f"hired (alpha {record['alpha']:g})"
+        score = f", {record['score']} attention" if record.get("score") else ""
+        return f"hired (alpha {record['alpha']:g}{score})"
     return record["method"]
 
 
@@ -341,7 +349,8 @@ def markdown_report(records: Sequence[dict[str, Any]]) -> str:
             "| recall, tile, by area | recall, any, by area | HiRED (0.5) minus this [95% CI] |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for r in sorted(rows, key=lambda r: (r["budget"], r["method"] != "hired", r["method"], r["alpha"] or 0)):
+        for r in sorted(rows, key=lambda r: (r["budget"], r["method"] != "hired", r["method"], r.get("score") or "",
+                                             r["alpha"] or 0)):
             difference = ""
             if "hired_minus_this" in r:
                 value, low, high = r["hired_minus_this"]["evidence_recall"]
@@ -365,6 +374,7 @@ def plot(records: Sequence[dict[str, Any]], path: Path) -> None:
 
     splits = list(dict.fromkeys(r["split"] for r in records))
     labels = list(dict.fromkeys(_label(r) for r in records if r["method"] != "full"))
+    reference = next((label for label in labels if label.startswith("hired (alpha 0.5")), None)  # drawn bold
     palette = colormaps["tab20"].colors
     colours = dict(zip(labels, palette[::2] + palette[1::2]))
     figure = Figure(figsize=(6 * len(splits), 8))
@@ -382,7 +392,7 @@ def plot(records: Sequence[dict[str, Any]], path: Path) -> None:
                 x = [100 * r["budget"] for r in line]
                 y = np.array([100 * r[metric] for r in line])
                 ci = np.array([[100 * v for v in r[f"{metric}_ci"]] for r in line])
-                headline = label == "hired (alpha 0.5)"
+                headline = label == reference
                 style = "--" if label.startswith("hired") and not headline else "-"
                 ax.errorbar(x, y, yerr=[y - ci[:, 0], ci[:, 1] - y], label=label, linestyle=style, marker="o",
                             color=colours[label], markersize=3, capsize=2, linewidth=2.2 if headline else 1.2)
@@ -407,6 +417,7 @@ def run(
     methods: Sequence[str],
     budgets: Sequence[float],
     alphas: Sequence[float],
+    scores: Sequence[str | None],
     resamples: int,
     batch_size: int,
     output: Path,
@@ -417,7 +428,7 @@ def run(
     from hired.cli.common import load_model
     from hired.report import write_report
 
-    settings = settings_for(methods, budgets, alphas)
+    settings = settings_for(methods, budgets, alphas, scores)
     model, processor = load_model(model_name, "float32")
     records = []
     for split in splits:
@@ -432,8 +443,8 @@ def reproducing_command(args: argparse.Namespace, methods: Sequence[str]) -> str
     """The run as one command line, every setting spelled out."""
     words = ["hired", "evidence", "--model", args.model, "--split", *args.split, "--seed", str(args.seed),
              "--images", str(args.images), "--method", *methods, "--budget", *map(str, args.budget),
-             "--alpha", *map(str, args.alpha), "--resamples", str(args.resamples), "--batch-size", str(args.batch_size),
-             "-o", str(args.output)]
+             "--alpha", *map(str, args.alpha), *(["--score", *args.score] if args.score else []),
+             "--resamples", str(args.resamples), "--batch-size", str(args.batch_size), "-o", str(args.output)]
     return shlex.join(words)
 
 
@@ -444,13 +455,16 @@ def _run_cli(args: argparse.Namespace) -> None:
     methods = args.method or vision_methods()
     if args.alpha is not None and "hired" not in methods:
         raise CliError("--alpha sets HiRED's base-view share, and hired is not among the --method given")
+    if args.score is not None and "hired" not in methods:
+        raise CliError("--score sets HiRED's attention score, and hired is not among the --method given")
     args.alpha = list(DEFAULT_ALPHAS) if args.alpha is None else args.alpha
-    for values, option in ((methods, "--method"), (args.budget, "--budget"), (args.alpha, "--alpha")):
+    scores = [None] if args.score is None else args.score
+    for values, option in ((methods, "--method"), (args.budget, "--budget"), (args.alpha, "--alpha"), (scores, "--score")):
         unique(values, option)
     try:
-        settings_for(methods, args.budget, args.alpha)
+        settings_for(methods, args.budget, args.alpha, scores)
         command = reproducing_command(args, methods)
-        records = run(args.model, args.split, args.seed, args.images, methods, args.budget, args.alpha,
+        records = run(args.model, args.split, args.seed, args.images, methods, args.budget, args.alpha, scores,
                       args.resamples, args.batch_size, Path(args.output), command, progress=not args.quiet)
     except (ValueError, ImportError) as error:
         raise CliError(str(error)) from None
@@ -483,6 +497,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                         help="fractions of the stock tokens, each in (0, 1]")
     parser.add_argument("--alpha", nargs="+", type=share, default=None,
                         help=f"HiRED alpha sweep, in [0, 1] (default {' '.join(map(str, DEFAULT_ALPHAS))})")
+    parser.add_argument("--score", nargs="+", choices=("cls", "received"), default=None,
+                        help="HiRED's attention score: the CLS row, the attention each token receives, or both "
+                        "(default: the method's own, CLS on this encoder); the first is the reference of the paired "
+                        "differences")
     parser.add_argument("--resamples", type=integer(10), default=1000, help="bootstrap resamples (>= 10)")
     parser.add_argument("--batch-size", type=integer(1), default=4, help="images per encoder call")
     parser.add_argument("-o", "--output", type=output_folder, default="evidence-results", help="output folder")
