@@ -1,5 +1,5 @@
 #!/usr/bin/env sh
-# The runs behind docs/benchmarks.md: sweep, batch, full, repeats, fastv, shapes (default: all).
+# The runs behind docs/benchmarks.md: sweep, batch, full, repeats, fastv, shapes, families (default: all).
 # Each writes bench.json, bench.md and bench.png under
 # benchmarks/results/<name>/. Run from the repository root with the package installed
 # (pip install -e ".[cli]"); HF_HUB_OFFLINE keeps transformers off the network.
@@ -57,4 +57,15 @@ if [ "$which" = all ] || [ "$which" = shapes ]; then
     --methods hired --budgets 0.2 \
     --image-size 672x672 --batch 1 --new-tokens 6 --warmup 1 --repeats 3 --seed 0 \
     --output benchmarks/results/llava-1.5
+fi
+
+# 7. InternVL3-8B and LLaVA-OneVision-7B shapes (2 of 28 decoder layers), HiRED at 20% against stock, a
+#    1280x960 image (InternVL: 12 tiles and the thumbnail; OneVision: 3x4 tiles, downsampled).
+if [ "$which" = all ] || [ "$which" = families ]; then
+  hired bench --model internvl3-8b-hf --layers 2 --dtype bfloat16 --methods hired --budgets 0.2 \
+    --image-size 1280x960 --batch 1 --new-tokens 8 --warmup 1 --repeats 3 --seed 0 \
+    --output benchmarks/results/internvl3-8b
+  hired bench --model llava-onevision-qwen2-7b-ov-hf --layers 2 --dtype bfloat16 --methods hired --budgets 0.2 \
+    --image-size 1280x960 --batch 1 --new-tokens 8 --warmup 1 --repeats 3 --seed 0 \
+    --output benchmarks/results/llava-onevision-7b
 fi

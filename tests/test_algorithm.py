@@ -14,6 +14,10 @@ from hired.algorithm import (
     apportion,
     cls_attention,
     hired_select,
+    key_distinctness,
+    key_norms,
+    mean_query_attention,
+    received_attention,
     tile_content_scores,
     token_budget,
     top_k_indices,
@@ -245,3 +249,35 @@ def test_single_partition():
     scores = torch.arange(576.0)[None]
     budgets, kept = hired_select(scores, scores, g, 10)
     assert budgets.tolist() == [10] and kept[0].tolist() == list(range(566, 576))
+
+
+# ---- CLS-free scores (pure functions, against plain per-head loops)
+
+
+def _heads(tensor, heads):
+    return tensor.view(tensor.shape[0], tensor.shape[1], heads, -1)
+
+
+@pytest.mark.parametrize("skip", [0, 1])
+def test_cls_free_scores_equal_their_definitions(skip):
+    torch.manual_seed(0)
+    batch, tokens, heads, dim = 2, 10, 3, 4
+    query, key = torch.randn(batch, tokens, heads * dim), torch.randn(batch, tokens, heads * dim)
+    q, k = _heads(query, heads), _heads(key, heads)
+    received = torch.zeros(batch, tokens - skip)
+    mean_query = torch.zeros(batch, tokens - skip)
+    distinct = torch.zeros(batch, tokens - skip)
+    norms = torch.zeros(batch, tokens - skip)
+    for b in range(batch):
+        for h in range(heads):
+            attention = torch.softmax(q[b, :, h] @ k[b, :, h].T / math.sqrt(dim), dim=-1)
+            received[b] += attention.mean(dim=0)[skip:]
+            centre = q[b, skip:, h].mean(dim=0)
+            mean_query[b] += torch.softmax(k[b, skip:, h] @ centre / math.sqrt(dim), dim=0)
+            mean_key = k[b, skip:, h].mean(dim=0)
+            distinct[b] += 1 - torch.nn.functional.cosine_similarity(k[b, skip:, h], mean_key[None], dim=-1)
+            norms[b] += k[b, skip:, h].norm(dim=-1)
+    torch.testing.assert_close(received_attention(query, key, heads, "sum", skip=skip), received)
+    torch.testing.assert_close(mean_query_attention(query, key, heads, "sum", skip=skip), mean_query)
+    torch.testing.assert_close(key_distinctness(key, heads, "sum", skip=skip), distinct)
+    torch.testing.assert_close(key_norms(key, heads, "sum", skip=skip), norms)

@@ -87,16 +87,42 @@ def test_built_model_has_the_analytic_parameter_count(name):
     assert all(torch.isfinite(p.float()).all() for p in model.parameters())
 
 
-def test_vision_flops_match_torch_flop_counter(tiny_next):
-    _, model, _ = tiny_next
+@pytest.mark.parametrize("name", ["tiny-random-internvl", "tiny-random-llava-onevision"])
+def test_new_families_parameter_count_is_close_to_the_analytic_one(name):
+    # InternViT's layer scales and the projector's norm, SigLIP's missing pre-norm: a few hundred of ~90k.
+    spec = load_model_spec(name)
+    model = build_model(spec, None, "float32", build_processor(spec))
+    built = sum(p.numel() for p in model.parameters())
+    assert abs(built - parameter_count(ModelShape.from_config(model.config))) < 0.02 * built
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llava-next", "tiny-random-internvl", "tiny-random-llava-onevision"])
+def test_vision_flops_match_torch_flop_counter(name):
+    spec = load_model_spec(name)
+    model = build_model(spec, None, "float32", build_processor(spec))
     shape = ModelShape.from_config(model.config)
     model.set_attn_implementation("eager")  # the counter sees attention only as explicit matmuls
-    try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model.model.vision_tower(pixel_values=torch.randn(2, 3, 336, 336))
-    finally:
-        model.set_attn_implementation("sdpa")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.model.vision_tower(pixel_values=torch.randn(2, 3, shape.tile, shape.tile))
     assert counter.get_total_flops() == vision_flops(shape, tiles=2, layers_run=shape.vision_layers)
+
+
+@pytest.mark.parametrize(("name", "stock", "kept"), [("tiny-random-internvl", 3328, 666),
+                                                     ("tiny-random-llava-onevision", 4725, 934)])
+def test_new_families_run_through_the_benchmark(name, stock, kept):
+    records = run_benchmark(BenchSpec(model=name, methods=["hired"], budgets=[0.2], image_sizes=[(800, 600)],
+                                      new_tokens=2, warmup=0, repeats=1, peak_memory=False))
+    assert {r["method"]: r["visual_tokens"] for r in records} == {"stock": stock, "hired": kept}
+    assert records[1]["ttft_speedup_ideal"] > 1
+
+
+def test_methods_that_need_cls_are_left_out_on_siglip_and_refused_when_asked():
+    with pytest.warns(UserWarning, match="leaving fastervlm out of the default methods: fastervlm scores tokens by CLS"):
+        bench = BenchSpec(model="tiny-random-llava-onevision")
+        bench.validate()
+    assert "fastervlm" not in bench.methods and "hired" in bench.methods
+    with pytest.raises(ValueError, match="has no CLS token"):
+        BenchSpec(model="tiny-random-llava-onevision", methods=["prumerge"]).validate()
 
 
 def test_llm_prefill_flops_match_torch_flop_counter_up_to_causality(tiny_next):
@@ -213,5 +239,7 @@ def test_image_size_must_be_width_by_height(capsys):
     assert "WIDTHxHEIGHT" in capsys.readouterr().err
 
 
-def test_known_models_include_the_three_checkpoints():
-    assert {"llava-v1.6-vicuna-7b-hf", "llava-v1.6-mistral-7b-hf", "llava-1.5-7b-hf"} <= set(known_models())
+def test_known_models_include_the_checkpoints():
+    assert {"llava-v1.6-vicuna-7b-hf", "llava-v1.6-mistral-7b-hf", "llava-1.5-7b-hf", "internvl3-8b-hf",
+            "llava-onevision-qwen2-7b-ov-hf"} <= set(known_models())
+    assert load_model_spec("OpenGVLab/InternVL3-8B-hf").family == "internvl"

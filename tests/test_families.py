@@ -121,7 +121,7 @@ def test_kept_features_are_the_stock_features_at_the_kept_positions(family, vari
 
 def test_received_attention_is_the_column_mean_of_the_eager_attention():
     model, processor = tiny_llava_onevision(attn_implementation="eager")
-    hired.apply(model, processor, budget=0.2, distribution_layer=0, selection_layer=1)
+    hired.apply(model, processor, budget=0.2, distribution_layer=0, selection_layer=1, score="received")
     image = noise_image(800, 600)
     inputs = encode(processor, [image])
     with torch.no_grad():
@@ -252,4 +252,45 @@ def test_cls_scores_are_refused_on_siglip_and_cls_free_methods_run():
         hired.apply(model, processor, method=method, budget=0.2)
         with torch.no_grad():
             model(**encode(processor, [noise_image(800, 600)]))
-        assert hired.selections(model)[0].extras["score"] == "received"
+        assert hired.selections(model)[0].extras["score"] == "distinct"
+
+
+# --------------------------------------------------------------------------------------------
+# The command line on both families
+
+
+def test_inspect_lays_out_both_families(capsys, tmp_path):
+    import json
+
+    from hired.cli import main
+
+    path = tmp_path / "wide.png"
+    noise_image(1920, 1080).save(path)
+    expected = {"internvl": ([2, 4], 2304, 0, 461), "llava-onevision": ([3, 5], 7209, 60, 1442)}
+    for name, (grid, stock, newlines, kept) in expected.items():
+        assert main(["inspect", str(path), "--family", name, "--budget", "0.2", "--json"]) == 0
+        (row,) = json.loads(capsys.readouterr().out)
+        assert (row["grid"], row["stock_tokens"], row["newline_tokens"], row["kept_tokens"]) == (grid, stock, newlines,
+                                                                                                  kept)
+    assert main(["inspect", str(path), "--family", "internvl", "--tile", "448"]) == 2
+    assert "--tile and --patch scale the LLaVA-NeXT grid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_show_and_generate_run_on_both_families(name, capsys, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from hired.cli import main
+
+    path = tmp_path / "image.png"
+    noise_image(1000, 500).save(path)
+    assert main(["show", str(path), "--model", f"tiny-random-{name}", "--budget", "0.2",
+                 "--out", str(tmp_path / "show.png")]) == 0
+    assert Image.open(tmp_path / "show.png").size[0] > 600
+    capsys.readouterr()
+    assert main(["generate", str(path), "--model", f"tiny-random-{name}", "--budget", "0.2", "--max-new-tokens", "2",
+                 "--dtype", "float32", "--json"]) == 0
+    (record,) = json.loads(capsys.readouterr().out)["images"]
+    assert record["kept_tokens"] == round(0.2 * record["stock_tokens"])

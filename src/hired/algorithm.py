@@ -20,8 +20,12 @@ if TYPE_CHECKING:
     from .geometry import PartitionGeometry
 
 HeadAggregation = Literal["sum", "mean", "max"]
-# The attention scores a tower can give: CLS row, received by each token, or whichever the tower has.
-SCORES = ("auto", "cls", "received")
+# The token scores a tower can give: the CLS row, or a CLS-free one (attention received by each token,
+# attention from the mean query, key norms, key distinctiveness); "auto" is CLS where the tower has a
+# CLS token and CLS_FREE_SCORE otherwise (the CLS-free score closest to CLS attention on the evidence
+# benchmark, docs/evidence.md).
+SCORES = ("auto", "cls", "received", "mean-query", "key-norm", "distinct")
+CLS_FREE_SCORE = "distinct"
 
 def round_half_up(x: float) -> int:
     """Round to the nearest integer, halves up (Python's ``round`` rounds halves to even)."""
@@ -100,6 +104,58 @@ def received_attention(
         for h in range(num_heads)
     ], dim=1)[..., skip:]
     return _aggregate(per_head, aggregation)
+
+
+def mean_query_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    num_heads: int,
+    aggregation: HeadAggregation = "sum",
+    skip: int = 0,
+) -> torch.Tensor:
+    """Attention from the mean query: the CLS row's form with the mean of the patch queries as the query.
+
+    A CLS-free stand-in for the CLS row, O(N d): ``softmax_j(mean_i(q_i) . k_j / sqrt(d))`` per head over
+    the patch keys (``skip`` leading tokens, a CLS token, are left out of the mean and of the columns).
+
+    Returns:
+        ``(B, T - skip)`` float32 scores.
+    """
+    batch, tokens, width = key.shape
+    if width % num_heads:
+        raise ValueError(f"key width {width} is not divisible by num_heads={num_heads}")
+    head_dim = width // num_heads
+    q = query[:, skip:].float().mean(dim=1).view(batch, num_heads, head_dim)
+    k = key[:, skip:].float().view(batch, tokens - skip, num_heads, head_dim)
+    logits = torch.einsum("bhd,bnhd->bhn", q, k) / math.sqrt(head_dim)
+    return _aggregate(logits.softmax(dim=-1), aggregation)
+
+
+def key_norms(key: torch.Tensor, num_heads: int, aggregation: HeadAggregation = "sum", skip: int = 0) -> torch.Tensor:
+    """The L2 norm of each token's key per head, heads aggregated: ``(B, T - skip)`` float32."""
+    batch, tokens, width = key.shape
+    if width % num_heads:
+        raise ValueError(f"key width {width} is not divisible by num_heads={num_heads}")
+    per_head = key[:, skip:].float().view(batch, tokens - skip, num_heads, width // num_heads).norm(dim=-1)
+    return _aggregate(per_head.transpose(1, 2), aggregation)
+
+
+def key_distinctness(key: torch.Tensor, num_heads: int, aggregation: HeadAggregation = "sum",
+                     skip: int = 0) -> torch.Tensor:
+    """How far each token's key points from the image's mean key: ``1 - cos(k_j, mean_i k_i)`` per head.
+
+    A CLS-free signal that needs no attention map: tokens unlike the bulk of the image (objects on a
+    background, text on a page) score high. ``skip`` leading tokens (a CLS token) are left out.
+
+    Returns:
+        ``(B, T - skip)`` float32 scores in ``[0, 2]`` per head, heads aggregated.
+    """
+    batch, tokens, width = key.shape
+    if width % num_heads:
+        raise ValueError(f"key width {width} is not divisible by num_heads={num_heads}")
+    k = key[:, skip:].float().view(batch, tokens - skip, num_heads, width // num_heads)
+    similarity = torch.nn.functional.cosine_similarity(k, k.mean(dim=1, keepdim=True), dim=-1)
+    return _aggregate((1 - similarity).transpose(1, 2), aggregation)
 
 
 def _aggregate(per_head: torch.Tensor, aggregation: str) -> torch.Tensor:

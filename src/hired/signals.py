@@ -1,11 +1,12 @@
 """What methods read from a vision tower: features, attention scores and keys, under any attention backend.
 
 Forward hooks on a layer's query/key projections (separate, or one fused q/k/v projection; after
-the query/key norms where the layer has them) capture what the layer computes anyway. Two scores
-follow from them: the CLS row of the attention in O(N d) (:func:`hired.algorithm.cls_attention`),
-and, for towers without a CLS token, the attention each token receives, one head's map at a time
-(:func:`hired.algorithm.received_attention`). Neither needs the backend (SDPA, flash, eager) to
-return attention maps. The tower runs only up to the deepest layer needed.
+the query/key norms where the layer has them) capture what the layer computes anyway. The scores
+follow from them: the CLS row of the attention in O(N d) (:func:`hired.algorithm.cls_attention`)
+and, for towers without a CLS token, CLS-free ones (the attention each token receives, one head's
+map at a time; attention from the mean query; key norms; key distinctiveness). None needs the
+backend (SDPA, flash, eager) to return attention maps. The tower runs only up to the deepest layer
+needed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .algorithm import SCORES, cls_attention, received_attention
+from .algorithm import (
+    CLS_FREE_SCORE,
+    SCORES,
+    cls_attention,
+    key_distinctness,
+    key_norms,
+    mean_query_attention,
+    received_attention,
+)
 
 QUERY_NAMES = ("q_proj", "query")
 KEY_NAMES = ("k_proj", "key")
@@ -37,8 +46,8 @@ class TowerRun:
         selection_scores: ``(B, N)`` attention scores of the selection layer, or ``None``.
         keys: ``(B, N, Dk)`` selection-layer keys of the patch tokens.
         hidden: ``(B, [1 +] N, D)`` the feature layer's whole output.
-        score: which attention the scores are: ``"cls"`` (the CLS row) or ``"received"``
-            (mean over queries); ``None`` when no score was asked for.
+        score: which score they are (one of :data:`hired.algorithm.SCORES` but ``"auto"``);
+            ``None`` when no score was asked for.
     """
 
     features: torch.Tensor
@@ -152,7 +161,7 @@ class VisionProbe:
             setattr(self.encoder, self.layers_attribute, full)
 
     def resolve_score(self, score: str) -> str:
-        """``"auto"`` -> ``"cls"`` on a tower with a CLS token, ``"received"`` without; others as given.
+        """``"auto"`` -> ``"cls"`` on a tower with a CLS token, the CLS-free default without; others as given.
 
         Raises:
             ValueError: an unknown score, or ``"cls"`` on a tower without a CLS token.
@@ -160,11 +169,12 @@ class VisionProbe:
         if score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
         if score == "auto":
-            return "cls" if self.has_cls else "received"
+            return "cls" if self.has_cls else CLS_FREE_SCORE
         if score == "cls" and not self.has_cls:
             raise ValueError(
                 f"score='cls' reads CLS attention, but this {type(self.tower).__name__} has no CLS token; use "
-                "score='received' (the attention each token receives) or 'auto'"
+                f"score='auto' (here {CLS_FREE_SCORE!r}) or another CLS-free score: "
+                f"{', '.join(s for s in SCORES if s not in ('auto', 'cls'))}"
             )
         return score
 
@@ -221,8 +231,14 @@ class VisionProbe:
             query, key = self.projections[layer].split(captured, prefix)
             if score == "cls":
                 scores[prefix] = cls_attention(query[:, :1], key, self.num_heads, aggregation)
-            else:
+            elif score == "received":
                 scores[prefix] = received_attention(query, key, self.num_heads, aggregation, skip=first)
+            elif score == "mean-query":
+                scores[prefix] = mean_query_attention(query, key, self.num_heads, aggregation, skip=first)
+            elif score == "key-norm":
+                scores[prefix] = key_norms(key, self.num_heads, aggregation, skip=first)
+            else:
+                scores[prefix] = key_distinctness(key, self.num_heads, aggregation, skip=first)
             if prefix == "selection":
                 keys = key[:, first:]
         hidden = captured["features"]

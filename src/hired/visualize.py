@@ -83,7 +83,7 @@ def draw_selection(image: Image.Image, record, geometry, tiles: np.ndarray, path
     side = geometry.side
     patch = tiles.shape[1] // side  # pixels of a token in the tile (a 2x2 group of patches on InternVL)
     tiles = tiles[:, : side * patch, : side * patch]  # SigLIP's 384 px tiles: the patches cover 378 px
-    score = {"cls": "CLS", "received": "received"}.get(record.extras.get("score"), "attention")
+    score = {"cls": "CLS attention"}.get(record.extras.get("score"), f"{record.extras.get('score')} score")
     width, height = figure_size(partitions)
     figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     columns = partitions + (1 if partitions > 1 else 0)
@@ -116,7 +116,7 @@ def draw_selection(image: Image.Image, record, geometry, tiles: np.ndarray, path
         scores = record.selection_scores[p].float().view(side, side).numpy()
         bottom.imshow(tiles[p].mean(axis=2), cmap="gray", vmin=0, vmax=1)
         bottom.imshow(np.kron(scores, np.ones((patch, patch))), cmap="inferno", alpha=0.75, norm=_norm(scores))
-        bottom.set_title(f"selection-layer {score} attention (sqrt scale)", fontsize=8)
+        bottom.set_title(f"selection-layer {score} (sqrt scale)", fontsize=8)
         for axis in (top, bottom):
             axis.set_axis_off()
     figure.savefig(path, dpi=DPI, format="png")
@@ -151,7 +151,7 @@ def _draw_overview(figure, grid, image, record, geometry, total: int, score: str
     side = geometry.side
     scores = record.distribution_scores.float().view(side, side).numpy()
     bottom.imshow(scores, cmap="inferno", extent=(0, image.width, image.height, 0), aspect="auto", norm=_norm(scores))
-    bottom.set_title(f"base view, distribution-layer {score} attention (sqrt)", fontsize=8)
+    bottom.set_title(f"base view, distribution-layer {score} (sqrt)", fontsize=8)
     for p in range(1, geometry.num_partitions):
         boxes = footprints[p][geometry.candidates[p]]
         if not len(boxes):  # a tile of padding only (very wide or tall images): nothing of the image to outline

@@ -1,4 +1,7 @@
-"""Analytic cost of a LLaVA forward pass: parameters, prefill FLOPs, KV cache, memory estimate.
+"""Analytic cost of a tiled VLM's forward pass: parameters, prefill FLOPs, KV cache, memory estimate.
+
+The shape covers LLaVA-1.5 / LLaVA-NeXT (CLIP), LLaVA-OneVision (SigLIP, no CLS token) and InternVL
+(InternViT with CLS, 2x2 patches merged into one LLM token before the projector).
 
 FLOPs count the matrix products only (two FLOPs per multiply-add); norms, activations, softmax
 and rotary embeddings are left out (under 1% of the total at these widths).
@@ -15,10 +18,12 @@ RUNTIME_BYTES = 700 * 2**20
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The dimensions of a LLaVA model that its cost depends on.
+    """The dimensions of a tiled VLM that its cost depends on.
 
     ``vision_layers_used`` is the depth up to the feature layer (23 of CLIP-L's 24 for layer -2): what
-    a reducing method runs, while the stock model runs every layer.
+    a reducing method runs, while the stock model runs every layer. ``cls``: the tower prepends a CLS
+    token; ``merge``: patches per LLM token (4 for InternVL's pixel shuffle), which also widens the
+    projector's input.
     """
 
     vision_width: int
@@ -36,20 +41,23 @@ class ModelShape:
     head_dim: int
     vocab: int
     newline: bool
+    cls: bool = True
+    merge: int = 1
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
-        """Read a transformers ``LlavaNextConfig`` / ``LlavaConfig``."""
+        """Read a transformers ``LlavaNextConfig``, ``LlavaConfig``, ``LlavaOnevisionConfig`` or ``InternVLConfig``."""
         vision, text = config.vision_config, config.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        ratio = getattr(config, "downsample_ratio", None)
         return cls(
             vision_width=vision.hidden_size,
             vision_mlp=vision.intermediate_size,
             vision_layers=vision.num_hidden_layers,
             vision_layers_used=config.vision_feature_layer % (vision.num_hidden_layers + 1),
             vision_heads=vision.num_attention_heads,
-            tile=vision.image_size,
-            patch=vision.patch_size,
+            tile=_side(vision.image_size),
+            patch=_side(vision.patch_size),
             text_width=text.hidden_size,
             text_mlp=text.intermediate_size,
             text_layers=text.num_hidden_layers,
@@ -57,21 +65,38 @@ class ModelShape:
             kv_heads=text.num_key_value_heads or text.num_attention_heads,
             head_dim=head_dim,
             vocab=text.vocab_size,
-            newline=config.model_type == "llava_next",
+            newline=config.model_type in ("llava_next", "llava_onevision"),
+            cls="siglip" not in vision.model_type,
+            merge=1 if ratio is None else round(1 / ratio**2),
         )
 
     @property
     def patches_per_tile(self) -> int:
         return (self.tile // self.patch) ** 2
 
+    @property
+    def tokens_per_tile(self) -> int:
+        """LLM tokens one tile gives (patches, or merged groups of them)."""
+        return self.patches_per_tile // self.merge
+
+    @property
+    def tower_tokens(self) -> int:
+        """Tokens in the tower's sequence for one tile (the patches, and the CLS token where there is one)."""
+        return self.patches_per_tile + (1 if self.cls else 0)
+
+
+def _side(value) -> int:
+    """A size given as an int or a square ``[height, width]`` pair."""
+    return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
+
 
 def parameter_count(shape: ModelShape) -> int:
-    """Parameters of CLIP tower + projector (+ newline) + Llama/Mistral decoder with untied head."""
+    """Parameters of the ViT tower + projector (+ newline) + Llama/Mistral/Qwen2 decoder with untied head."""
     dv, mv, d, m = shape.vision_width, shape.vision_mlp, shape.text_width, shape.text_mlp
     vision_layer = 4 * (dv * dv + dv) + (dv * mv + mv) + (mv * dv + dv) + 2 * 2 * dv
-    vision = 3 * shape.patch**2 * dv + dv + (shape.patches_per_tile + 1) * dv + 2 * 2 * dv
+    vision = 3 * shape.patch**2 * dv + dv + shape.tower_tokens * dv + 2 * 2 * dv
     vision += shape.vision_layers * vision_layer
-    projector = dv * d + d + d * d + d + (d if shape.newline else 0)
+    projector = shape.merge * dv * d + d + d * d + d + (d if shape.newline else 0)
     attention = d * shape.heads * shape.head_dim * 2 + d * shape.kv_heads * shape.head_dim * 2
     text_layer = attention + 3 * d * m + 2 * d
     text = 2 * shape.vocab * d + shape.text_layers * text_layer + d
@@ -79,17 +104,17 @@ def parameter_count(shape: ModelShape) -> int:
 
 
 def vision_flops(shape: ModelShape, tiles: int, layers_run: int) -> int:
-    """FLOPs of the CLIP tower on ``tiles`` tiles through ``layers_run`` layers (patch embedding included)."""
+    """FLOPs of the ViT tower on ``tiles`` tiles through ``layers_run`` layers (patch embedding included)."""
     dv, mv = shape.vision_width, shape.vision_mlp
-    tokens = shape.patches_per_tile + 1
+    tokens = shape.tower_tokens
     embedding = 2 * shape.patches_per_tile * 3 * shape.patch**2 * dv
     per_layer = 2 * tokens * 4 * dv * dv + 2 * 2 * tokens * tokens * dv + 2 * 2 * tokens * dv * mv
     return tiles * (embedding + layers_run * per_layer)
 
 
 def projector_flops(shape: ModelShape, tokens: int) -> int:
-    """FLOPs of the two-layer projector on ``tokens`` vision tokens."""
-    return 2 * tokens * (shape.vision_width * shape.text_width + shape.text_width * shape.text_width)
+    """FLOPs of the two-layer projector on ``tokens`` LLM tokens (each of ``merge`` patches' width)."""
+    return 2 * tokens * (shape.merge * shape.vision_width * shape.text_width + shape.text_width * shape.text_width)
 
 
 def llm_prefill_flops(shape: ModelShape, sequence: int, batch: int = 1) -> int:
@@ -121,7 +146,7 @@ def memory_estimate(
     materialised (the math kernel); the fused kernels need less.
     """
     dv, d, m = shape.vision_width, shape.text_width, shape.text_mlp
-    vision_tokens = shape.patches_per_tile + 1
+    vision_tokens = shape.tower_tokens
     vision = tiles * batch * (
         (2 * vision_tokens * shape.vision_mlp + 6 * vision_tokens * dv) * bytes_per_value
         + shape.vision_heads * vision_tokens**2 * 4

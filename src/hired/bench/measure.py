@@ -115,7 +115,11 @@ class StageClock:
 
 
 def prepare_inputs(processor, images: list, prompt: str, dtype: torch.dtype) -> dict:
-    """Processor call for one prompt per image (a batch), pixels cast to the model's dtype."""
+    """Processor call for one prompt per image (a batch), pixels cast to the model's dtype.
+
+    ``<image>`` in ``prompt`` stands for the processor's image token.
+    """
+    prompt = prompt.replace("<image>", processor.image_token)
     inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     return inputs

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+# "<image>" stands for the processor's own image token (InternVL's is <IMG_CONTEXT>).
 PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
     "detailed, and polite answers to the human's questions. USER: <image>\nWhat is shown in this image? ASSISTANT:"
@@ -39,10 +40,12 @@ class ModelSpec:
 
     name: str
     checkpoint: str
+    family: str
     note: str
     model: dict[str, Any]
     image_processor: dict[str, Any]
     processor: dict[str, Any]
+    tokens: dict[str, str]
 
     @property
     def full_layers(self) -> int:
@@ -57,48 +60,50 @@ class ModelSpec:
         if layers is not None:
             data["text_config"]["num_hidden_layers"] = layers
         if image_token_id is not None:
-            data["image_token_index"] = image_token_id
+            data["image_token_id" if "image_token_id" in data else "image_token_index"] = image_token_id
         model_type = data.pop("model_type")
         return AutoConfig.for_model(model_type, **data)
 
 
 def load_model_spec(name: str) -> ModelSpec:
-    """Read a stored architecture by name; the ``llava-hf/`` prefix of a hub id is accepted.
+    """Read a stored architecture by name; a hub id's organisation prefix (``llava-hf/``) is accepted.
 
     Raises:
         ValueError: the name is not one of :func:`known_models`.
     """
-    stem = name.removeprefix("llava-hf/")
+    stem = name.rsplit("/", 1)[-1].lower()
     if stem not in known_models():
         raise ValueError(f"unknown benchmark model {name!r}; known models: {', '.join(known_models())}")
     data = json.loads((resources.files(__package__) / "configs" / f"{stem}.json").read_text())
     return ModelSpec(
         name=stem,
         checkpoint=data["checkpoint"],
+        family=data["family"],
         note=data["note"],
         model=data["model"],
         image_processor=data["image_processor"],
         processor=data["processor"],
+        tokens=data.get("tokens", {}),
     )
 
 
 def build_processor(spec: ModelSpec):
-    """The real processor classes, configured as the checkpoint's, with the offline test tokenizer."""
-    from transformers import LlavaNextProcessor, LlavaProcessor
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    """The real processor classes, configured as the checkpoint's, with the offline test tokenizer.
+
+    InternVL's and LLaVA-OneVision's processors hold a video processor, which needs torchvision.
+    """
+    import transformers
 
     from ..testing import tiny_tokenizer
 
-    families = {
-        "LlavaNextImageProcessorPil": (LlavaNextImageProcessorPil, LlavaNextProcessor),
-        "LlavaImageProcessorPil": (LlavaImageProcessorPil, LlavaProcessor),
-    }
-    settings = dict(spec.image_processor)
-    image_processor_class, processor_class = families[settings.pop("class")]
-    return processor_class(
-        image_processor=image_processor_class(**settings), tokenizer=tiny_tokenizer(), **spec.processor
-    )
+    image_settings, settings = dict(spec.image_processor), dict(spec.processor)
+    image_processor = getattr(transformers, image_settings.pop("class"))(**image_settings)
+    processor_class = getattr(transformers, settings.pop("class"))
+    video = settings.pop("video_processor", None)
+    if video is not None:
+        settings["video_processor"] = getattr(transformers, video)()
+    return processor_class(image_processor=image_processor, tokenizer=tiny_tokenizer(named_tokens=spec.tokens),
+                           **settings)
 
 
 def build_model(spec: ModelSpec, layers: int | None, dtype: str, processor, seed: int = 0):
@@ -113,7 +118,7 @@ def build_model(spec: ModelSpec, layers: int | None, dtype: str, processor, seed
     from transformers.initialization import no_init_weights
 
     tokenizer = processor.tokenizer
-    config = spec.config(layers, image_token_id=tokenizer.convert_tokens_to_ids(tokenizer.image_token))
+    config = spec.config(layers, image_token_id=tokenizer.convert_tokens_to_ids(processor.image_token))
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(DTYPES[dtype])
     try:

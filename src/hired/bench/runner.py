@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..config import HiredConfig
-from ..geometry import AnyresGeometry
+from ..families import registered_families
+from ..geometry import PartitionGeometry
 from ..methods import available_methods, get_method
 from .cost import (
     ModelShape,
@@ -82,11 +83,13 @@ class BenchSpec:
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
         depth = self.layers or spec.full_layers
+        has_cls = ModelShape.from_config(spec.config()).cls
         if self.methods is None:
             self.methods = []
             for method in default_methods():
                 try:
                     _check_depth(method, depth, spec.full_layers)
+                    _check_cls(method, has_cls, spec.name)
                     self.methods.append(method)
                 except ValueError as error:
                     warnings.warn(f"leaving {method} out of the default methods: {error}", stacklevel=2)
@@ -98,6 +101,7 @@ class BenchSpec:
             for budget in self.budgets:
                 HiredConfig(budget=budget, method=method)
             _check_depth(method, depth, spec.full_layers)
+            _check_cls(method, has_cls, spec.name)
         for width, height in self.image_sizes:
             if width < 1 or height < 1:
                 raise ValueError(f"image sizes must be positive, got {width}x{height}")
@@ -120,10 +124,17 @@ def _check_depth(method: str, depth: int, full_layers: int) -> None:
                          f"decoder layers; {fix} leave {method} out")
 
 
+def _check_cls(method: str, has_cls: bool, model: str) -> None:
+    """Refuse a method that needs CLS attention on a tower without a CLS token (before building anything)."""
+    if get_method(method).needs_cls and not has_cls:
+        raise ValueError(f"{method} scores tokens by CLS attention, and the vision tower of {model} has no CLS token")
+
+
 def check_memory(spec: ModelSpec, bench: BenchSpec) -> dict[str, int]:
     """Estimate the largest request of the run from the config; refuse before building anything."""
     shape = ModelShape.from_config(spec.config(bench.layers))
-    geometries = [_geometry(spec, shape, size) for size in bench.image_sizes]
+    processor = build_processor(spec)
+    geometries = [_geometry(spec, processor, size) for size in bench.image_sizes]
     largest = max(geometries, key=lambda g: g.stock_tokens + g.newline_tokens)
     sequence = largest.stock_tokens + largest.newline_tokens + len(PROMPT.split())
     estimate = memory_estimate(
@@ -142,11 +153,17 @@ def check_memory(spec: ModelSpec, bench: BenchSpec) -> dict[str, int]:
     return estimate
 
 
-def _geometry(spec: ModelSpec, shape: ModelShape, size: tuple[int, int]) -> AnyresGeometry:
+def _family(spec: ModelSpec):
+    families = {family.name: family for family in registered_families()}
+    if spec.family not in families:
+        raise ValueError(f"{spec.name} is of family {spec.family!r}, which is not registered; known: {', '.join(families)}")
+    return families[spec.family]
+
+
+def _geometry(spec: ModelSpec, processor, size: tuple[int, int]) -> PartitionGeometry:
+    """The geometry the checkpoint's processor gives an image of ``(width, height)``."""
     width, height = size
-    pinpoints = spec.model.get("image_grid_pinpoints")
-    image_size = (height, width) if pinpoints else (shape.tile, shape.tile)
-    return AnyresGeometry.create(image_size, shape.tile, shape.patch, pinpoints)
+    return _family(spec).processor_geometry(processor, (height, width))
 
 
 def _probe(bench: BenchSpec, spec: ModelSpec, batch: int, size, method: str, budget: float) -> dict[str, float]:
@@ -199,7 +216,7 @@ def run_benchmark(bench: BenchSpec, progress: Callable[[str], None] | None = Non
                     samples[method, budget].append(
                         time_request(model, processor, images, PROMPT, bench.new_tokens))
                     step(f"{method}@{budget}")
-            geometry = _geometry(spec, shape, size)
+            geometry = _geometry(spec, processor, size)
             records += [_record(bench, spec, shape, geometry, batch, size, method, budget, samples)
                         for method, budget in variants]
     # The probes build their own copy of the model: free this one first so that both never coexist.
@@ -220,8 +237,10 @@ def _record(bench, spec, shape, geometry, batch, size, method, budget, samples) 
     first = runs[0]
     speedups = [s.ttft_s / r.ttft_s for s, r in zip(stock_runs, runs)]
     value_bytes = DTYPES[bench.dtype].itemsize
-    flops = _prefill_flops(shape, geometry, first, batch, method, bench.new_tokens, value_bytes)
-    stock_flops = _prefill_flops(shape, geometry, stock_runs[0], batch, STOCK, bench.new_tokens, value_bytes)
+    projects_all = _family(spec).selects_projected
+    flops = _prefill_flops(shape, geometry, first, batch, method, bench.new_tokens, value_bytes, projects_all)
+    stock_flops = _prefill_flops(shape, geometry, stock_runs[0], batch, STOCK, bench.new_tokens, value_bytes,
+                                 projects_all)
     ideal = stock_flops["prefill_flops"] / flops["prefill_flops"] if flops["prefill_flops"] else None
     speedup = statistics.median(speedups)
     ttft = [r.ttft_s for r in runs]
@@ -266,10 +285,12 @@ def _record(bench, spec, shape, geometry, batch, size, method, budget, samples) 
 
 
 def _prefill_flops(shape: ModelShape, geometry, sample: Sample, batch: int, method: str, new_tokens: int,
-                   value_bytes: int) -> dict[str, Any]:
+                   value_bytes: int, projects_all: bool = False) -> dict[str, Any]:
     """FLOPs up to the first token and the exact KV cache after ``new_tokens`` tokens, for this request.
 
     Methods that prune inside the decoder change both in ways only they know: reported as ``None``.
+    ``projects_all``: the family selects among projected tokens (LLaVA-OneVision), so every token is
+    projected whatever the method keeps.
     """
     if method != STOCK and not get_method(method).selects_before_llm:
         return {"prefill_flops": None, "vision_flops": None, "llm_prefill_flops": None, "kv_cache_mb": None}
@@ -280,7 +301,7 @@ def _prefill_flops(shape: ModelShape, geometry, sample: Sample, batch: int, meth
     # The stock path runs every tower layer and projects every patch; a reducing method runs the tower
     # up to the feature layer and projects only the tokens it keeps.
     layers_run = shape.vision_layers_used if reduced else shape.vision_layers
-    projected = sample.visual_tokens * batch if reduced else tiles * shape.patches_per_tile
+    projected = sample.visual_tokens * batch if reduced and not projects_all else tiles * shape.tokens_per_tile
     vision = vision_flops(shape, tiles, layers_run) + projector_flops(shape, projected)
     llm = llm_prefill_flops(shape, sample.prompt_tokens, batch)
     return {"prefill_flops": vision + llm, "vision_flops": vision, "llm_prefill_flops": llm, "kv_cache_mb": kv / 2**20}

@@ -86,14 +86,15 @@ def _command(bench: BenchSpec, output: str) -> str:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser(
         "bench", help="measure time to first token, decode speed and memory of each method and budget",
-        description="Build a real LLaVA architecture from its stored configuration with random weights and "
+        description="Build a real VLM architecture (LLaVA-NeXT, LLaVA-1.5, InternVL, LLaVA-OneVision) from its stored "
+        "configuration with random weights and "
         "measure, for the stock model and every (method, budget): visual tokens, time to first token split into "
         "preprocessing / vision encoder / selection / LLM prefill, decode and end-to-end tokens/s, peak memory "
         "(each variant in a fresh process), the exact KV-cache size and the FLOP-ideal speed-up. Variants are "
         "interleaved; times are medians over --repeats. Writes bench.json, bench.md and bench.png.",
     )
     bench.add_argument("--model", default="llava-v1.6-vicuna-7b-hf",
-                       help=f"architecture (llava-hf/ prefix optional): {', '.join(known_models())}")
+                       help=f"architecture (hub organisation prefix optional): {', '.join(known_models())}")
     bench.add_argument("--layers", type=integer(1), default=None,
                        help="decoder layers to build (default: all, as the checkpoint); stated in every output")
     bench.add_argument("--dtype", choices=DTYPES, default="bfloat16")

@@ -33,8 +33,12 @@ def _generate(args: argparse.Namespace) -> None:
     config = config_from_args(args, model)
     hired.apply(model, processor, config)
     prompt = args.prompt
-    if "<image>" not in prompt:
-        prompt = "USER: " + "<image>\n" * len(images) + prompt + " ASSISTANT:"
+    if "<image>" not in prompt and getattr(processor, "chat_template", None):
+        content = [{"type": "image"}] * len(images) + [{"type": "text", "text": prompt}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        prompt = prompt.replace(processor.image_token, "<image>")
+    elif "<image>" not in prompt:
+        prompt = "USER: " + "<image>\n" * len(images) + prompt + " ASSISTANT:"  # no chat template: LLaVA-1.5's
     if prompt.count("<image>") != len(images):
         raise CliError(f"the prompt has {prompt.count('<image>')} <image> markers for {len(images)} images")
     prompt = prompt.replace("<image>", processor.image_token)  # InternVL's is <IMG_CONTEXT>
@@ -154,7 +158,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--model", default="llava-hf/llava-v1.6-vicuna-7b-hf",
                           help="hub id or local folder ('tiny-random' or 'tiny-random-<family>' builds a random test "
                           "model)")
-    generate.add_argument("--prompt", default="Describe the image.", help="question; <image> markers optional")
+    generate.add_argument("--prompt", default="Describe the image.",
+                          help="question, put in the model's chat template (with <image> markers: used as it is)")
     generate.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     generate.add_argument("--max-new-tokens", type=integer(1), default=64, help="tokens to generate (default 64)")
     generate.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -88,6 +88,10 @@ class FamilyAdapter:
         """The partition geometry of an image of ``(height, width)`` under the model ``config``."""
         raise NotImplementedError
 
+    def processor_geometry(self, processor, image_size) -> PartitionGeometry:
+        """The geometry this family's processor (stock or patched) gives an image of ``(height, width)``."""
+        return self.hired_processor_class.hired_geometry(processor, image_size)
+
     def released_geometry(self, image_size) -> PartitionGeometry:
         """The geometry of an image under the settings of the family's released checkpoints (no model needed)."""
         raise NotImplementedError

@@ -32,9 +32,9 @@ class SignalLayers:
 
     ``distribution`` and ``selection`` are layer indices of the tower (negative ones count from
     its end); ``None`` for ``selection`` means the layer the VLM takes its features from.
-    ``score``: ``"cls"`` (the CLS token's attention row), ``"received"`` (the attention each
-    token receives, averaged over queries: for towers without a CLS token) or ``"auto"`` (CLS
-    where the tower has one, received otherwise).
+    ``score``: one of :data:`hired.algorithm.SCORES`: ``"cls"`` (the CLS token's attention row),
+    a CLS-free score for towers without one, or ``"auto"`` (CLS where the tower has one, the
+    measured CLS-free default otherwise; see docs/families.md).
     """
 
     distribution: int = 0

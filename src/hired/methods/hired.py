@@ -19,9 +19,10 @@ class HiredOptions(MethodOptions):
         selection_layer: ViT layer whose CLS attention picks tokens inside a partition; ``None``
             means the layer the VLM takes its features from (``vision_feature_layer``).
         head_aggregation: how attention heads are combined: ``"sum"``, ``"mean"`` or ``"max"``.
-        score: ``"cls"`` (the paper's CLS attention), ``"received"`` (the attention each token
-            receives, averaged over queries: the CLS-free signal for SigLIP towers) or ``"auto"``
-            (CLS where the tower has a CLS token, received otherwise). The record says which ran.
+        score: the token score at both layers: ``"cls"`` (the paper's CLS attention), a CLS-free one
+            for towers without a CLS token (``"distinct"``, ``"received"``, ``"mean-query"``,
+            ``"key-norm"``; see docs/families.md) or ``"auto"`` (CLS where the tower has a CLS token,
+            ``"distinct"`` otherwise). The record says which ran.
     """
 
     alpha: float = 0.5
@@ -64,8 +65,8 @@ HIRED = register_method(
         options=HiredOptions,
         select=select,
         paper="HiRED, arXiv 2408.10945",
-        signal="CLS attention (received attention on towers without CLS): layer 0 shares the budget, the "
-        "feature layer picks tokens",
+        signal="CLS attention (a CLS-free score on towers without CLS, `score`): layer 0 shares the budget, "
+        "the feature layer picks tokens",
         partition_policy="base view gets `alpha*K`; tiles share the rest by the base-view attention over the region "
         "each covers; top-k per tile",
     )

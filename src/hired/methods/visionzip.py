@@ -16,8 +16,8 @@ from .common import check_budget, cosine, make_selection
 class VisionZipOptions(MethodOptions):
     """Dominant and contextual tokens per tile (54 + 10 of 576 in the paper); at a fixed K only their ratio matters.
 
-    ``score`` ranks the dominant tokens: ``"cls"`` (the paper's CLS attention), ``"received"`` (the
-    attention each token receives, for towers without a CLS token) or ``"auto"`` (whichever the tower has).
+    ``score`` ranks the dominant tokens: ``"cls"`` (the paper's CLS attention), a CLS-free score for
+    towers without a CLS token, or ``"auto"`` (CLS where the tower has one; see HiRED's ``score``).
     """
 
     dominant: int = 54
@@ -92,8 +92,8 @@ VISIONZIP = register_method(
         options=VisionZipOptions,
         select=select,
         paper="VisionZip, arXiv 2412.04467",
-        signal="feature-layer CLS attention (received attention on towers without CLS) for dominant tokens; key "
-        "similarity (contextual)",
+        signal="feature-layer CLS attention (a CLS-free score on towers without CLS, `score`) for dominant "
+        "tokens; key similarity (contextual)",
         merges="yes: contextual tokens are means of similar remaining tokens",
         partition_policy="per tile: K shared in proportion to each partition's unpadded tokens, split "
         "dominant:contextual",

@@ -328,7 +328,7 @@ def load_split(split: str, seed: int, images: int) -> list[Sample]:
 
 def _label(record: dict[str, Any]) -> str:
     if record["method"] == "hired":
-        score = f", {record['score']} attention" if record.get("score") else ""
+        score = f", score {record['score']}" if record.get("score") else ""
         return f"hired (alpha {record['alpha']:g}{score})"
     return record["method"]
 
@@ -342,11 +342,14 @@ def markdown_report(records: Sequence[dict[str, Any]]) -> str:
     lines = []
     for split in dict.fromkeys(r["split"] for r in records):
         rows = [r for r in records if r["split"] == split]
+        references = [_label(r) for r in rows if r["method"] == "hired" and r["alpha"] == 0.5
+                      and "hired_minus_this" not in r]
+        reference = references[0] if references else "hired (alpha 0.5)"
         lines += [
             f"### {split} ({rows[0]['images']} images, {rows[0]['items']} evidence items, seed {rows[0]['seed']})",
             "",
             "| method | budget | visual tokens | recall, tile, by item [95% CI] | recall, any, by item [95% CI] "
-            "| recall, tile, by area | recall, any, by area | HiRED (0.5) minus this [95% CI] |",
+            f"| recall, tile, by area | recall, any, by area | {reference} minus this [95% CI] |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(rows, key=lambda r: (r["budget"], r["method"] != "hired", r["method"], r.get("score") or "",
@@ -497,7 +500,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                         help="fractions of the stock tokens, each in (0, 1]")
     parser.add_argument("--alpha", nargs="+", type=share, default=None,
                         help=f"HiRED alpha sweep, in [0, 1] (default {' '.join(map(str, DEFAULT_ALPHAS))})")
-    parser.add_argument("--score", nargs="+", choices=("cls", "received"), default=None,
+    parser.add_argument("--score", nargs="+", choices=("cls", "received", "mean-query", "key-norm", "distinct"),
+                        default=None,
                         help="HiRED's attention score: the CLS row, the attention each token receives, or both "
                         "(default: the method's own, CLS on this encoder); the first is the reference of the paired "
                         "differences")
