@@ -59,13 +59,10 @@ def cls_attention(
     Returns:
         ``(B, N)`` float32 scores, in the token order of ``key`` without the CLS token.
     """
-    batch, tokens, width = key.shape
-    if width % num_heads:
-        raise ValueError(f"key width {width} is not divisible by num_heads={num_heads}")
-    head_dim = width // num_heads
-    q_cls = query[:, cls_index if query.shape[1] > 1 else 0].float().view(batch, num_heads, head_dim)
-    k = key.float().view(batch, tokens, num_heads, head_dim)
-    logits = torch.einsum("bhd,bnhd->bhn", q_cls, k) / math.sqrt(head_dim)
+    k = _split_heads(key, num_heads)
+    row = cls_index if query.shape[1] > 1 else 0
+    q_cls = _split_heads(query[:, row : row + 1], num_heads)[:, 0]
+    logits = torch.einsum("bhd,bnhd->bhn", q_cls, k) / math.sqrt(k.shape[-1])
     attention = logits.softmax(dim=-1)
     patch = torch.cat([attention[..., :cls_index], attention[..., cls_index + 1 :]], dim=-1)
     return _aggregate(patch, aggregation)
@@ -93,14 +90,10 @@ def received_attention(
     Returns:
         ``(B, T - skip)`` float32 scores.
     """
-    batch, tokens, width = key.shape
-    if width % num_heads:
-        raise ValueError(f"key width {width} is not divisible by num_heads={num_heads}")
-    head_dim = width // num_heads
-    q = query.float().view(batch, tokens, num_heads, head_dim)
-    k = key.float().view(batch, tokens, num_heads, head_dim)
+    q, k = _split_heads(query, num_heads), _split_heads(key, num_heads)
+    scale = math.sqrt(k.shape[-1])
     per_head = torch.stack([
-        (torch.einsum("bid,bjd->bij", q[:, :, h], k[:, :, h]) / math.sqrt(head_dim)).softmax(dim=-1).mean(dim=1)
+        (torch.einsum("bid,bjd->bij", q[:, :, h], k[:, :, h]) / scale).softmax(dim=-1).mean(dim=1)
         for h in range(num_heads)
     ], dim=1)[..., skip:]
     return _aggregate(per_head, aggregation)
@@ -121,23 +114,15 @@ def mean_query_attention(
     Returns:
         ``(B, T - skip)`` float32 scores.
     """
-    batch, tokens, width = key.shape
-    if width % num_heads:
-        raise ValueError(f"key width {width} is not divisible by num_heads={num_heads}")
-    head_dim = width // num_heads
-    q = query[:, skip:].float().mean(dim=1).view(batch, num_heads, head_dim)
-    k = key[:, skip:].float().view(batch, tokens - skip, num_heads, head_dim)
-    logits = torch.einsum("bhd,bnhd->bhn", q, k) / math.sqrt(head_dim)
+    q = _split_heads(query[:, skip:], num_heads).mean(dim=1)
+    k = _split_heads(key[:, skip:], num_heads)
+    logits = torch.einsum("bhd,bnhd->bhn", q, k) / math.sqrt(k.shape[-1])
     return _aggregate(logits.softmax(dim=-1), aggregation)
 
 
 def key_norms(key: torch.Tensor, num_heads: int, aggregation: HeadAggregation = "sum", skip: int = 0) -> torch.Tensor:
     """The L2 norm of each token's key per head, heads aggregated: ``(B, T - skip)`` float32."""
-    batch, tokens, width = key.shape
-    if width % num_heads:
-        raise ValueError(f"key width {width} is not divisible by num_heads={num_heads}")
-    per_head = key[:, skip:].float().view(batch, tokens - skip, num_heads, width // num_heads).norm(dim=-1)
-    return _aggregate(per_head.transpose(1, 2), aggregation)
+    return _aggregate(_split_heads(key[:, skip:], num_heads).norm(dim=-1).transpose(1, 2), aggregation)
 
 
 def key_distinctness(key: torch.Tensor, num_heads: int, aggregation: HeadAggregation = "sum",
@@ -150,12 +135,17 @@ def key_distinctness(key: torch.Tensor, num_heads: int, aggregation: HeadAggrega
     Returns:
         ``(B, T - skip)`` float32 scores in ``[0, 2]`` per head, heads aggregated.
     """
-    batch, tokens, width = key.shape
-    if width % num_heads:
-        raise ValueError(f"key width {width} is not divisible by num_heads={num_heads}")
-    k = key[:, skip:].float().view(batch, tokens - skip, num_heads, width // num_heads)
+    k = _split_heads(key[:, skip:], num_heads)
     similarity = torch.nn.functional.cosine_similarity(k, k.mean(dim=1, keepdim=True), dim=-1)
     return _aggregate((1 - similarity).transpose(1, 2), aggregation)
+
+
+def _split_heads(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``(B, T, H * d)`` projections -> ``(B, T, H, d)`` float32."""
+    batch, tokens, width = tensor.shape
+    if width % num_heads:
+        raise ValueError(f"key width {width} is not divisible by num_heads={num_heads}")
+    return tensor.float().view(batch, tokens, num_heads, width // num_heads)
 
 
 def _aggregate(per_head: torch.Tensor, aggregation: str) -> torch.Tensor:

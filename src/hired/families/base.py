@@ -144,6 +144,13 @@ class FamilyAdapter:
     def check_processor(self, inner, processor) -> None:
         """Refuse a processor that does not match the model (called at apply)."""
 
+    @staticmethod
+    def check_tile(processor_tile: int, tower_tile: int) -> None:
+        """Refuse a processor whose tiles are not the size the vision tower takes."""
+        if processor_tile != tower_tile:
+            raise ValueError(f"the processor cuts {processor_tile} px tiles but the vision tower takes {tower_tile} px; "
+                             "use the processor saved with this model")
+
 
 class HiredModel:
     """Mixed into the swapped inner model: select, project, record. Families call :meth:`_hired_features`."""
@@ -242,6 +249,14 @@ class HiredProcessor:
         self.hired_config.require_fixed_count()  # hired.apply checks this; a config set by hand is caught here
         budget = self.hired_config.budget_for(geometry.stock_tokens)
         return None if budget >= geometry.stock_tokens else budget
+
+    def __call__(self, images=None, text=None, videos=None, **kwargs):
+        if videos is not None:
+            raise ValueError(
+                "hired prunes the tokens of images, not of videos; pass the frames as images, or run videos on the "
+                "stock model (hired.remove(model, processor))"
+            )
+        return super().__call__(images=images, text=text, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()

@@ -127,14 +127,6 @@ class HiredInternVLProcessor(HiredProcessor, InternVLProcessor):
         tiles = tile_grid(image_size, tile, low, high) if crop else (1, 1)
         return TiledGeometry.create(image_size, tiles, math.isqrt(self.image_seq_length), tile)
 
-    def __call__(self, images=None, text=None, videos=None, **kwargs):
-        if videos is not None:
-            raise ValueError(
-                "hired prunes the tokens of images, not of videos, on InternVL; pass the frames as images, or run "
-                "videos on the stock model (hired.remove(model, processor))"
-            )
-        return super().__call__(images=images, text=text, **kwargs)
-
     def _process_images(self, images, **kwargs):
         processed = self.image_processor(images, **kwargs)
         sizes = [image_size_of(image) for image in make_flat_list_of_images(images)]
@@ -224,9 +216,7 @@ class InternVLAdapter(FamilyAdapter):
     def check_processor(self, inner, processor) -> None:
         vision = inner.config.vision_config
         tile = int(processor.image_processor.size["height"])
-        if tile != _pair(vision.image_size):
-            raise ValueError(f"the processor cuts {tile} px tiles but the vision tower takes {_pair(vision.image_size)} "
-                             "px; use the processor saved with this model")
+        self.check_tile(tile, _pair(vision.image_size))
         expected = self.geometry(inner.config, (tile, tile)).side ** 2
         if processor.image_seq_length != expected:
             raise ValueError(f"processor.image_seq_length={processor.image_seq_length} differs from the {expected} "

@@ -134,9 +134,7 @@ class LlavaNextAdapter(FamilyAdapter):
         if processor.patch_size != vision.patch_size:
             raise ValueError(f"processor.patch_size={processor.patch_size} differs from the vision tower's patch size "
                              f"{vision.patch_size}")
-        if tile_size(processor.image_processor) != vision.image_size:
-            raise ValueError(f"the processor cuts {tile_size(processor.image_processor)} px tiles but the vision tower "
-                             f"takes {vision.image_size} px; use the processor saved with this model")
+        self.check_tile(tile_size(processor.image_processor), vision.image_size)
         self.check_grid(inner, processor)
 
     def check_grid(self, inner, processor) -> None:

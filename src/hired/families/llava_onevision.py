@@ -105,14 +105,6 @@ class HiredLlavaOnevisionProcessor(HiredProcessor, LlavaOnevisionProcessor):
         return OnevisionGeometry.create(image_size, tile, tile // side, self.image_processor.image_grid_pinpoints,
                                         max_tiles=max_tiles(self.vision_aspect_ratio), multi_image=multi_image)
 
-    def __call__(self, images=None, text=None, videos=None, **kwargs):
-        if videos is not None:
-            raise ValueError(
-                "hired prunes the tokens of images, not of videos, on LLaVA-OneVision; run videos on the stock model "
-                "(hired.remove(model, processor))"
-            )
-        return super().__call__(images=images, text=text, **kwargs)
-
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         multi = multi_image_flags(image_inputs["batch_num_images"], len(image_inputs["image_sizes"]))[image_idx]
         count = self.kept_tokens(self.hired_geometry(as_pair(image_inputs["image_sizes"][image_idx]), multi))
@@ -179,9 +171,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def check_processor(self, inner, processor) -> None:
         vision = inner.config.vision_config
-        if tile_size(processor.image_processor) != vision.image_size:
-            raise ValueError(f"the processor cuts {tile_size(processor.image_processor)} px tiles but the vision tower "
-                             f"takes {vision.image_size} px; use the processor saved with this model")
+        self.check_tile(tile_size(processor.image_processor), vision.image_size)
         side = vision.image_size // vision.patch_size
         if processor.num_image_tokens != side * side:
             raise ValueError(f"processor.num_image_tokens={processor.num_image_tokens} differs from the {side * side} "
