@@ -23,6 +23,7 @@ from ..signals import TowerRun, VisionProbe
 from .base import FamilyAdapter, HiredModel, HiredProcessor, ImageCall, positional_names
 from .registry import register_family
 
+
 def _pair(value) -> int:
     """InternVL configs give sizes as an int or a ``[height, width]`` pair (square in every checkpoint)."""
     if isinstance(value, (list, tuple)):
