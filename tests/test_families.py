@@ -294,3 +294,33 @@ def test_show_and_generate_run_on_both_families(name, capsys, tmp_path):
                  "--dtype", "float32", "--json"]) == 0
     (record,) = json.loads(capsys.readouterr().out)["images"]
     assert record["kept_tokens"] == round(0.2 * record["stock_tokens"])
+
+
+def test_hired_imports_and_runs_without_torchvision(tmp_path):
+    # The new families' processors need torchvision; the library must not (a fresh interpreter where
+    # torchvision cannot be imported, as on a machine without one).
+    import os
+    import subprocess
+    import sys
+
+    noise_image(800, 600).save(tmp_path / "image.png")
+    script = f"""
+import sys
+sys.modules["torchvision"] = None
+import torch, hired
+from PIL import Image
+from hired.cli import main
+from hired.testing import tiny_llava_next
+model, processor = tiny_llava_next()
+hired.apply(model, processor, budget=0.2)
+inputs = processor(images=[Image.open({str(tmp_path / "image.png")!r})], text=["USER: <image> what ? ASSISTANT:"],
+                   return_tensors="pt")
+with torch.no_grad():
+    model.generate(**inputs, max_new_tokens=1)
+assert main(["inspect", {str(tmp_path / "image.png")!r}, "--family", "internvl", "--json"]) == 0
+print(hired.selections(model)[0].visual_tokens)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == "461"

@@ -15,7 +15,8 @@ from torch import nn
 from transformers import InternVLForConditionalGeneration, InternVLModel, InternVLProcessor
 from transformers.image_utils import make_flat_list_of_images
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+# The PIL backend's module: the torchvision one imports torchvision, which hired never needs.
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
 from ..geometry import TiledGeometry
 from ..images import image_size_of
