@@ -24,6 +24,19 @@ LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1
 ONEVISION_PINPOINTS = [[384 * rows, 384 * cols] for rows in range(1, 7) for cols in range(1, 7)]
 
 
+def square_side(value) -> int:
+    """A size that configs give as an int or a square ``[height, width]`` pair (InternVL's), as an int.
+
+    Raises:
+        ValueError: the pair is not square.
+    """
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"hired supports square tiles and patches, got {list(value)}")
+        return int(value[0])
+    return int(value)
+
+
 @dataclass(frozen=True)
 class TokenView:
     """A raster of tokens that sit side by side in the image (a base view, a tile mosaic).

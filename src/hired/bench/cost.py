@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..geometry import square_side
+
 # Process overhead that does not scale with the model: interpreter, torch, transformers, kernels.
 RUNTIME_BYTES = 700 * 2**20
 
@@ -56,8 +58,8 @@ class ModelShape:
             vision_layers=vision.num_hidden_layers,
             vision_layers_used=config.vision_feature_layer % (vision.num_hidden_layers + 1),
             vision_heads=vision.num_attention_heads,
-            tile=_side(vision.image_size),
-            patch=_side(vision.patch_size),
+            tile=square_side(vision.image_size),
+            patch=square_side(vision.patch_size),
             text_width=text.hidden_size,
             text_mlp=text.intermediate_size,
             text_layers=text.num_hidden_layers,
@@ -83,11 +85,6 @@ class ModelShape:
     def tower_tokens(self) -> int:
         """Tokens in the tower's sequence for one tile (the patches, and the CLS token where there is one)."""
         return self.patches_per_tile + (1 if self.cls else 0)
-
-
-def _side(value) -> int:
-    """A size given as an int or a square ``[height, width]`` pair."""
-    return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
 
 
 def parameter_count(shape: ModelShape) -> int:

@@ -397,13 +397,12 @@ def apply(family: FamilyAdapter, model, processor, config: HiredConfig):
         raise ValueError(
             f"method {config.method!r} scores tokens by CLS attention and has no CLS-free form, but the vision tower "
             f"of this {family.name} model has no CLS token; choose a method that needs none (hired and visionzip "
-            "use the attention each token receives there; divprune, random and spatial need no attention)"
+            "use a CLS-free score there; divprune, random and spatial need no attention)"
         )
     feature_layer = family.feature_layer(inner, probe)
-    if method.selects_before_llm:
-        family.check_call(inner, probe)  # settings of the model itself, refused here rather than at generate
     layers = options.signal_layers()
     if method.selects_before_llm:
+        family.check_call(inner, probe)  # settings of the model itself, refused here rather than at generate
         probe.resolve_score(layers.score)  # score='cls' on a tower without a CLS token is refused here
     for name, value in (("distribution_layer", layers.distribution), ("selection_layer", layers.selection)):
         if value is not None and not -probe.num_layers <= value < probe.num_layers:

@@ -18,20 +18,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 # The PIL backend's module: the torchvision one imports torchvision, which hired never needs.
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
-from ..geometry import TiledGeometry
+from ..geometry import TiledGeometry, square_side
 from ..images import image_size_of
 from ..signals import TowerRun, VisionProbe
 from .base import FamilyAdapter, HiredModel, HiredProcessor, ImageCall, positional_names
 from .registry import register_family
-
-
-def _pair(value) -> int:
-    """InternVL configs give sizes as an int or a ``[height, width]`` pair (square in every checkpoint)."""
-    if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
-            raise ValueError(f"hired supports square InternVL tiles and patches, got {list(value)}")
-        return int(value[0])
-    return int(value)
 
 
 def tile_grid(image_size: Sequence[int], tile: int = 448, min_tiles: int = 1, max_tiles: int = 12) -> tuple[int, int]:
@@ -169,8 +160,9 @@ class InternVLAdapter(FamilyAdapter):
     def geometry(self, config, image_size, tiles=(1, 1)) -> TiledGeometry:
         """The geometry of an image of ``(height, width)`` cut into ``tiles`` ``(rows, cols)``."""
         vision = config.vision_config
-        patches = _pair(vision.image_size) // _pair(vision.patch_size)
-        return TiledGeometry.create(image_size, tiles, round(patches * config.downsample_ratio), _pair(vision.image_size))
+        tile = square_side(vision.image_size)
+        return TiledGeometry.create(image_size, tiles, round(tile // square_side(vision.patch_size) *
+                                                             config.downsample_ratio), tile)
 
     def released_geometry(self, image_size) -> TiledGeometry:
         """InternVL 2.5 / 3 / 3.5: 448 px tiles, 1 to 12 of them, 256 tokens each."""
@@ -186,27 +178,29 @@ class InternVLAdapter(FamilyAdapter):
                 "hired needs vision_feature_select_strategy='default' on InternVL (the CLS token dropped before the "
                 f"pixel shuffle, as in every checkpoint); this model uses {config.vision_feature_select_strategy!r}"
             )
-        patches = _pair(config.vision_config.image_size) // _pair(config.vision_config.patch_size)
+        patches = square_side(config.vision_config.image_size) // square_side(config.vision_config.patch_size)
         group = 1 / config.downsample_ratio
         if group != round(group) or patches % round(group):
             raise ValueError(f"downsample_ratio={config.downsample_ratio} does not merge whole groups of the "
                              f"{patches}x{patches} patches of a tile")
 
+    @staticmethod
+    def _shuffle(inner, tensor: torch.Tensor) -> torch.Tensor:
+        """``(P, N, C)`` patches -> ``(P, N / g^2, C * g^2)`` LLM tokens, by the model's own pixel shuffle."""
+        side = math.isqrt(tensor.shape[1])
+        grouped = inner.pixel_shuffle(tensor.reshape(tensor.shape[0], side, side, -1),
+                                      scale_factor=inner.config.downsample_ratio)
+        return grouped.reshape(tensor.shape[0], -1, grouped.shape[-1])
+
     def candidate_tokens(self, inner, run: TowerRun, geometry, image_size) -> TowerRun:
-        def shuffle(tensor: torch.Tensor) -> torch.Tensor:  # (P, N, C) patches -> (P, N / g^2, C * g^2) LLM tokens
-            side = math.isqrt(tensor.shape[1])
-            grouped = inner.pixel_shuffle(tensor.reshape(tensor.shape[0], side, side, -1),
-                                          scale_factor=inner.config.downsample_ratio)
-            return grouped.reshape(tensor.shape[0], -1, grouped.shape[-1])
-
         def group_sum(scores: torch.Tensor | None) -> torch.Tensor | None:
-            return None if scores is None else shuffle(scores[..., None]).sum(dim=-1)
+            return None if scores is None else self._shuffle(inner, scores[..., None]).sum(dim=-1)
 
-        return TowerRun(shuffle(run.features), group_sum(run.distribution_scores), group_sum(run.selection_scores),
-                        shuffle(run.keys), run.hidden, run.score)
+        return TowerRun(self._shuffle(inner, run.features), group_sum(run.distribution_scores),
+                        group_sum(run.selection_scores), self._shuffle(inner, run.keys), run.hidden, run.score)
 
     def pack_stock(self, inner, run: TowerRun, geometry, image_size) -> torch.Tensor:
-        projected = self.project(inner, self.candidate_tokens(inner, run, geometry, image_size).features)
+        projected = self.project(inner, self._shuffle(inner, run.features))
         order = geometry.stock_order([row.nonzero().flatten() for row in geometry.candidates])
         return projected[order[:, 0], order[:, 1]]
 
@@ -218,7 +212,7 @@ class InternVLAdapter(FamilyAdapter):
     def check_processor(self, inner, processor) -> None:
         vision = inner.config.vision_config
         tile = int(processor.image_processor.size["height"])
-        self.check_tile(tile, _pair(vision.image_size))
+        self.check_tile(tile, square_side(vision.image_size))
         expected = self.geometry(inner.config, (tile, tile)).side ** 2
         if processor.image_seq_length != expected:
             raise ValueError(f"processor.image_seq_length={processor.image_seq_length} differs from the {expected} "
