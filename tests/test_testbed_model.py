@@ -141,3 +141,35 @@ def test_eval_cli_reports_bad_input_in_one_line(capsys):
     assert "unknown method(s) nope" in capsys.readouterr().err
     assert main(["eval", "--n", "0"]) == 2
     assert "argument --n: expected a whole number >= 1, got 0" in capsys.readouterr().err
+
+
+@needs_model
+def test_the_chat_template_writes_the_training_prompt(trained):
+    """Clients that prompt through the chat template (hired generate, the lmms-eval plugin) ask as in training."""
+    from hired.loading import chat_prompt
+    from hired_testbed.vlm import prompt
+
+    _, processor, _ = trained
+    question = "what pattern is on the red circle ?"
+    assert chat_prompt(processor, question, 1) == prompt(question)
+
+
+def test_lmms_tasks_hold_the_eval_split(tmp_path):
+    """`hired lmms-task` writes hired eval's scenes (same seed, same questions), and every answer is a choice."""
+    from PIL import Image
+
+    from hired_testbed.lmms_task import CHOICE_TASK, GENERATE_TASK, hooks, write_tasks
+
+    written = write_tasks(tmp_path, seed=7, n=5)
+    assert sorted(p.name for p in written) == sorted([f"{GENERATE_TASK}.yaml", f"{CHOICE_TASK}.yaml"])
+    rows = [json.loads(line) for line in (tmp_path / "data/metadata.jsonl").read_text().splitlines()]
+    samples = question_split(7, 5)
+    assert [(r["question"], r["answer"]) for r in rows] == [(s.question, s.answer) for s in samples]
+    doc_to_visual, doc_to_text, doc_to_choice, process_results = hooks(tmp_path)
+    for row, sample in zip(rows, samples):
+        (image,) = doc_to_visual(row)
+        assert isinstance(image, Image.Image) and image.size == sample.image.size
+        assert np.array_equal(np.asarray(image), np.asarray(sample.image))  # PNG: lossless
+        assert doc_to_text(row) == sample.question and row["answer"] in doc_to_choice(row)
+        assert process_results(row, [f" {row['answer']} "]) == {"exact_match": 1.0}
+        assert process_results(row, ["nothing"]) == {"exact_match": 0.0}

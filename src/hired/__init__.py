@@ -6,15 +6,52 @@
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .config import HiredConfig
-from .families import FamilyAdapter, family_of, register_family, registered_families
-from .families import base as _patching
-from .geometry import AnyresGeometry, PartitionGeometry
-from .methods import Method, MethodOptions, available_methods, get_method, register_method
-from .sources import check_model_source
-from .state import SelectionRecord, pruning_plan, selections, share_tower_runs, stored_config
+if TYPE_CHECKING:
+    from .config import HiredConfig
+    from .families import FamilyAdapter, family_of, register_family, registered_families
+    from .geometry import AnyresGeometry, PartitionGeometry
+    from .methods import Method, MethodOptions, available_methods, get_method, register_method
+    from .sources import check_model_source
+    from .state import SelectionRecord, pruning_plan, selections, share_tower_runs, stored_config
+
+# The public names and the modules that define them, imported on first use: `import hired` stays
+# cheap (no torch, no transformers) for the command line's help and for engines that discover the
+# plugins of every installed package.
+_EXPORTS = {
+    "HiredConfig": "config",
+    "FamilyAdapter": "families",
+    "family_of": "families",
+    "register_family": "families",
+    "registered_families": "families",
+    "AnyresGeometry": "geometry",
+    "PartitionGeometry": "geometry",
+    "Method": "methods",
+    "MethodOptions": "methods",
+    "available_methods": "methods",
+    "get_method": "methods",
+    "register_method": "methods",
+    "check_model_source": "sources",
+    "SelectionRecord": "state",
+    "pruning_plan": "state",
+    "selections": "state",
+    "share_tower_runs": "state",
+    "stored_config": "state",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    try:  # a submodule, as after `import hired.families`
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'hired' has no attribute {name!r}") from None
+
 
 __version__ = "0.2.0"
 
@@ -66,6 +103,11 @@ def apply(model, processor=None, config: HiredConfig | None = None, **settings: 
     Returns:
         ``(model, processor)``, the same objects, patched.
     """
+    from .config import HiredConfig
+    from .families import base as patching
+    from .families import family_of
+    from .state import stored_config
+
     family = family_of(model)
     if config is not None and settings:
         raise ValueError("pass either a HiredConfig or keyword settings, not both")
@@ -74,7 +116,7 @@ def apply(model, processor=None, config: HiredConfig | None = None, **settings: 
     elif not isinstance(config, HiredConfig):
         raise TypeError(f"config must be a hired.HiredConfig, got {type(config).__name__}; or pass settings as keywords "
                         "(hired.apply(model, processor, budget=0.2))")
-    return _patching.apply(family, model, processor, config)
+    return patching.apply(family, model, processor, config)
 
 
 def remove(model, processor=None):
@@ -84,7 +126,10 @@ def remove(model, processor=None):
     restored as well (unless it was patched again for another configuration since), so that a
     stock model is never left beside a processor that emits HiRED's token count.
     """
-    return _patching.remove(family_of(model), model, processor)
+    from .families import base as patching
+    from .families import family_of
+
+    return patching.remove(family_of(model), model, processor)
 
 
 def from_pretrained(path: str, **kwargs: Any):
@@ -95,6 +140,9 @@ def from_pretrained(path: str, **kwargs: Any):
     model): build inputs with ``hired.adaptive.prepare_inputs``.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .sources import check_model_source
+    from .state import stored_config
 
     check_model_source(path)
     processor = AutoProcessor.from_pretrained(path)

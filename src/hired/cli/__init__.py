@@ -18,7 +18,7 @@ from importlib.metadata import entry_points
 from typing import NoReturn, Sequence
 
 from ..compat import IncompatibleTransformers
-from . import bench, generate, methods, show
+from . import bench, generate, lmms, methods, show
 from .common import CliError
 
 SUBCOMMAND_ENTRY_POINTS = "hired.cli"
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (generate, methods, bench, show):
+    for module in (generate, methods, bench, show, lmms):
         module.add_cli(subparsers)
     for point in sorted(entry_points(group=SUBCOMMAND_ENTRY_POINTS), key=lambda p: p.name):
         point.load()(subparsers)

@@ -12,16 +12,11 @@ import json
 import math
 import os
 import tempfile
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable
 
-from ..sources import check_model_source
 
-# Entry-point group through which other distributions name models for --model (e.g. the testbed's
-# "offline": the real pretrained encoder in LLaVA-NeXT geometry).
-MODEL_ENTRY_POINTS = "hired.models"
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")  # the keys of hired.loading.DTYPES, without importing torch
 
 
 class CliError(Exception):
@@ -251,49 +246,13 @@ def load_image(path: str):
 
 
 def load_model(name: str, dtype: str):
-    """Load a checkpoint of a supported family (hub id or local folder) and its processor.
+    """:func:`hired.loading.load_model`, its refusals as one-line CLI errors."""
+    from ..loading import load_model as load
 
-    ``tiny-random`` builds a small random LLaVA-NeXT, ``tiny-random-<family>`` one of that family;
-    other distributions add names through the ``hired.models`` entry-point group.
-    """
-    import torch
-
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name == "tiny-random" or name.startswith("tiny-random-"):
-        from ..testing import TINY_MODELS
-
-        family = name.removeprefix("tiny-random").removeprefix("-") or "llava-next"
-        if family not in TINY_MODELS:
-            raise CliError(f"no tiny random model of family {family!r}; choose one of "
-                           + ", ".join(f"tiny-random-{f}" for f in TINY_MODELS))
-        model, processor = TINY_MODELS[family]()
-        return model.to(dtypes[dtype]), processor
-    named = {point.name: point for point in entry_points(group=MODEL_ENTRY_POINTS)}
-    if name in named:
-        try:
-            model, processor = named[name].load()()
-        except ImportError as error:
-            raise CliError(f"model {name!r} cannot be built: {error}") from None
-        return model.to(dtypes[dtype]), processor
-    if name == "offline":
-        raise CliError("model 'offline' comes with the testbed distribution: pip install -e testbed (make install does)")
     try:
-        check_model_source(name)
+        return load(name, dtype)
     except ValueError as error:
         raise CliError(str(error)) from None
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(name)  # first: it is quick, and a folder may lack it
-        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtypes[dtype]).eval()
-    except (OSError, ValueError) as error:
-        raise CliError(f"cannot load model {name!r}: {_first_line(error)}") from None
-    return model, processor
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:

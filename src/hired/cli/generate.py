@@ -26,22 +26,17 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
 
     import hired
+    from hired.loading import chat_prompt
 
     check_settings(args, needs="fixed")
     images = [load_image(path) for path in args.image]
     model, processor = load_model(args.model, args.dtype)
     config = config_from_args(args, model)
     hired.apply(model, processor, config)
-    prompt = args.prompt
-    if "<image>" not in prompt and getattr(processor, "chat_template", None):
-        content = [{"type": "image"}] * len(images) + [{"type": "text", "text": prompt}]
-        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        prompt = prompt.replace(processor.image_token, "<image>")
-    elif "<image>" not in prompt:
-        prompt = "USER: " + "<image>\n" * len(images) + prompt + " ASSISTANT:"  # no chat template: LLaVA-1.5's
-    if prompt.count("<image>") != len(images):
-        raise CliError(f"the prompt has {prompt.count('<image>')} <image> markers for {len(images)} images")
-    prompt = prompt.replace("<image>", processor.image_token)  # InternVL's is <IMG_CONTEXT>
+    try:
+        prompt = chat_prompt(processor, args.prompt, len(images))
+    except ValueError as error:
+        raise CliError(str(error)) from None
     inputs = processor(images=images, text=prompt, return_tensors="pt")
     inputs = inputs.to(model.device)
     if "pixel_values" in inputs:

@@ -2,7 +2,7 @@
 
 Each engine is one module or subpackage here, imported only when its engine loads it (through the
 engine's plugin entry point), and depends only on hired's public API (``hired.apply``,
-``hired.HiredConfig``, ``hired.selections``, the registries) and on the pure modules
-(:mod:`hired.algorithm`, :mod:`hired.geometry`, :mod:`hired.methods`). A test checks that
-boundary. The engines themselves are optional extras, never dependencies of the core.
+``hired.HiredConfig``, ``hired.selections``, the registries, :mod:`hired.loading`) and on the
+pure modules (:mod:`hired.algorithm`, :mod:`hired.geometry`, :mod:`hired.methods`). A test checks
+that boundary. The engines themselves are optional extras, never dependencies of the core.
 """

