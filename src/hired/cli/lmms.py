@@ -25,10 +25,13 @@ def markdown(records: list[dict[str, Any]]) -> str:
     """One row per run, task and metric; failures and notes beside the figure."""
     from ..report import markdown_table
 
-    rows = [[r["task"], r["metric"], r["method"], _budget(r), _format(r["kept_tokens"], 0), _format(r["value"], 1, 100),
-             r["samples"] if r["samples"] is not None else "-", r["failed"], r.get("note", "")] for r in records]
-    return markdown_table(["task", "metric", "method", "budget", "visual tokens", "value (%)", "samples", "failed", "note"],
-                          rows) + "\n"
+    rows = [[r["task"], r["metric"], r["method"], _budget(r), _format(r["visual_tokens"], 0), _format(r["kept_tokens"], 0),
+             _format(r["value"], 1, 100), r["samples"] if r["samples"] is not None else "-", r["failed"],
+             _format(r["seconds"], 0), r.get("note", "")] for r in records]
+    header = ["task", "metric", "method", "budget", "visual tokens fed", "kept", "value (%)", "samples", "failed",
+              "run (s)", "note"]
+    return markdown_table(header, rows) + "\n\nvisual tokens: means per sample; kept differs from fed for methods that prune " \
+        "inside the LLM (FastV). run: the wall time of the whole lmms-eval run (all its tasks).\n"
 
 
 def plot(records: list[dict[str, Any]], path: Path) -> None:

@@ -25,6 +25,8 @@ from lmms_eval.tasks import TaskManager
 import hired
 from hired.engines.lmms_eval.model import HiredLmms, SampleFailed
 from hired.engines.lmms_eval.results import read_runs
+from hired.loading import load_model
+from hired.testing import TINY_MODELS
 from hired_testbed.evaluate import Setting, evaluate
 from hired_testbed.lmms_task import CHOICES, CHOICE_TASK, GENERATE_TASK, write_tasks
 from hired_testbed.vlm import answer, load_trained_model, prompt, question_split
@@ -121,13 +123,14 @@ def test_in_process_answers_tokens_and_accuracy_equal_hired_eval(tasks, referenc
         assert max(expected["kept"]) < min(reference["full"]["kept"])
 
 
-def test_command_line_writes_the_same_results_and_lmms_table_reads_them(tasks, reference, tmp_path):
-    run = _cli(tasks, MODEL_ARGS["hired-0.2"], GENERATE_TASK, tmp_path / "out")
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_command_line_writes_the_same_results_and_lmms_table_reads_them(tasks, reference, setting, tmp_path):
+    run = _cli(tasks, MODEL_ARGS[setting], GENERATE_TASK, tmp_path / "out")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     files, sample_logs = _written(tmp_path / "out")
     assert len(files) == 1
     document = json.loads(files[0].read_text())
-    expected = reference["hired-0.2"]
+    expected = reference[setting]
     assert document["results"][GENERATE_TASK]["exact_match,none"] == pytest.approx(expected["accuracy"])
     (log,) = sample_logs.values()
     logged = sorted((json.loads(line) for line in log.read_text().splitlines()), key=lambda s: s["doc_id"])
@@ -138,16 +141,40 @@ def test_command_line_writes_the_same_results_and_lmms_table_reads_them(tasks, r
                             "--out", str(tmp_path / "table"), "--json"], capture_output=True, text=True, timeout=300)
     assert table.returncode == 0, table.stderr
     (record,) = json.loads(table.stdout)
-    assert (record["task"], record["method"], record["budget"], record["failed"]) == (GENERATE_TASK, "hired", 0.2, 0)
+    method, budget = SETTINGS[setting].method, (None if setting == "full" else SETTINGS[setting].budget)
+    assert (record["task"], record["method"], record["budget"], record["failed"]) == (GENERATE_TASK, method, budget, 0)
     assert record["value"] == pytest.approx(expected["accuracy"])
     assert record["kept_tokens"] == pytest.approx(sum(expected["kept"]) / N)
     assert (tmp_path / "table" / "lmms-table.png").stat().st_size > 0
 
 
-def test_multiple_choice_scores_each_choice_by_the_models_log_likelihood(tasks):
-    result = _evaluate(tasks, MODEL_ARGS["hired-0.2"], CHOICE_TASK)
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
+def test_every_family_answers_with_its_own_prompt_and_records_its_tokens(tasks, family):
+    """A tiny random model of each family (no chat template: the documented LLaVA-1.5 prompt), against
+    the library's path: the same prompt through the family's patched processor and generate."""
+    limit = 2
+    result = _evaluate(tasks, f"pretrained=tiny-random-{family},budget=0.2", GENERATE_TASK, limit=limit)
+    model, processor = load_model(f"tiny-random-{family}")
+    hired.apply(model, processor, budget=0.2)
+    for logged, sample in zip(sorted(result["samples"][GENERATE_TASK], key=lambda s: s["doc_id"]), question_split(SEED, limit)):
+        text = f"USER: {processor.image_token}\n{sample.question} ASSISTANT:"
+        inputs = processor(images=sample.image, text=text, return_tensors="pt")
+        with torch.inference_mode():
+            output = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        expected = processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        assert _response(logged) == expected
+        records = hired.selections(model)
+        assert logged["token_counts"][0]["visual_tokens"] == sum(r.visual_tokens for r in records)
+        assert logged["token_counts"][0]["input_tokens"] == inputs["input_ids"].shape[1]
+        assert 0 < records[0].kept_tokens < records[0].stock_tokens
+
+
+@pytest.mark.parametrize("method", ["hired", "fastv"])
+def test_multiple_choice_scores_each_choice_by_the_models_log_likelihood(tasks, method):
+    """FastV prunes inside the LLM, so its logits cover fewer positions than the prompt has tokens."""
+    result = _evaluate(tasks, f"pretrained=testbed,method={method},budget=0.2", CHOICE_TASK)
     model, processor = load_trained_model()
-    hired.apply(model, processor, SETTINGS["hired-0.2"].config(256))
+    hired.apply(model, processor, method=method, budget=0.2)
     samples = question_split(SEED, N)
     hits = []
     for logged in result["samples"][CHOICE_TASK]:

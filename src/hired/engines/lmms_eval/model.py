@@ -238,11 +238,12 @@ class HiredLmms(lmms):
             raise ValueError(f"the continuation to score must be a non-empty text, got {continuation!r}")
         tokenizer = self.processor.tokenizer
         added = tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
-        context_length = inputs["input_ids"].shape[1]
         inputs["input_ids"] = torch.cat([inputs["input_ids"], added], dim=1)
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         with torch.inference_mode():
-            logits = self.model(**inputs).logits[0, context_length - 1 : -1].float()
+            # Counted from the end: a method that prunes inside the LLM (FastV) returns fewer positions,
+            # all of them visual tokens before the text.
+            logits = self.model(**inputs).logits[0, -added.shape[1] - 1 : -1].float()
         log_probs = torch.log_softmax(logits, dim=-1).gather(1, added[0, :, None])[:, 0]
         greedy = bool((logits.argmax(dim=-1) == added[0]).all())
         return GenerationResult(text=(float(-log_probs.mean()), greedy),

@@ -48,7 +48,8 @@ def result_files(paths: list[str | Path]) -> list[Path]:
 
 
 def read_runs(paths: list[str | Path]) -> list[dict[str, Any]]:
-    """One record per run, task and metric (see the module doc), sorted by task, metric, method and tokens.
+    """One record per run, task and metric (see the module doc), sorted by task and metric, then ``full``,
+    ``hired`` and the other methods by name, each by tokens.
 
     Raises:
         ValueError: a file that is not lmms-eval's results JSON, or a run of another model than ``hired``.
@@ -72,7 +73,8 @@ def read_runs(paths: list[str | Path]) -> list[dict[str, Any]]:
                 if metric == "alias" or "_stderr" in metric or not isinstance(value, (int, float)):
                     continue
                 records.append(_record(file, task, metric, float(value), arguments, samples, aggregations.get(metric), document))
-    return sorted(records, key=lambda r: (r["task"], r["metric"], r["method"], r["kept_tokens"] or 0))
+    return sorted(records, key=lambda r: (r["task"], r["metric"], r["method"] != "full", r["method"] != "hired",
+                                          r["method"], r["kept_tokens"] or 0))
 
 
 def _samples(path: Path) -> list[dict[str, Any]] | None:
@@ -96,7 +98,7 @@ def _record(file: Path, task: str, metric: str, value: float, arguments: dict[st
         "failed": 0,
         "visual_tokens": None,
         "kept_tokens": None,
-        "seconds": document.get("total_evaluation_time_seconds"),
+        "seconds": _number(document.get("total_evaluation_time_seconds")),
         "file": str(file),
     }
     if samples is None:
@@ -120,7 +122,8 @@ def _record(file: Path, task: str, metric: str, value: float, arguments: dict[st
     return record
 
 
-def _number(text: str | None) -> float | None:
+def _number(text: Any) -> float | None:
+    """A finite number from lmms-eval's text (model arguments, and times it writes as strings), or None."""
     if text is None:
         return None
     try:
