@@ -141,6 +141,11 @@ class HiredLmms(lmms):
         self.config.require_fixed_count()
         hired.apply(self.model, self.processor, self.config)
         self.model.to(self.device)
+        # The requests of one document (a multiple-choice task's choices) share its image: its tower run
+        # is computed once and kept until the next document.
+        self._tower_runs: dict = {}
+        self._runs_document: tuple | None = None
+        hired.share_tower_runs(self.model, self._tower_runs)
         self.on_error = on_error
         self.failures: list[dict[str, Any]] = []
         self._reported_keys: set[str] = set()
@@ -204,6 +209,9 @@ class HiredLmms(lmms):
 
     def _inputs(self, context: str, doc_to_visual: Callable, doc_id: int, task: str, split: str):
         doc = self.task_dict[task][split][doc_id]
+        if self._runs_document != (task, split, doc_id):
+            self._tower_runs.clear()
+            self._runs_document = (task, split, doc_id)
         images = _images(doc_to_visual(doc))
         prompt = chat_prompt(self.processor, context, len(images))
         inputs = self.processor(images=images or None, text=prompt, return_tensors="pt").to(self.device)
