@@ -5,7 +5,8 @@ methods and the algorithm read only the protocol. Conventions: a *partition* is 
 tile; partition 0 is the base view (the whole image in one tile); each partition has ``s*s``
 token positions numbered row-major. :class:`AnyresGeometry` is LLaVA-NeXT's AnyRes (and, with no
 pinpoints, LLaVA-1.5's single tile); :class:`OnevisionGeometry` adds LLaVA-OneVision's downsampling
-of large mosaics; :class:`TiledGeometry` is InternVL's tiles plus thumbnail.
+of large mosaics; :class:`TiledGeometry` is InternVL's tiles plus thumbnail; :class:`NativeGeometry`
+is Qwen2.5-VL's one raster of merged patches at the image's own resolution.
 """
 
 from __future__ import annotations
@@ -534,3 +535,85 @@ class TiledGeometry:
             views.append(TokenView(rows * s, cols * s,
                                    torch.stack([partition, (mosaic_row % s) * s + mosaic_col % s], dim=1)))
         return views
+
+
+@dataclass(frozen=True)
+class NativeGeometry:
+    """One image at its own resolution as one raster of LLM tokens (Qwen2.5-VL): no tiles, no base view.
+
+    The processor resizes the image to ``rows x cols`` tokens (each a merged group of patches) keeping
+    its aspect ratio as closely as the token size allows. The raster is one partition whose lattice
+    is ``side x side`` with ``side = max(rows, cols)``; the positions of the ``rows x cols`` corner are
+    the candidates, numbered ``row * side + col``, fed in raster order.
+
+    Args:
+        image_size: original ``(height, width)`` in pixels.
+        tokens: ``(rows, cols)`` LLM tokens.
+    """
+
+    image_size: tuple[int, int]
+    tokens: tuple[int, int]
+
+    @classmethod
+    def create(cls, image_size: Sequence[int], tokens: Sequence[int]) -> "NativeGeometry":
+        height, width = (int(v) for v in image_size)
+        rows, cols = (int(v) for v in tokens)
+        if min(height, width, rows, cols) < 1:
+            raise ValueError(f"image size and token grid must be positive, got size {(height, width)}, grid {(rows, cols)}")
+        return cls((height, width), (rows, cols))
+
+    @property
+    def side(self) -> int:
+        return max(self.tokens)
+
+    @property
+    def num_partitions(self) -> int:
+        return 1
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (0, 0)
+
+    @cached_property
+    def candidates(self) -> torch.Tensor:
+        rows, cols = self.tokens
+        lattice = torch.zeros(self.side, self.side, dtype=torch.bool)
+        lattice[:rows, :cols] = True
+        return lattice.reshape(1, -1)
+
+    @property
+    def stock_tokens(self) -> int:
+        return self.tokens[0] * self.tokens[1]
+
+    @property
+    def newline_tokens(self) -> int:
+        return 0
+
+    @property
+    def tile_overlap(self) -> torch.Tensor:
+        return torch.zeros(0, self.side * self.side)
+
+    def stock_order(self, kept: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Raster order (row by row), as the stock model feeds the merged tokens."""
+        (indices,) = kept
+        indices = torch.sort(indices).values
+        return torch.stack([torch.zeros_like(indices), indices], dim=1)
+
+    def footprints(self, clip: bool = True) -> torch.Tensor:
+        """``(1, s*s, 4)``: each token covers an equal share of the whole image; lattice positions past the
+        raster are clipped to the image's edge (``clip``) or extend past it."""
+        height, width = self.image_size
+        rows, cols = self.tokens
+        s = self.side
+        steps = torch.arange(s, dtype=torch.float64)
+        x, y = steps.repeat(s), steps.repeat_interleave(s)
+        boxes = torch.stack([x * width / cols, y * height / rows, (x + 1) * width / cols, (y + 1) * height / rows], dim=1)
+        if clip:
+            limit = torch.tensor([width, height, width, height], dtype=torch.float64)
+            boxes = torch.minimum(boxes, limit)
+        return boxes[None]
+
+    def views(self) -> list[TokenView]:
+        rows, cols = self.tokens
+        index = (torch.arange(rows)[:, None] * self.side + torch.arange(cols)[None]).reshape(-1)
+        return [TokenView(rows, cols, torch.stack([torch.zeros_like(index), index], dim=1))]

@@ -141,7 +141,10 @@ class VisionProbe:
         for attribute in ("layers", "layer"):
             if isinstance(getattr(encoder, attribute, None), nn.ModuleList):
                 return encoder, attribute
-        raise ValueError(f"cannot find the transformer layers of {type(body).__name__} (expected encoder.layers)")
+        if isinstance(getattr(body, "blocks", None), nn.ModuleList):  # Qwen2.5-VL's ViT
+            return body, "blocks"
+        raise ValueError(f"cannot find the transformer layers of {type(body).__name__} (expected encoder.layers "
+                         "or blocks)")
 
     @property
     def layers(self) -> nn.ModuleList:

@@ -79,6 +79,7 @@ class ModelState:
         records: one :class:`SelectionRecord` per image of the last call that encoded images.
         llm_pruning: the decoder-side state of an LLM-side method, if one is installed.
         handles: the hooks ``apply`` registered on the model (removed by ``remove``).
+        call_data: what a family's hooks hand on within one forward call (Qwen2.5-VL's image slots).
     """
 
     family: Any
@@ -88,6 +89,7 @@ class ModelState:
     records: list[SelectionRecord] = field(default_factory=list)
     llm_pruning: Any = None
     handles: list = field(default_factory=list)
+    call_data: dict = field(default_factory=dict)
 
     def paired_processor(self):
         """The processor patched together with the model, if it is still alive and unchanged."""

@@ -55,7 +55,8 @@ def select_tokens(model, processor, image: Image.Image, config):
     hired.apply(model, processor, config)
     inputs = processor(images=[image], text=[processor.image_token], return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(model.device, model.dtype)
-    image_inputs = {key: inputs[key] for key in ("pixel_values", "image_sizes", "batch_num_images") if key in inputs}
+    image_inputs = {key: inputs[key] for key in ("pixel_values", "image_sizes", "batch_num_images", "image_grid_thw")
+                    if key in inputs}
     with torch.inference_mode():
         model.model.get_image_features(**image_inputs)
     record = hired.selections(model)[0]

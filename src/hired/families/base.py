@@ -123,6 +123,24 @@ class FamilyAdapter:
         """Features of the tower -> LLM embeddings."""
         return inner.multi_modal_projector(features)
 
+    def tower_runs(self, inner, call: "ImageCall", probe: VisionProbe, **settings: Any) -> list[TowerRun]:
+        """One :class:`TowerRun` per image of ``call``, its partitions in the order of its geometry.
+
+        The default runs every image's partitions through ``probe`` as one batch of tiles; a family
+        whose tower takes whole images of different sizes (Qwen2.5-VL) runs its own.
+        ``settings``: the keywords of :meth:`VisionProbe.run`.
+        """
+        run = probe.run(torch.cat(call.tiles), **settings)
+        runs, start = [], 0
+        for geometry in call.geometries:
+            runs.append(run[start:start + geometry.num_partitions])
+            start += geometry.num_partitions
+        return runs
+
+    def install(self, inner, state: ModelState) -> list:
+        """Hooks a family needs beyond the generic ones, installed at apply; returns their handles (removed with them)."""
+        return []
+
     def candidate_tokens(self, inner, run: TowerRun, geometry: PartitionGeometry, image_size) -> TowerRun:
         """One image's tower run in its geometry's token numbering; as it is where a token is a patch.
 
@@ -178,26 +196,24 @@ class HiredModel:
         probe = state.probe
         feature_layer = family.feature_layer(self, probe, call.vision_feature_layer)
         layers = config.method_options.signal_layers()
-        run = probe.run(
-            torch.cat(call.tiles),
+        runs = family.tower_runs(
+            self, call, probe,
             feature_layer=feature_layer,
             distribution_layer=layers.distribution,
             selection_layer=feature_layer if layers.selection is None else layers.selection,
             aggregation=layers.aggregation,
             score=layers.score,
         )
-        if call.feature_norm is not None:
-            run = dataclasses.replace(run, features=call.feature_norm(run.features))  # runs may be shared: no edits
-        outputs, records, start = [], [], 0
-        for geometry, budget, image_size in zip(call.geometries, budgets, call.image_sizes):
-            stop = start + geometry.num_partitions
+        if call.feature_norm is not None:  # runs may be shared: no edits in place
+            runs = [dataclasses.replace(run, features=call.feature_norm(run.features)) for run in runs]
+        outputs, records = [], []
+        for run, geometry, budget, image_size in zip(runs, call.geometries, budgets, call.image_sizes):
             if _keeps_all(budget, geometry):
-                packed = family.pack_stock(self, run[start:stop], geometry, image_size)
+                packed = family.pack_stock(self, run, geometry, image_size)
                 outputs.append(packed)
                 records.append(_full_record(geometry, image_size, method.name, len(packed)))
-                start = stop
                 continue
-            tokens = family.candidate_tokens(self, run[start:stop], geometry, image_size)
+            tokens = family.candidate_tokens(self, run, geometry, image_size)
             evidence = VisionEvidence(
                 geometry=geometry,
                 features=tokens.features,
@@ -214,9 +230,8 @@ class HiredModel:
                 )
             outputs.append(chosen if family.selects_projected else family.project(self, chosen))
             records.append(_record(evidence, image_size, selection, method.name, chosen.shape[0], run.score))
-            start = stop
         state.records = records
-        return BaseModelOutputWithPooling(last_hidden_state=run.hidden, pooler_output=outputs)
+        return BaseModelOutputWithPooling(last_hidden_state=torch.cat([run.hidden for run in runs]), pooler_output=outputs)
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
         if input_ids is None:
@@ -434,6 +449,7 @@ def apply(family: FamilyAdapter, model, processor, config: HiredConfig):
         functools.partial(_forget_records_of_earlier_calls, state, positional_names(family.inner_class.forward)),
         with_kwargs=True,
     ))
+    state.handles.extend(family.install(inner, state))
     if model is not inner:
         model._expand_multimodal_outputs = functools.partial(_checked_expand, model)
     for holder in {id(model.config): model.config, id(inner.config): inner.config}.values():

@@ -1,0 +1,402 @@
+"""Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): a ViT over the whole image at native resolution.
+
+There are no tiles: the processor resizes the image to a multiple of 28 px keeping its aspect
+ratio, the ViT (window attention, full attention in ``fullatt_block_indexes``, no CLS token) sees
+every 14 px patch, and its merger fuses each 2x2 group into one LLM token. Selection therefore acts
+on the merged tokens (:class:`~hired.geometry.NativeGeometry`): a token's score is the sum of its
+four patches' scores at the selection layer (a full-attention layer by default, the last), and the
+kept tokens are fed in raster order.
+
+The LLM places image tokens with 3D rotary positions (M-RoPE: time, row, column). A kept token must
+keep the position the stock model gives it, and the text after an image must continue where the
+stock model continues: :meth:`HiredQwen2_5_VLModel.get_rope_index` computes the stock positions of
+the prompt as it would be with every token of each image, keeps those of the tokens present, and
+the stock ``rope_deltas``; once the selection is known, a hook on the language model gives each
+kept token its own row and column.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Sequence
+
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel, Qwen2_5_VLProcessor
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+from ..algorithm import key_distinctness, key_norms, mean_query_attention, received_attention
+from ..geometry import NativeGeometry
+from ..signals import TowerRun, VisionProbe
+from ..state import ModelState
+from .base import FamilyAdapter, HiredModel, HiredProcessor, ImageCall, check_counts
+from .registry import register_family
+
+# The released checkpoints' image processor: 14 px patches merged 2x2, 3136 to 12845056 pixels.
+RELEASED = {"patch": 14, "merge": 2, "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280}
+# ModelState.call_data keys: this call's image geometries, and where its image tokens sit in the prompt.
+GEOMETRIES, SLOTS = "geometries", "image_slots"
+
+
+def token_grid(image_size: Sequence[int], patch: int, merge: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """``(rows, cols)`` of LLM tokens for an image of ``(height, width)``, by the processor's own resize rule."""
+    height, width = smart_resize(int(image_size[0]), int(image_size[1]), factor=patch * merge,
+                                 min_pixels=min_pixels, max_pixels=max_pixels)
+    return height // (patch * merge), width // (patch * merge)
+
+
+def _pixel_limits(image_processor) -> tuple[int, int]:
+    size = getattr(image_processor, "size", None) or {}
+    low = size.get("shortest_edge", getattr(image_processor, "min_pixels", None))
+    high = size.get("longest_edge", getattr(image_processor, "max_pixels", None))
+    if low is None or high is None:
+        raise ValueError("the image processor gives no min/max pixels (size shortest_edge/longest_edge); use the "
+                         "processor saved with this model")
+    return int(low), int(high)
+
+
+class HiredQwen2_5_VLModel(HiredModel, Qwen2_5_VLModel):
+    """``Qwen2_5_VLModel`` whose image features are the tokens the method keeps, at their stock positions."""
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None, **kwargs):
+        self._begin_image_call()
+        if image_grid_thw is None:
+            raise ValueError("Qwen2.5-VL needs image_grid_thw beside pixel_values; pass the processor's whole output")
+        merge, patch = self.visual.spatial_merge_size, self.visual.patch_size
+        if bool((image_grid_thw[:, 0] != 1).any()):
+            raise ValueError("hired prunes still images (one temporal patch each); pass videos to the stock model")
+        # The model sees the resized image only: its geometry is in the resized image's pixels.
+        geometries = [NativeGeometry.create((h * patch, w * patch), (h // merge, w // merge))
+                      for _, h, w in image_grid_thw.tolist()]
+        counts = (image_grid_thw.prod(-1)).tolist()
+        if sum(counts) != pixel_values.shape[0]:
+            raise ValueError(f"pixel_values holds {pixel_values.shape[0]} patches, image_grid_thw {sum(counts)}; pass "
+                             "the pixel_values and image_grid_thw the processor returned together")
+        tiles = list(torch.split(pixel_values, counts))
+        self._hired.call_data[GEOMETRIES] = geometries
+
+        def stock():
+            return Qwen2_5_VLModel.get_image_features(self, pixel_values, image_grid_thw, **kwargs)
+
+        return self._hired_features(ImageCall(tiles, geometries, [None] * len(geometries), None, stock))
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
+        image_mask, video_mask = Qwen2_5_VLModel.get_placeholder_mask(self, input_ids, inputs_embeds,
+                                                                      video_features=video_features)
+        if image_features is not None:
+            check_counts(self._hired.records, int(image_mask.sum()), image_features.shape[:-1].numel())
+            if input_ids is not None:
+                self._hired.call_data[SLOTS] = input_ids == self.config.image_token_id
+        return image_mask, video_mask
+
+    def get_rope_index(self, input_ids, *args, **kwargs):
+        """The stock positions of this prompt as if every image had all its tokens, for the tokens present.
+
+        Each image's tokens take, for now, the positions of its first tokens in raster order; the
+        language model's hook moves them to the kept tokens' own rows and columns. ``rope_deltas``
+        is the stock one, so that decoding continues at the stock positions.
+        """
+        stock = Qwen2_5_VLModel.get_rope_index
+        arguments = inspect.signature(stock).bind(self, input_ids, *args, **kwargs).arguments
+        arguments.pop("self")
+        extra = arguments.pop("kwargs", {})
+        grid = arguments.get("image_grid_thw")
+        if grid is None or input_ids is None:
+            return stock(self, **arguments, **extra)
+        full = (grid.prod(-1) // self.visual.spatial_merge_size**2).tolist()
+        expanded, mask, types, index = _expand_images(input_ids, arguments.get("attention_mask"),
+                                                      self.config.image_token_id, full)
+        arguments.update(input_ids=expanded, attention_mask=mask)
+        if "mm_token_type_ids" in arguments:
+            arguments["mm_token_type_ids"] = types
+        positions, deltas = stock(self, **arguments, **extra)
+        present = index.clamp(min=0)[None].expand(positions.shape[0], -1, -1)
+        kept = torch.gather(positions, 2, present).masked_fill((index < 0)[None], 0)  # padding as the stock model leaves it
+        grown = (mask.sum(1) - (index >= 0).sum(1))[:, None]
+        return kept, deltas + grown.to(deltas)
+
+
+def _expand_images(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token: int, full: list[int]):
+    """The prompt with every image's run of placeholders grown to its stock length.
+
+    Returns:
+        ``(input_ids, attention_mask, mm_token_type_ids, index)`` of the grown prompt (each row's tokens
+        first, padding after), and ``index``: per original token, where it went (``-1`` for padding).
+    """
+    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    rows, indices, image = [], [], 0
+    for row, keep in zip(input_ids.tolist(), valid.tolist()):
+        tokens: list[int] = []
+        where: list[int] = []
+        j = 0
+        while j < len(row):
+            if not keep[j]:
+                where.append(-1)
+                j += 1
+            elif row[j] == image_token:
+                end = j
+                while end < len(row) and keep[end] and row[end] == image_token:
+                    end += 1
+                if image >= len(full) or end - j > full[image]:
+                    raise ValueError(f"the prompt's image placeholders do not match the {len(full)} images of "
+                                     "image_grid_thw; prepare inputs with the processor returned by hired.apply")
+                where.extend(range(len(tokens), len(tokens) + end - j))
+                tokens.extend([image_token] * full[image])
+                image += 1
+                j = end
+            else:
+                where.append(len(tokens))
+                tokens.append(row[j])
+                j += 1
+        rows.append(tokens)
+        indices.append(where)
+    if image != len(full):
+        raise ValueError(f"the prompt holds {image} images' placeholders for the {len(full)} images of image_grid_thw")
+    width = max(len(tokens) for tokens in rows)
+    expanded = input_ids.new_zeros((len(rows), width))
+    mask = input_ids.new_zeros((len(rows), width))
+    for b, tokens in enumerate(rows):
+        expanded[b, :len(tokens)] = torch.as_tensor(tokens, dtype=input_ids.dtype)
+        mask[b, :len(tokens)] = 1
+    types = (expanded == image_token).to(input_ids.dtype)
+    return expanded, mask, types, torch.as_tensor(indices, dtype=torch.long, device=input_ids.device)
+
+
+def _image_runs(slots: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the ``(start, length)`` of each run of image tokens."""
+    runs = []
+    for row in slots.tolist():
+        found, j = [], 0
+        while j < len(row):
+            if row[j]:
+                end = j
+                while end < len(row) and row[end]:
+                    end += 1
+                found.append((j, end - j))
+                j = end
+            else:
+                j += 1
+        runs.append(found)
+    return runs
+
+
+def restore_kept_positions(state: ModelState, module, args, kwargs):
+    """Forward pre-hook of the language model: each kept image token gets its own stock (t, row, col).
+
+    ``get_rope_index`` gave the tokens of an image the positions of its first tokens in raster
+    order; the selection of this call says which tokens they are. Beam search repeats each prompt
+    row: the rows of one prompt follow each other and share its images.
+    """
+    slots = state.call_data.pop(SLOTS, None)
+    geometries = state.call_data.pop(GEOMETRIES, None)
+    position_ids = kwargs.get("position_ids")
+    if slots is None or geometries is None or position_ids is None or position_ids.dim() != 3:
+        return None
+    runs = _image_runs(slots)
+    total = sum(len(row) for row in runs)
+    if not state.records or total % len(state.records):
+        raise RuntimeError(f"the prompt holds {total} runs of image tokens for {len(state.records)} selected images; "
+                           "this is a bug in hired")
+    copies = total // len(state.records)
+    positions = position_ids.clone()
+    mrope = positions[-3:]
+    image = 0
+    for b, row in enumerate(runs):
+        first = image
+        for (start, length), record, geometry in zip(row, state.records[first:], geometries[first:]):
+            kept = torch.sort(record.kept[0]).values.to(positions.device)
+            if len(kept) != length:
+                raise ValueError(f"an image of the prompt has {length} tokens where hired kept {len(kept)}")
+            origin = mrope[0, b, start]
+            mrope[0, b, start:start + length] = origin
+            mrope[1, b, start:start + length] = origin + kept // geometry.side
+            mrope[2, b, start:start + length] = origin + kept % geometry.side
+            image += 1
+        if (b + 1) % copies:  # the next row repeats this prompt: the same images again
+            image = first
+    kwargs["position_ids"] = positions
+    return args, kwargs
+
+
+class HiredQwen2_5_VLProcessor(HiredProcessor, Qwen2_5_VLProcessor):
+    """``Qwen2_5_VLProcessor`` that expands ``<|image_pad|>`` into exactly the tokens the method keeps."""
+
+    _stock_class = Qwen2_5_VLProcessor
+
+    def hired_geometry(self, image_size: Sequence[int]) -> NativeGeometry:
+        processor = self.image_processor
+        grid = token_grid(image_size, processor.patch_size, processor.merge_size, *_pixel_limits(processor))
+        return NativeGeometry.create(image_size, grid)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        _, height, width = (int(v) for v in image_inputs["image_grid_thw"][image_idx])
+        merge = self.image_processor.merge_size
+        patch = self.image_processor.patch_size
+        geometry = NativeGeometry.create((height * patch, width * patch), (height // merge, width // merge))
+        count = self.kept_tokens(geometry)
+        if count is None:
+            return super().replace_image_token(image_inputs, image_idx, **kwargs)
+        return self.image_token * count
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs):
+        data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, video_sizes=video_sizes, **kwargs)
+        if image_sizes is not None:
+            counts = [self.hired_tokens(size) for size in image_sizes]
+            data.num_image_tokens = [n if c is None else c for n, c in zip(data.num_image_tokens, counts)]
+        return data
+
+
+class Qwen2_5_VLAdapter(FamilyAdapter):
+    """One raster of merged patches per image, M-RoPE positions kept (see the module doc)."""
+
+    name = "qwen2.5-vl"
+    outer_class = Qwen2_5_VLForConditionalGeneration
+    inner_class = Qwen2_5_VLModel
+    hired_inner_class = HiredQwen2_5_VLModel
+    processor_class = Qwen2_5_VLProcessor
+    hired_processor_class = HiredQwen2_5_VLProcessor
+    model_internals = ("get_image_features", "get_placeholder_mask", "get_rope_index")
+    processor_internals = ("replace_image_token", "_get_num_multimodal_tokens")
+    selects_projected = True
+
+    def geometry(self, config, image_size) -> NativeGeometry:
+        vision = config.vision_config
+        grid = token_grid(image_size, vision.patch_size, vision.spatial_merge_size, RELEASED["min_pixels"],
+                          RELEASED["max_pixels"])
+        return NativeGeometry.create(image_size, grid)
+
+    def processor_geometry(self, processor, image_size) -> NativeGeometry:
+        return processor.hired_geometry(image_size)
+
+    def released_geometry(self, image_size) -> NativeGeometry:
+        grid = token_grid(image_size, RELEASED["patch"], RELEASED["merge"], RELEASED["min_pixels"], RELEASED["max_pixels"])
+        return NativeGeometry.create(image_size, grid)
+
+    def vision_probe(self, inner) -> VisionProbe:
+        return VisionProbe(inner.visual, num_heads=inner.visual.config.num_heads, has_cls=False)
+
+    def feature_layer(self, inner, probe: VisionProbe, vision_feature_layer: Any = None) -> int:
+        return probe.num_layers - 1  # the merger reads the last block
+
+    def install(self, inner, state: ModelState) -> list:
+        return [inner.language_model.register_forward_pre_hook(functools.partial(restore_kept_positions, state),
+                                                                with_kwargs=True)]
+
+    def tower_runs(self, inner, call: ImageCall, probe: VisionProbe, feature_layer: int, distribution_layer: int,
+                   selection_layer: int, aggregation: str = "sum", score: str = "auto") -> list[TowerRun]:
+        score = probe.resolve_score(score)
+        visual = inner.visual
+        merge = visual.spatial_merge_size
+        unit = merge * merge
+        heads = probe.num_heads
+        layers = {"distribution": distribution_layer % probe.num_layers, "selection": selection_layer % probe.num_layers}
+        grid = torch.tensor([[1, g.tokens[0] * merge, g.tokens[1] * merge] for g in call.geometries],
+                            device=call.tiles[0].device)
+        captured: dict[str, Any] = {}
+
+        def keep_rotary(layer, module, args, kwargs):
+            captured[f"rotary{layer}"] = kwargs["position_embeddings"]
+
+        def keep_qkv(layer, module, inputs, output):
+            captured[f"qkv{layer}"] = output
+
+        def keep_window(input_tensor, window_index, seq_len):
+            captured["window"] = window_index
+            return type(visual).permute_input_for_window_attn(visual, input_tensor, window_index, seq_len)
+
+        handles = []
+        for layer in set(layers.values()):
+            block = visual.blocks[layer]
+            handles.append(block.attn.register_forward_pre_hook(functools.partial(keep_rotary, layer), with_kwargs=True))
+            handles.append(block.attn.qkv.register_forward_hook(functools.partial(keep_qkv, layer)))
+        visual.permute_input_for_window_attn = keep_window
+        try:
+            output = visual(torch.cat(call.tiles).type(visual.dtype), grid_thw=grid)
+        finally:
+            del visual.permute_input_for_window_attn
+            for handle in handles:
+                handle.remove()
+        merged = output.pooler_output
+        order = torch.argsort(captured["window"])
+
+        def raster(values: torch.Tensor) -> torch.Tensor:  # window order -> raster order of merge groups
+            return values.reshape(-1, unit, *values.shape[1:])[order].reshape(values.shape)
+
+        scores, keys = {}, None
+        for prefix, layer in layers.items():
+            qkv = captured[f"qkv{layer}"]
+            query, key, _ = qkv.reshape(qkv.shape[0], 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+            cos, sin = captured[f"rotary{layer}"]
+            rotated_query, rotated_key = modeling_qwen2_5_vl.apply_rotary_pos_emb_vision(query, key, cos, sin)
+            values = {"query": raster(rotated_query.flatten(1)), "key": raster(rotated_key.flatten(1)),
+                      "raw_key": raster(key.flatten(1))}
+            scores[prefix] = values
+            if prefix == "selection":
+                keys = values["raw_key"]
+        runs, patch_start, token_start = [], 0, 0
+        for geometry in call.geometries:
+            rows, cols = geometry.tokens
+            patches, tokens = rows * cols * unit, rows * cols
+            picked = {}
+            for prefix, values in scores.items():
+                query = values["query"][patch_start:patch_start + patches][None]
+                key = values["key"][patch_start:patch_start + patches][None]
+                raw = values["raw_key"][patch_start:patch_start + patches][None]
+                if score == "received":
+                    patch_scores = received_attention(query, key, heads, aggregation, skip=0)
+                elif score == "mean-query":
+                    patch_scores = mean_query_attention(query, key, heads, aggregation, skip=0)
+                elif score == "key-norm":
+                    patch_scores = key_norms(raw, heads, aggregation, skip=0)
+                else:
+                    patch_scores = key_distinctness(raw, heads, aggregation, skip=0)
+                picked[prefix] = patch_scores.reshape(1, tokens, unit).sum(-1)
+            group_keys = keys[patch_start:patch_start + patches].reshape(tokens, unit, -1).mean(1)
+            features = merged[token_start:token_start + tokens]
+            runs.append(TowerRun(
+                features=_lattice(features, geometry),
+                distribution_scores=_lattice(picked["distribution"][0, :, None], geometry)[..., 0],
+                selection_scores=_lattice(picked["selection"][0, :, None], geometry)[..., 0],
+                keys=_lattice(group_keys, geometry),
+                hidden=features,  # (tokens, D): images of different sizes concatenate along the tokens
+                score=score,
+            ))
+            patch_start += patches
+            token_start += tokens
+        return runs
+
+    def pack_stock(self, inner, run: TowerRun, geometry: NativeGeometry, image_size) -> torch.Tensor:
+        return run.features[0][geometry.candidates[0]]
+
+    def partition_pixels(self, inputs) -> torch.Tensor:
+        """``(1, 3, H, W)``: the first image, rebuilt from the processor's patches (first temporal frame).
+
+        The processor flattens each ``(3, temporal, patch, patch)`` patch, merge group by merge group
+        in raster order; the released and the tiny processors have 2 temporal frames and 2x2 groups.
+        """
+        _, height, width = (int(v) for v in inputs["image_grid_thw"][0])
+        patches = inputs["pixel_values"][: height * width]
+        merge, frames = RELEASED["merge"], 2
+        patch = int(round((patches.shape[1] / (3 * frames)) ** 0.5))
+        grid = patches.reshape(height // merge, width // merge, merge, merge, 3, frames, patch, patch)[:, :, :, :, :, 0]
+        return grid.permute(4, 0, 2, 5, 1, 3, 6).reshape(1, 3, height * patch, width * patch)
+
+    def check_processor(self, inner, processor) -> None:
+        vision = inner.config.vision_config
+        image = processor.image_processor
+        if (image.patch_size, image.merge_size) != (vision.patch_size, vision.spatial_merge_size):
+            raise ValueError(f"the processor's patch_size {image.patch_size} and merge_size {image.merge_size} differ from "
+                             f"the vision tower's {vision.patch_size} and {vision.spatial_merge_size}; use the processor "
+                             "saved with this model")
+        _pixel_limits(image)
+
+
+def _lattice(values: torch.Tensor, geometry: NativeGeometry) -> torch.Tensor:
+    """``(rows*cols, C)`` raster values -> ``(1, s*s, C)`` on the geometry's lattice, zeros past the raster."""
+    out = values.new_zeros(geometry.side * geometry.side, values.shape[-1])
+    out[geometry.candidates[0]] = values
+    return out[None]
+
+
+QWEN2_5_VL = register_family(Qwen2_5_VLAdapter())

@@ -1,0 +1,176 @@
+"""Qwen2.5-VL: exact counts at native resolution, and every token at the M-RoPE position the stock model gives it.
+
+The tiny model has the real classes and geometry (14 px patches merged 2x2, 112 px windows, full
+attention every other block, M-RoPE sections); positions are compared with the stock
+``get_rope_index`` on the unpruned prompt, attention with the eager attention maps.
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import hired
+from hired.families.qwen2_5_vl import token_grid
+from hired.testing import tiny_qwen2_5_vl
+
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+SIZES = [(28, 28), (60, 1000), (1000, 60), (300, 500), (777, 333), (1080, 1920), (3000, 4000)]  # (height, width)
+
+
+def picture(height, width, seed=0):
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+def prompt(images=1):
+    return "USER: " + " ".join([IMAGE] * images) + " what is in the image ? ASSISTANT:"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_qwen2_5_vl(text_layers=3)  # FastV prunes after layer 2
+
+
+@pytest.fixture
+def model(tiny):
+    model, processor = tiny
+    yield model, processor
+    hired.remove(model, processor)
+
+
+def language_positions(model, inputs):
+    """The position ids the language model receives for ``inputs`` (after hired's own hook)."""
+    captured = {}
+
+    def keep(module, args, kwargs):
+        captured["positions"] = kwargs["position_ids"].clone()
+
+    handle = model.model.language_model.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return captured["positions"][-3:]
+
+
+def stock_positions(model, processor, images, texts):
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    positions, deltas = model.model.get_rope_index(
+        inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
+    return inputs, positions, deltas
+
+
+@pytest.mark.parametrize("height, width", SIZES)
+def test_placeholders_equal_features_equal_the_budget_at_native_resolution(model, height, width):
+    model, processor = model
+    hired.apply(model, processor, budget=0.2)
+    image = picture(height, width)
+    inputs = processor(images=image, text=prompt(), return_tensors="pt")
+    with torch.no_grad():
+        model(**inputs)
+    rows, cols = token_grid((height, width), 14, 2, 56 * 56, 28 * 28 * 1280)
+    (record,) = hired.selections(model)
+    assert record.stock_tokens == rows * cols == int(inputs["image_grid_thw"][0, 1:].prod()) // 4
+    expected = hired.HiredConfig(budget=0.2).budget_for(rows * cols)
+    assert int((inputs["input_ids"] == processor.image_token_id).sum()) == record.visual_tokens == expected
+    assert processor.hired_geometry((height, width)).stock_tokens == rows * cols
+
+
+@pytest.mark.parametrize("method", ["hired", "divprune", "random", "fastv"])
+def test_kept_tokens_and_the_text_after_keep_their_stock_positions(model, method):
+    """Two prompts (one with two images of different sizes), left padded: every kept token's (t, row, col)
+    is the stock one of the same token of the unpruned prompt, every text token's too."""
+    model, processor = model
+    images = [picture(300, 500, 1), picture(420, 260, 2), picture(500, 300, 3)]
+    texts = [prompt(2), prompt(1)]
+    stock_inputs, stock, stock_deltas = stock_positions(model, processor, images, texts)
+    hired.apply(model, processor, method=method, budget=0.2)
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    positions = language_positions(model, inputs)
+    records = hired.selections(model)
+    image_token = processor.image_token_id
+    image = 0
+    for row in range(2):
+        first = image
+        valid, stock_valid = inputs["attention_mask"][row].bool(), stock_inputs["attention_mask"][row].bool()
+        ids, stock_ids = inputs["input_ids"][row][valid], stock_inputs["input_ids"][row][stock_valid]
+        ours, theirs = positions[:, row][:, valid], stock[:, row][:, stock_valid]
+        expected, j = [], 0
+        while j < len(stock_ids):  # walk the stock prompt, taking what hired keeps of each image
+            if stock_ids[j] == image_token:
+                grid = stock_inputs["image_grid_thw"][image]
+                rows, cols = int(grid[1]) // 2, int(grid[2]) // 2
+                side = max(rows, cols)
+                kept = torch.sort(records[image].kept[0]).values
+                expected.append(theirs[:, j + (kept // side) * cols + kept % side])
+                j += rows * cols
+                image += 1
+            else:
+                expected.append(theirs[:, j:j + 1])
+                j += 1
+        assert torch.equal(ours, torch.cat(expected, dim=1))
+        assert ids.tolist().count(image_token) == sum(len(r.kept[0]) for r in records[first:image])
+    # decoding continues where the stock model continues
+    pruned = inputs["attention_mask"].sum(1, keepdim=True)
+    full = stock_inputs["attention_mask"].sum(1, keepdim=True)
+    assert torch.equal(pruned + model.model.rope_deltas, full + stock_deltas)
+
+
+def test_generation_with_beams_and_sampling_uses_the_kept_positions(model):
+    model, processor = model
+    hired.apply(model, processor, budget=0.2)
+    inputs = processor(images=[picture(300, 500), picture(200, 640, 1)], text=[prompt(), prompt()],
+                       return_tensors="pt", padding=True)
+    with torch.no_grad():
+        greedy = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        beams = model.generate(**inputs, max_new_tokens=4, do_sample=False, num_beams=2)
+        torch.manual_seed(0)
+        sampled = model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=5)
+    assert greedy.shape == beams.shape == sampled.shape == (2, inputs["input_ids"].shape[1] + 4)
+    # The first new token of greedy decoding is the argmax of the logits at the kept positions.
+    with torch.no_grad():
+        first = model(**inputs).logits[:, -1].argmax(-1)
+    assert torch.equal(greedy[:, inputs["input_ids"].shape[1]], first)
+
+
+def test_the_received_score_of_a_token_is_its_groups_eager_attention_column_means(monkeypatch):
+    """At the last (full-attention) block: the attention each patch receives, averaged over the image's
+    queries and summed over heads, summed over the 2x2 group the merger fuses. The eager attention
+    function is observed (wrapped, not replaced) to read the maps the stock block computes."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+    from transformers.vision_utils import get_vision_window_index
+
+    model, processor = tiny_qwen2_5_vl(text_layers=1, attn_implementation="eager")
+    inputs = processor(images=picture(300, 500), text=prompt(), return_tensors="pt")
+    last = model.model.visual.blocks[-1].attn
+    maps = []
+    eager = modeling_qwen2_5_vl.eager_attention_forward
+
+    def observed(module, *args, **kwargs):
+        output, weights = eager(module, *args, **kwargs)
+        if module is last:
+            maps.append(weights)
+        return output, weights
+
+    monkeypatch.setattr(modeling_qwen2_5_vl, "eager_attention_forward", observed)
+    with torch.no_grad():
+        model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    (weights,) = maps  # (1, heads, patches, patches), patches in window order: one full-attention chunk
+    received = weights[0].mean(dim=1).sum(dim=0)  # column means, summed over heads
+    window, _ = get_vision_window_index(inputs["image_grid_thw"], spatial_merge_size=2, window_size=112, patch_size=14)
+    groups = received.reshape(-1, 4)[torch.argsort(window)].sum(-1)  # raster order of merged tokens
+    hired.apply(model, processor, budget=0.2, score="received")
+    with torch.no_grad():
+        model(**processor(images=picture(300, 500), text=prompt(), return_tensors="pt"))
+    (record,) = hired.selections(model)
+    geometry = processor.hired_geometry((300, 500))
+    assert record.extras["score"] == "received"
+    torch.testing.assert_close(record.selection_scores[0][geometry.candidates[0]], groups, atol=1e-5, rtol=1e-4)
+
+
+def test_videos_are_refused(model):
+    model, processor = model
+    hired.apply(model, processor, budget=0.2)
+    with pytest.raises(ValueError, match="not of videos"):
+        processor(videos=[np.zeros((4, 56, 56, 3), dtype=np.uint8)], text="<|video_pad|>", return_tensors="pt")
