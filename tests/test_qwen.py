@@ -1,8 +1,11 @@
-"""Qwen2.5-VL: exact counts at native resolution, and every token at the M-RoPE position the stock model gives it.
+"""Qwen2.5-VL and Qwen3-VL: exact counts at native resolution, every token at the M-RoPE position the
+stock model gives it, and Qwen3-VL's DeepStack planes pruned with the same indices.
 
-The tiny model has the real classes and geometry (14 px patches merged 2x2, 112 px windows, full
-attention every other block, M-RoPE sections); positions are compared with the stock
-``get_rope_index`` on the unpruned prompt, attention with the eager attention maps.
+The tiny models have the real classes and geometry (Qwen2.5-VL: 14 px patches merged 2x2, 112 px
+windows, full attention every other block; Qwen3-VL: 16 px patches, global attention, DeepStack
+planes; both: M-RoPE sections); positions are compared with the stock ``get_rope_index`` on the
+unpruned prompt, attention with the eager attention maps, DeepStack with the stock model fed the
+kept features, planes and positions by hand.
 """
 
 import numpy as np
@@ -12,7 +15,9 @@ from PIL import Image
 
 import hired
 from hired.families.qwen2_5_vl import token_grid
-from hired.testing import tiny_qwen2_5_vl
+from hired.testing import tiny_qwen2_5_vl, tiny_qwen3_vl
+
+FACTORIES = {"qwen2.5-vl": tiny_qwen2_5_vl, "qwen3-vl": tiny_qwen3_vl}
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 SIZES = [(28, 28), (60, 1000), (1000, 60), (300, 500), (777, 333), (1080, 1920), (3000, 4000)]  # (height, width)
@@ -26,9 +31,9 @@ def prompt(images=1):
     return "USER: " + " ".join([IMAGE] * images) + " what is in the image ? ASSISTANT:"
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_qwen2_5_vl(text_layers=3)  # FastV prunes after layer 2
+@pytest.fixture(scope="module", params=sorted(FACTORIES))
+def tiny(request):
+    return FACTORIES[request.param](text_layers=3)  # FastV prunes after layer 2
 
 
 @pytest.fixture
@@ -69,7 +74,9 @@ def test_placeholders_equal_features_equal_the_budget_at_native_resolution(model
     inputs = processor(images=image, text=prompt(), return_tensors="pt")
     with torch.no_grad():
         model(**inputs)
-    rows, cols = token_grid((height, width), 14, 2, 56 * 56, 28 * 28 * 1280)
+    image_processor = processor.image_processor
+    limits = image_processor.size["shortest_edge"], image_processor.size["longest_edge"]
+    rows, cols = token_grid((height, width), image_processor.patch_size, 2, *limits)
     (record,) = hired.selections(model)
     assert record.stock_tokens == rows * cols == int(inputs["image_grid_thw"][0, 1:].prod()) // 4
     expected = hired.HiredConfig(budget=0.2).budget_for(rows * cols)
@@ -134,18 +141,21 @@ def test_generation_with_beams_and_sampling_uses_the_kept_positions(model):
     assert torch.equal(greedy[:, inputs["input_ids"].shape[1]], first)
 
 
-def test_the_received_score_of_a_token_is_its_groups_eager_attention_column_means(monkeypatch):
+@pytest.mark.parametrize("family", sorted(FACTORIES))
+def test_the_received_score_of_a_token_is_its_groups_eager_attention_column_means(monkeypatch, family):
     """At the last (full-attention) block: the attention each patch receives, averaged over the image's
     queries and summed over heads, summed over the 2x2 group the merger fuses. The eager attention
     function is observed (wrapped, not replaced) to read the maps the stock block computes."""
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
     from transformers.vision_utils import get_vision_window_index
 
-    model, processor = tiny_qwen2_5_vl(text_layers=1, attn_implementation="eager")
+    modeling = modeling_qwen2_5_vl if family == "qwen2.5-vl" else modeling_qwen3_vl
+    model, processor = FACTORIES[family](text_layers=1, attn_implementation="eager")
     inputs = processor(images=picture(300, 500), text=prompt(), return_tensors="pt")
     last = model.model.visual.blocks[-1].attn
     maps = []
-    eager = modeling_qwen2_5_vl.eager_attention_forward
+    eager = modeling.eager_attention_forward
 
     def observed(module, *args, **kwargs):
         output, weights = eager(module, *args, **kwargs)
@@ -153,20 +163,69 @@ def test_the_received_score_of_a_token_is_its_groups_eager_attention_column_mean
             maps.append(weights)
         return output, weights
 
-    monkeypatch.setattr(modeling_qwen2_5_vl, "eager_attention_forward", observed)
+    monkeypatch.setattr(modeling, "eager_attention_forward", observed)
     with torch.no_grad():
         model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-    (weights,) = maps  # (1, heads, patches, patches), patches in window order: one full-attention chunk
+    (weights,) = maps  # (1, heads, patches, patches): one full-attention chunk
     received = weights[0].mean(dim=1).sum(dim=0)  # column means, summed over heads
-    window, _ = get_vision_window_index(inputs["image_grid_thw"], spatial_merge_size=2, window_size=112, patch_size=14)
-    groups = received.reshape(-1, 4)[torch.argsort(window)].sum(-1)  # raster order of merged tokens
+    groups = received.reshape(-1, 4)
+    if family == "qwen2.5-vl":  # its patches run in window order
+        window, _ = get_vision_window_index(inputs["image_grid_thw"], spatial_merge_size=2, window_size=112,
+                                            patch_size=14)
+        groups = groups[torch.argsort(window)]
     hired.apply(model, processor, budget=0.2, score="received")
     with torch.no_grad():
         model(**processor(images=picture(300, 500), text=prompt(), return_tensors="pt"))
     (record,) = hired.selections(model)
     geometry = processor.hired_geometry((300, 500))
     assert record.extras["score"] == "received"
-    torch.testing.assert_close(record.selection_scores[0][geometry.candidates[0]], groups, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(record.selection_scores[0][geometry.candidates[0]], groups.sum(-1), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["hired", "visionzip"])
+def test_deepstack_planes_are_pruned_with_the_main_features(method):
+    """The stock Qwen3-VL, fed by hand the kept tokens' features and DeepStack planes (taken from its own
+    vision tower at the kept indices) and hired's positions, gives hired's logits."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+    model, processor = tiny_qwen3_vl(text_layers=2)
+    images = [picture(300, 500), picture(420, 260, 1)]
+    hired.apply(model, processor, method=method, budget=0.2)
+    inputs = processor(images=images, text=[prompt(2)], return_tensors="pt")
+    captured = {}
+
+    def keep(module, args, kwargs):
+        captured["positions"] = kwargs["position_ids"].clone()
+
+    handle = model.model.language_model.register_forward_pre_hook(keep, with_kwargs=True)
+    with torch.no_grad():
+        pruned = model(**inputs).logits
+    handle.remove()
+    records = hired.selections(model)
+    hired.remove(model, processor)
+    with torch.no_grad():
+        tower = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    counts = (inputs["image_grid_thw"].prod(-1) // 4).tolist()
+    features, planes = [], [[] for _ in tower.deepstack_features]
+    for image, (record, grid) in enumerate(zip(records, inputs["image_grid_thw"])):
+        rows, cols = int(grid[1]) // 2, int(grid[2]) // 2
+        kept = torch.sort(record.kept[0]).values
+        raster = sum(counts[:image]) + (kept // max(rows, cols)) * cols + kept % max(rows, cols)
+        if method == "hired":  # a selection, not a merge: the main features are the tower's too
+            features.append(tower.pooler_output[raster])
+        for layer, plane in enumerate(tower.deepstack_features):
+            planes[layer].append(plane[raster])
+    if method != "hired":  # VisionZip merges its contextual tokens: the main features come from hired's call
+        with torch.no_grad():
+            hired.apply(model, processor, method=method, budget=0.2)
+            features = list(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+            hired.remove(model, processor)
+    encoded = BaseModelOutputWithDeepstackFeatures(pooler_output=tuple(features),
+                                                   deepstack_features=[tuple(p) for p in planes])
+    by_hand = {k: v for k, v in inputs.items() if k not in ("pixel_values",)}
+    with torch.no_grad():
+        stock = model(**by_hand, position_ids=captured["positions"], mm_encoder_outputs={"image": encoded}).logits
+    torch.testing.assert_close(stock, pruned, atol=1e-5, rtol=1e-5)
 
 
 def test_videos_are_refused(model):

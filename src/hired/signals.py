@@ -48,6 +48,8 @@ class TowerRun:
         hidden: ``(B, [1 +] N, D)`` the feature layer's whole output.
         score: which score they are (one of :data:`hired.algorithm.SCORES` but ``"auto"``);
             ``None`` when no score was asked for.
+        planes: ``(B, N, L, D)`` features of other layers that the LLM also reads, token by token
+            (Qwen3-VL's DeepStack), or ``None``.
     """
 
     features: torch.Tensor
@@ -56,12 +58,13 @@ class TowerRun:
     keys: torch.Tensor
     hidden: torch.Tensor
     score: str | None = None
+    planes: torch.Tensor | None = None
 
     def __getitem__(self, rows: slice) -> "TowerRun":
         """The run of a contiguous range of tiles (one image's partitions)."""
         pick = lambda tensor: None if tensor is None else tensor[rows]  # noqa: E731
         return TowerRun(self.features[rows], pick(self.distribution_scores), pick(self.selection_scores),
-                        self.keys[rows], self.hidden[rows], self.score)
+                        self.keys[rows], self.hidden[rows], self.score, pick(self.planes))
 
 
 @dataclass

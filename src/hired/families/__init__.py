@@ -4,7 +4,7 @@ A new family is one file here: its swapped model and processor classes, a :class
 subclass, and a ``register_family`` call; add the module to the import below.
 """
 
-from . import internvl, llava, llava_next, llava_onevision, qwen2_5_vl  # noqa: F401  (registration)
+from . import internvl, llava, llava_next, llava_onevision, qwen2_5_vl, qwen3_vl  # noqa: F401  (registration)
 from .base import FamilyAdapter, HiredModel, HiredProcessor, ImageCall
 from .registry import family_of, register_family, registered_families
 

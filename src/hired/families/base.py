@@ -137,6 +137,13 @@ class FamilyAdapter:
             start += geometry.num_partitions
         return runs
 
+    def image_output(self, inner, output: BaseModelOutputWithPooling, runs: list[TowerRun],
+                     kept: list[torch.Tensor]) -> BaseModelOutputWithPooling:
+        """The output of ``get_image_features`` from the kept features; ``kept``: per image, the
+        ``(K, 2)`` ``(partition, index)`` rows of its kept tokens in feeding order. A family whose LLM
+        reads more than the features (Qwen3-VL's DeepStack planes) adds them here."""
+        return output
+
     def install(self, inner, state: ModelState) -> list:
         """Hooks a family needs beyond the generic ones, installed at apply; returns their handles (removed with them)."""
         return []
@@ -206,12 +213,13 @@ class HiredModel:
         )
         if call.feature_norm is not None:  # runs may be shared: no edits in place
             runs = [dataclasses.replace(run, features=call.feature_norm(run.features)) for run in runs]
-        outputs, records = [], []
+        outputs, records, kept_rows = [], [], []
         for run, geometry, budget, image_size in zip(runs, call.geometries, budgets, call.image_sizes):
             if _keeps_all(budget, geometry):
                 packed = family.pack_stock(self, run, geometry, image_size)
                 outputs.append(packed)
                 records.append(_full_record(geometry, image_size, method.name, len(packed)))
+                kept_rows.append(geometry.stock_order([row.nonzero().flatten() for row in geometry.candidates]))
                 continue
             tokens = family.candidate_tokens(self, run, geometry, image_size)
             evidence = VisionEvidence(
@@ -230,8 +238,10 @@ class HiredModel:
                 )
             outputs.append(chosen if family.selects_projected else family.project(self, chosen))
             records.append(_record(evidence, image_size, selection, method.name, chosen.shape[0], run.score))
+            kept_rows.append(geometry.stock_order(selection.kept))
         state.records = records
-        return BaseModelOutputWithPooling(last_hidden_state=torch.cat([run.hidden for run in runs]), pooler_output=outputs)
+        output = BaseModelOutputWithPooling(last_hidden_state=torch.cat([run.hidden for run in runs]), pooler_output=outputs)
+        return family.image_output(self, output, runs, kept_rows)
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
         if input_ids is None:

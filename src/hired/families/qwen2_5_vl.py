@@ -9,7 +9,7 @@ kept tokens are fed in raster order.
 
 The LLM places image tokens with 3D rotary positions (M-RoPE: time, row, column). A kept token must
 keep the position the stock model gives it, and the text after an image must continue where the
-stock model continues: :meth:`HiredQwen2_5_VLModel.get_rope_index` computes the stock positions of
+stock model continues: :meth:`NativeResolutionModel.get_rope_index` computes the stock positions of
 the prompt as it would be with every token of each image, keeps those of the tokens present, and
 the stock ``rope_deltas``; once the selection is known, a hook on the language model gives each
 kept token its own row and column.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel, Qwen2_5_VLProcessor
@@ -56,8 +56,13 @@ def _pixel_limits(image_processor) -> tuple[int, int]:
     return int(low), int(high)
 
 
-class HiredQwen2_5_VLModel(HiredModel, Qwen2_5_VLModel):
-    """``Qwen2_5_VLModel`` whose image features are the tokens the method keeps, at their stock positions."""
+class NativeResolutionModel(HiredModel):
+    """Mixed into a swapped Qwen-VL inner model: kept merged tokens, at their stock M-RoPE positions.
+
+    ``stock_model`` is the stock inner class, whose methods this one wraps.
+    """
+
+    stock_model: ClassVar[type]
 
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None, **kwargs):
         self._begin_image_call()
@@ -77,13 +82,13 @@ class HiredQwen2_5_VLModel(HiredModel, Qwen2_5_VLModel):
         self._hired.call_data[GEOMETRIES] = geometries
 
         def stock():
-            return Qwen2_5_VLModel.get_image_features(self, pixel_values, image_grid_thw, **kwargs)
+            return self.stock_model.get_image_features(self, pixel_values, image_grid_thw, **kwargs)
 
         return self._hired_features(ImageCall(tiles, geometries, [None] * len(geometries), None, stock))
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
-        image_mask, video_mask = Qwen2_5_VLModel.get_placeholder_mask(self, input_ids, inputs_embeds,
-                                                                      video_features=video_features)
+        image_mask, video_mask = self.stock_model.get_placeholder_mask(self, input_ids, inputs_embeds,
+                                                                       video_features=video_features)
         if image_features is not None:
             check_counts(self._hired.records, int(image_mask.sum()), image_features.shape[:-1].numel())
             if input_ids is not None:
@@ -97,7 +102,7 @@ class HiredQwen2_5_VLModel(HiredModel, Qwen2_5_VLModel):
         language model's hook moves them to the kept tokens' own rows and columns. ``rope_deltas``
         is the stock one, so that decoding continues at the stock positions.
         """
-        stock = Qwen2_5_VLModel.get_rope_index
+        stock = self.stock_model.get_rope_index
         arguments = inspect.signature(stock).bind(self, input_ids, *args, **kwargs).arguments
         arguments.pop("self")
         extra = arguments.pop("kwargs", {})
@@ -115,6 +120,12 @@ class HiredQwen2_5_VLModel(HiredModel, Qwen2_5_VLModel):
         kept = torch.gather(positions, 2, present).masked_fill((index < 0)[None], 0)  # padding as the stock model leaves it
         grown = (mask.sum(1) - (index >= 0).sum(1))[:, None]
         return kept, deltas + grown.to(deltas)
+
+
+class HiredQwen2_5_VLModel(NativeResolutionModel, Qwen2_5_VLModel):
+    """``Qwen2_5_VLModel`` whose image features are the tokens the method keeps, at their stock positions."""
+
+    stock_model = Qwen2_5_VLModel
 
 
 def _expand_images(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token: int, full: list[int]):
@@ -219,10 +230,8 @@ def restore_kept_positions(state: ModelState, module, args, kwargs):
     return args, kwargs
 
 
-class HiredQwen2_5_VLProcessor(HiredProcessor, Qwen2_5_VLProcessor):
-    """``Qwen2_5_VLProcessor`` that expands ``<|image_pad|>`` into exactly the tokens the method keeps."""
-
-    _stock_class = Qwen2_5_VLProcessor
+class NativeResolutionProcessor(HiredProcessor):
+    """Mixed into a swapped Qwen-VL processor: ``<|image_pad|>`` expands into exactly the tokens the method keeps."""
 
     def hired_geometry(self, image_size: Sequence[int]) -> NativeGeometry:
         processor = self.image_processor
@@ -245,6 +254,12 @@ class HiredQwen2_5_VLProcessor(HiredProcessor, Qwen2_5_VLProcessor):
             counts = [self.hired_tokens(size) for size in image_sizes]
             data.num_image_tokens = [n if c is None else c for n, c in zip(data.num_image_tokens, counts)]
         return data
+
+
+class HiredQwen2_5_VLProcessor(NativeResolutionProcessor, Qwen2_5_VLProcessor):
+    """``Qwen2_5_VLProcessor`` that expands ``<|image_pad|>`` into exactly the tokens the method keeps."""
+
+    _stock_class = Qwen2_5_VLProcessor
 
 
 class Qwen2_5_VLAdapter(FamilyAdapter):
@@ -310,15 +325,20 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
             block = visual.blocks[layer]
             handles.append(block.attn.register_forward_pre_hook(functools.partial(keep_rotary, layer), with_kwargs=True))
             handles.append(block.attn.qkv.register_forward_hook(functools.partial(keep_qkv, layer)))
-        visual.permute_input_for_window_attn = keep_window
+        windowed = hasattr(type(visual), "permute_input_for_window_attn")  # Qwen2.5-VL; Qwen3-VL attends globally
+        if windowed:
+            visual.permute_input_for_window_attn = keep_window
         try:
             output = visual(torch.cat(call.tiles).type(visual.dtype), grid_thw=grid)
         finally:
-            del visual.permute_input_for_window_attn
+            if windowed:
+                del visual.permute_input_for_window_attn
             for handle in handles:
                 handle.remove()
         merged = output.pooler_output
-        order = torch.argsort(captured["window"])
+        planes = getattr(output, "deepstack_features", None)  # Qwen3-VL: (tokens, D) per layer, raster order
+        planes = torch.stack(planes, dim=1) if planes else None
+        order = torch.argsort(captured["window"]) if windowed else torch.arange(merged.shape[0], device=merged.device)
 
         def raster(values: torch.Tensor) -> torch.Tensor:  # window order -> raster order of merge groups
             return values.reshape(-1, unit, *values.shape[1:])[order].reshape(values.shape)
@@ -328,7 +348,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
             qkv = captured[f"qkv{layer}"]
             query, key, _ = qkv.reshape(qkv.shape[0], 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
             cos, sin = captured[f"rotary{layer}"]
-            rotated_query, rotated_key = modeling_qwen2_5_vl.apply_rotary_pos_emb_vision(query, key, cos, sin)
+            rotated_query, rotated_key = self.rotate(query, key, cos, sin)
             values = {"query": raster(rotated_query.flatten(1)), "key": raster(rotated_key.flatten(1)),
                       "raw_key": raster(key.flatten(1))}
             scores[prefix] = values
@@ -361,10 +381,16 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
                 keys=_lattice(group_keys, geometry),
                 hidden=features,  # (tokens, D): images of different sizes concatenate along the tokens
                 score=score,
+                planes=None if planes is None else _lattice(planes[token_start:token_start + tokens], geometry),
             ))
             patch_start += patches
             token_start += tokens
         return runs
+
+    @staticmethod
+    def rotate(query, key, cos, sin):
+        """The vision block's rotary embedding of queries and keys, with the model's own function."""
+        return modeling_qwen2_5_vl.apply_rotary_pos_emb_vision(query, key, cos, sin)
 
     def pack_stock(self, inner, run: TowerRun, geometry: NativeGeometry, image_size) -> torch.Tensor:
         return run.features[0][geometry.candidates[0]]
@@ -393,8 +419,8 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
 
 
 def _lattice(values: torch.Tensor, geometry: NativeGeometry) -> torch.Tensor:
-    """``(rows*cols, C)`` raster values -> ``(1, s*s, C)`` on the geometry's lattice, zeros past the raster."""
-    out = values.new_zeros(geometry.side * geometry.side, values.shape[-1])
+    """``(rows*cols, ...)`` raster values -> ``(1, s*s, ...)`` on the geometry's lattice, zeros past the raster."""
+    out = values.new_zeros(geometry.side * geometry.side, *values.shape[1:])
     out[geometry.candidates[0]] = values
     return out[None]
 

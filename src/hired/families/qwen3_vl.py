@@ -1,0 +1,75 @@
+"""Qwen3-VL (``Qwen3VLForConditionalGeneration``): Qwen2.5-VL's native-resolution raster, with DeepStack.
+
+As Qwen2.5-VL (:mod:`.qwen2_5_vl`: one raster of merged tokens per image, scores summed over each
+2x2 group, kept tokens at their stock M-RoPE positions), with 16 px patches, global attention in
+every block, and DeepStack: the mergers of a few intermediate blocks give one more plane of
+features per token, which the first decoder layers add to the image tokens' hidden states. Those
+planes are pruned with the same indices as the main features, so each kept token carries its own
+planes (for a method that merges tokens, the planes of the token it keeps in that place).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers import Qwen3VLForConditionalGeneration, Qwen3VLModel, Qwen3VLProcessor
+from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+from ..geometry import NativeGeometry
+from ..signals import TowerRun
+from .qwen2_5_vl import NativeResolutionModel, NativeResolutionProcessor, Qwen2_5_VLAdapter, token_grid
+from .registry import register_family
+
+# The released checkpoints' image processor (recalled from their preprocessor_config.json): 16 px
+# patches merged 2x2, 65,536 to 16,777,216 pixels.
+RELEASED = {"patch": 16, "merge": 2, "min_pixels": 65536, "max_pixels": 16777216}
+
+
+class HiredQwen3VLModel(NativeResolutionModel, Qwen3VLModel):
+    """``Qwen3VLModel`` whose image features and DeepStack planes are those of the tokens the method keeps."""
+
+    stock_model = Qwen3VLModel
+
+
+class HiredQwen3VLProcessor(NativeResolutionProcessor, Qwen3VLProcessor):
+    """``Qwen3VLProcessor`` that expands ``<|image_pad|>`` into exactly the tokens the method keeps."""
+
+    _stock_class = Qwen3VLProcessor
+
+
+class Qwen3VLAdapter(Qwen2_5_VLAdapter):
+    """Qwen2.5-VL's adapter with Qwen3-VL's classes, its rotary function and its DeepStack planes."""
+
+    name = "qwen3-vl"
+    outer_class = Qwen3VLForConditionalGeneration
+    inner_class = Qwen3VLModel
+    hired_inner_class = HiredQwen3VLModel
+    processor_class = Qwen3VLProcessor
+    hired_processor_class = HiredQwen3VLProcessor
+
+    def geometry(self, config, image_size) -> NativeGeometry:
+        vision = config.vision_config
+        grid = token_grid(image_size, vision.patch_size, vision.spatial_merge_size, RELEASED["min_pixels"],
+                          RELEASED["max_pixels"])
+        return NativeGeometry.create(image_size, grid)
+
+    def released_geometry(self, image_size: Sequence[int]) -> NativeGeometry:
+        grid = token_grid(image_size, RELEASED["patch"], RELEASED["merge"], RELEASED["min_pixels"], RELEASED["max_pixels"])
+        return NativeGeometry.create(image_size, grid)
+
+    @staticmethod
+    def rotate(query, key, cos, sin):
+        return modeling_qwen3_vl.apply_rotary_pos_emb_vision(query, key, cos, sin)
+
+    def image_output(self, inner, output, runs: list[TowerRun], kept: list[torch.Tensor]):
+        planes = [run.planes[0][rows[:, 1].to(run.planes.device)] for run, rows in zip(runs, kept)]  # (K, L, D) each
+        layers = planes[0].shape[1] if planes else 0
+        return modeling_qwen3_vl.BaseModelOutputWithDeepstackFeatures(
+            last_hidden_state=output.last_hidden_state,
+            pooler_output=output.pooler_output,
+            deepstack_features=[tuple(image[:, layer] for image in planes) for layer in range(layers)],
+        )
+
+
+QWEN3_VL = register_family(Qwen3VLAdapter())
