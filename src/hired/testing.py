@@ -232,6 +232,11 @@ def tiny_llava_onevision(seed: int = 0, vision_layers: int = 3, vision_width: in
     return model, processor
 
 
+# The special tokens of the Qwen-VL processors, by role; the configs name their ids "<role>_id".
+QWEN_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+               "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+
+
 def tiny_qwen2_5_vl(seed: int = 0, vision_layers: int = 4, vision_width: int = 32, vision_heads: int = 2,
                     text_width: int = 64, text_layers: int = 2, attn_implementation: str = "sdpa"):
     """A random Qwen2.5-VL (window-attention ViT with full attention every other block, 2x2 merger, M-RoPE
@@ -250,9 +255,7 @@ def tiny_qwen2_5_vl(seed: int = 0, vision_layers: int = 4, vision_width: int = 3
         Qwen2VLVideoProcessor,
     )
 
-    tokenizer = tiny_tokenizer(named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                                             "vision_start_token": "<|vision_start|>",
-                                             "vision_end_token": "<|vision_end|>"})
+    tokenizer = tiny_tokenizer(named_tokens=QWEN_TOKENS)
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
         vision_config={
@@ -266,8 +269,7 @@ def tiny_qwen2_5_vl(seed: int = 0, vision_layers: int = 4, vision_width: int = 3
             "max_position_embeddings": 32768, "pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         },
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        **{f"{role}_id": ids(token) for role, token in QWEN_TOKENS.items()},
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
@@ -296,9 +298,7 @@ def tiny_qwen3_vl(seed: int = 0, vision_layers: int = 4, vision_width: int = 32,
         Qwen3VLVideoProcessor,
     )
 
-    tokenizer = tiny_tokenizer(named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                                             "vision_start_token": "<|vision_start|>",
-                                             "vision_end_token": "<|vision_end|>"})
+    tokenizer = tiny_tokenizer(named_tokens=QWEN_TOKENS)
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen3VLConfig(
         vision_config={
@@ -313,8 +313,7 @@ def tiny_qwen3_vl(seed: int = 0, vision_layers: int = 4, vision_width: int = 32,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
                                 "mrope_interleaved": True},
         },
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        **{f"{role}_id": ids(token) for role, token in QWEN_TOKENS.items()},
     )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).eval()

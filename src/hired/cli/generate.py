@@ -137,6 +137,8 @@ def _describe(row: dict[str, Any]) -> str:
             base = row["base_view_tokens"]
             counts += f" (base view {base}, tiles {row['kept_tokens'] - base} shared by attention)"
     caps = row["partition_caps"]
+    if len(caps) == 1:  # one partition: LLaVA-1.5's single view, the Qwen-VL rasters
+        return f"{size}, [{row['method']}] {counts}; {caps[0]} candidates in one partition"
     return f"{size}, [{row['method']}] {counts}; base {caps[0]} candidates; tile candidates {caps[1:]}"
 
 

@@ -274,18 +274,20 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
     model_internals = ("get_image_features", "get_placeholder_mask", "get_rope_index")
     processor_internals = ("replace_image_token", "_get_num_multimodal_tokens")
     selects_projected = True
+    released = RELEASED  # the released checkpoints' image-processor settings
 
     def geometry(self, config, image_size) -> NativeGeometry:
         vision = config.vision_config
-        grid = token_grid(image_size, vision.patch_size, vision.spatial_merge_size, RELEASED["min_pixels"],
-                          RELEASED["max_pixels"])
+        grid = token_grid(image_size, vision.patch_size, vision.spatial_merge_size, self.released["min_pixels"],
+                          self.released["max_pixels"])
         return NativeGeometry.create(image_size, grid)
 
     def processor_geometry(self, processor, image_size) -> NativeGeometry:
         return processor.hired_geometry(image_size)
 
     def released_geometry(self, image_size) -> NativeGeometry:
-        grid = token_grid(image_size, RELEASED["patch"], RELEASED["merge"], RELEASED["min_pixels"], RELEASED["max_pixels"])
+        released = self.released
+        grid = token_grid(image_size, released["patch"], released["merge"], released["min_pixels"], released["max_pixels"])
         return NativeGeometry.create(image_size, grid)
 
     def vision_probe(self, inner) -> VisionProbe:
@@ -403,7 +405,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         """
         _, height, width = (int(v) for v in inputs["image_grid_thw"][0])
         patches = inputs["pixel_values"][: height * width]
-        merge, frames = RELEASED["merge"], 2
+        merge, frames = self.released["merge"], 2
         patch = int(round((patches.shape[1] / (3 * frames)) ** 0.5))
         grid = patches.reshape(height // merge, width // merge, merge, merge, 3, frames, patch, patch)[:, :, :, :, :, 0]
         return grid.permute(4, 0, 2, 5, 1, 3, 6).reshape(1, 3, height * patch, width * patch)

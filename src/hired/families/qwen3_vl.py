@@ -10,15 +10,12 @@ planes (for a method that merges tokens, the planes of the token it keeps in tha
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from transformers import Qwen3VLForConditionalGeneration, Qwen3VLModel, Qwen3VLProcessor
 from transformers.models.qwen3_vl import modeling_qwen3_vl
 
-from ..geometry import NativeGeometry
 from ..signals import TowerRun
-from .qwen2_5_vl import NativeResolutionModel, NativeResolutionProcessor, Qwen2_5_VLAdapter, token_grid
+from .qwen2_5_vl import NativeResolutionModel, NativeResolutionProcessor, Qwen2_5_VLAdapter
 from .registry import register_family
 
 # The released checkpoints' image processor (recalled from their preprocessor_config.json): 16 px
@@ -47,16 +44,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     hired_inner_class = HiredQwen3VLModel
     processor_class = Qwen3VLProcessor
     hired_processor_class = HiredQwen3VLProcessor
-
-    def geometry(self, config, image_size) -> NativeGeometry:
-        vision = config.vision_config
-        grid = token_grid(image_size, vision.patch_size, vision.spatial_merge_size, RELEASED["min_pixels"],
-                          RELEASED["max_pixels"])
-        return NativeGeometry.create(image_size, grid)
-
-    def released_geometry(self, image_size: Sequence[int]) -> NativeGeometry:
-        grid = token_grid(image_size, RELEASED["patch"], RELEASED["merge"], RELEASED["min_pixels"], RELEASED["max_pixels"])
-        return NativeGeometry.create(image_size, grid)
+    released = RELEASED
 
     @staticmethod
     def rotate(query, key, cos, sin):
