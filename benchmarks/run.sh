@@ -1,5 +1,5 @@
 #!/usr/bin/env sh
-# The runs behind docs/benchmarks.md: sweep, batch, full, repeats, fastv, shapes, families (default: all).
+# The runs behind docs/benchmarks.md: sweep, batch, full, repeats, fastv, shapes, families, qwen (default: all).
 # Each writes bench.json, bench.md and bench.png under
 # benchmarks/results/<name>/. Run from the repository root with the package installed
 # (pip install -e ".[cli]"); HF_HUB_OFFLINE keeps transformers off the network.
@@ -68,4 +68,12 @@ if [ "$which" = all ] || [ "$which" = families ]; then
   hired bench --model llava-onevision-qwen2-7b-ov-hf --layers 2 --dtype bfloat16 --methods hired --budgets 0.2 \
     --image-size 1280x960 --batch 1 --new-tokens 8 --warmup 1 --repeats 3 --seed 0 \
     --output benchmarks/results/llava-onevision-7b
+fi
+
+# 8. Qwen2.5-VL-7B shape (2 of 28 decoder layers), HiRED at 20% against stock at native resolution: a
+#    1280x960 image (34x46 = 1564 tokens) and a document page, A4 at 150 dpi (1240x1754: 63x44 = 2772 tokens).
+if [ "$which" = all ] || [ "$which" = qwen ]; then
+  hired bench --model qwen2.5-vl-7b-instruct --layers 2 --dtype bfloat16 --methods hired --budgets 0.2 \
+    --image-size 1280x960 1240x1754 --batch 1 --new-tokens 8 --warmup 1 --repeats 3 --seed 0 \
+    --output benchmarks/results/qwen2.5-vl-7b
 fi

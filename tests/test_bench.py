@@ -21,7 +21,7 @@ from hired.bench import (
     run_benchmark,
     vision_flops,
 )
-from hired.bench.cost import projector_flops
+from hired.bench.cost import native_vision_flops, projector_flops
 from hired.bench.measure import generate_kwargs, prepare_inputs
 from hired.bench.models import PROMPT, known_models, synthetic_image
 from hired.cli import main
@@ -87,7 +87,7 @@ def test_built_model_has_the_analytic_parameter_count(name):
     assert all(torch.isfinite(p.float()).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["tiny-random-internvl", "tiny-random-llava-onevision"])
+@pytest.mark.parametrize("name", ["tiny-random-internvl", "tiny-random-llava-onevision", "tiny-random-qwen2.5-vl"])
 def test_new_families_parameter_count_is_close_to_the_analytic_one(name):
     # InternViT's layer scales and the projector's norm, SigLIP's missing pre-norm: a few hundred of ~90k.
     spec = load_model_spec(name)
@@ -107,8 +107,41 @@ def test_vision_flops_match_torch_flop_counter(name):
     assert counter.get_total_flops() == vision_flops(shape, tiles=2, layers_run=shape.vision_layers)
 
 
+def test_native_vision_flops_of_a_small_shape_match_a_hand_count():
+    # 2x2 patches per LLM token, windows of 2x2 LLM tokens; a 3x3-token image has windows of 2x2, 2x1,
+    # 1x2 and 1x1 tokens (16, 8, 8 and 4 patches of its 36); layer 1 of 2 attends over all 36.
+    shape = ModelShape(vision_width=4, vision_mlp=8, vision_layers=2, vision_layers_used=2, vision_heads=2, tile=0,
+                       patch=2, text_width=8, text_mlp=16, text_layers=2, heads=2, kv_heads=1, head_dim=4, vocab=10,
+                       newline=False, cls=False, merge=4, projector_hidden=16, temporal_patch=2, window=2,
+                       full_attention_layers=(1,), gated_mlp=True)
+    embedding = 2 * 36 * (3 * 2 * 2 * 2) * 4
+    linear = 2 * 36 * 4 * 4 * 4 + 2 * 3 * 36 * 4 * 8
+    windowed = 2 * 2 * 4 * (16**2 + 8**2 + 8**2 + 4**2)
+    assert native_vision_flops(shape, (3, 3), layers_run=2) == embedding + 2 * linear + windowed + 2 * 2 * 4 * 36**2
+    assert native_vision_flops(shape, (3, 3), layers_run=1) == embedding + linear + windowed
+    assert projector_flops(shape, tokens=9) == 2 * 9 * (16 * 16 + 16 * 8)  # merger: 16 -> 16 -> 8
+
+
+def test_native_vision_flops_match_torch_flop_counter():
+    # 21x29 tokens: windows of 4x4 tokens with a ragged last row and column, as the real tower cuts them.
+    spec = load_model_spec("tiny-random-qwen2.5-vl")
+    processor = build_processor(spec)
+    model = build_model(spec, None, "float32", processor)
+    shape = ModelShape.from_config(model.config)
+    inputs = processor(images=[synthetic_image(800, 600, 0)], text=[spec.prompt], return_tensors="pt")
+    grid = inputs["image_grid_thw"]
+    assert grid.tolist() == [[1, 42, 58]]
+    model.set_attn_implementation("eager")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.model.visual(inputs["pixel_values"], grid_thw=grid)
+    tokens = (21, 29)
+    assert counter.get_total_flops() == (native_vision_flops(shape, tokens, layers_run=shape.vision_layers)
+                                         + projector_flops(shape, tokens[0] * tokens[1]))
+
+
 @pytest.mark.parametrize(("name", "stock", "kept"), [("tiny-random-internvl", 3328, 666),
-                                                     ("tiny-random-llava-onevision", 4725, 934)])
+                                                     ("tiny-random-llava-onevision", 4725, 934),
+                                                     ("tiny-random-qwen2.5-vl", 609, 122)])
 def test_new_families_run_through_the_benchmark(name, stock, kept):
     records = run_benchmark(BenchSpec(model=name, methods=["hired"], budgets=[0.2], image_sizes=[(800, 600)],
                                       new_tokens=2, warmup=0, repeats=1, peak_memory=False))
@@ -244,5 +277,6 @@ def test_image_size_must_be_width_by_height(capsys):
 
 def test_known_models_include_the_checkpoints():
     assert {"llava-v1.6-vicuna-7b-hf", "llava-v1.6-mistral-7b-hf", "llava-1.5-7b-hf", "internvl3-8b-hf",
-            "llava-onevision-qwen2-7b-ov-hf"} <= set(known_models())
+            "llava-onevision-qwen2-7b-ov-hf", "qwen2.5-vl-7b-instruct"} <= set(known_models())
+    assert load_model_spec("Qwen/Qwen2.5-VL-7B-Instruct").family == "qwen2.5-vl"
     assert load_model_spec("OpenGVLab/InternVL3-8B-hf").family == "internvl"

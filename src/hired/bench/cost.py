@@ -1,7 +1,9 @@
-"""Analytic cost of a tiled VLM's forward pass: parameters, prefill FLOPs, KV cache, memory estimate.
+"""Analytic cost of a VLM's forward pass: parameters, prefill FLOPs, KV cache, memory estimate.
 
-The shape covers LLaVA-1.5 / LLaVA-NeXT (CLIP), LLaVA-OneVision (SigLIP, no CLS token) and InternVL
-(InternViT with CLS, 2x2 patches merged into one LLM token before the projector).
+The shape covers the tiled towers of LLaVA-1.5 / LLaVA-NeXT (CLIP), LLaVA-OneVision (SigLIP, no CLS
+token) and InternVL (InternViT with CLS, 2x2 patches merged into one LLM token before the
+projector), and the native-resolution tower of Qwen2.5-VL (one sequence of patches per image,
+window attention except in a few full-attention layers, gated MLP, 2x2 merger).
 
 FLOPs count the matrix products only (two FLOPs per multiply-add); norms, activations, softmax
 and rotary embeddings are left out (under 1% of the total at these widths).
@@ -12,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..geometry import square_side
+from ..geometry import NativeGeometry, PartitionGeometry, square_side
 
 # Process overhead that does not scale with the model: interpreter, torch, transformers, kernels.
 RUNTIME_BYTES = 700 * 2**20
@@ -20,12 +22,16 @@ RUNTIME_BYTES = 700 * 2**20
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The dimensions of a tiled VLM that its cost depends on.
+    """The dimensions of a VLM that its cost depends on.
 
     ``vision_layers_used`` is the depth up to the feature layer (23 of CLIP-L's 24 for layer -2): what
     a reducing method runs, while the stock model runs every layer. ``cls``: the tower prepends a CLS
     token; ``merge``: patches per LLM token (4 for InternVL's pixel shuffle), which also widens the
-    projector's input.
+    projector's input; ``projector_hidden``: the projector's inner width (``0``: the text width).
+
+    Native-resolution towers have ``tile = 0``; ``temporal_patch`` frames per patch,
+    ``window`` the side of an attention window in LLM tokens (``0``: every layer attends globally)
+    with ``full_attention_layers`` the exceptions, and ``gated_mlp`` three MLP matrices instead of two.
     """
 
     vision_width: int
@@ -45,12 +51,44 @@ class ModelShape:
     newline: bool
     cls: bool = True
     merge: int = 1
+    projector_hidden: int = 0
+    temporal_patch: int = 1
+    window: int = 0
+    full_attention_layers: tuple[int, ...] = ()
+    gated_mlp: bool = False
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
-        """Read a transformers ``LlavaNextConfig``, ``LlavaConfig``, ``LlavaOnevisionConfig`` or ``InternVLConfig``."""
+        """Read a transformers ``LlavaNextConfig``, ``LlavaConfig``, ``LlavaOnevisionConfig``, ``InternVLConfig``
+        or ``Qwen2_5_VLConfig``."""
         vision, text = config.vision_config, config.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        if config.model_type == "qwen2_5_vl":
+            merge = vision.spatial_merge_size
+            return cls(
+                vision_width=vision.hidden_size,
+                vision_mlp=vision.intermediate_size,
+                vision_layers=vision.depth,
+                vision_layers_used=vision.depth,  # the merger reads the last block
+                vision_heads=vision.num_heads,
+                tile=0,
+                patch=vision.patch_size,
+                text_width=text.hidden_size,
+                text_mlp=text.intermediate_size,
+                text_layers=text.num_hidden_layers,
+                heads=text.num_attention_heads,
+                kv_heads=text.num_key_value_heads or text.num_attention_heads,
+                head_dim=head_dim,
+                vocab=text.vocab_size,
+                newline=False,
+                cls=False,
+                merge=merge * merge,
+                projector_hidden=merge * merge * vision.hidden_size,
+                temporal_patch=vision.temporal_patch_size,
+                window=vision.window_size // (vision.patch_size * merge),
+                full_attention_layers=tuple(vision.fullatt_block_indexes),
+                gated_mlp=True,
+            )
         ratio = getattr(config, "downsample_ratio", None)
         return cls(
             vision_width=vision.hidden_size,
@@ -73,8 +111,17 @@ class ModelShape:
         )
 
     @property
+    def native(self) -> bool:
+        """One sequence of patches per image at its own resolution, not tiles of a fixed size."""
+        return self.tile == 0
+
+    @property
+    def projector_width(self) -> int:
+        return self.projector_hidden or self.text_width
+
+    @property
     def patches_per_tile(self) -> int:
-        return (self.tile // self.patch) ** 2
+        return (self.tile // self.patch) ** 2 if self.tile else 0
 
     @property
     def tokens_per_tile(self) -> int:
@@ -90,10 +137,13 @@ class ModelShape:
 def parameter_count(shape: ModelShape) -> int:
     """Parameters of the ViT tower + projector (+ newline) + Llama/Mistral/Qwen2 decoder with untied head."""
     dv, mv, d, m = shape.vision_width, shape.vision_mlp, shape.text_width, shape.text_mlp
-    vision_layer = 4 * (dv * dv + dv) + (dv * mv + mv) + (mv * dv + dv) + 2 * 2 * dv
-    vision = 3 * shape.patch**2 * dv + dv + shape.tower_tokens * dv + 2 * 2 * dv
+    mlp_matrices = 3 if shape.gated_mlp else 2
+    vision_layer = 4 * (dv * dv + dv) + (mlp_matrices - 1) * (dv * mv + mv) + (mv * dv + dv) + 2 * 2 * dv
+    # Native towers have rotary positions instead of a learned table.
+    vision = 3 * shape.temporal_patch * shape.patch**2 * dv + dv + shape.tower_tokens * dv + 2 * 2 * dv
     vision += shape.vision_layers * vision_layer
-    projector = shape.merge * dv * d + d + d * d + d + (d if shape.newline else 0)
+    hidden = shape.projector_width
+    projector = shape.merge * dv * hidden + hidden + hidden * d + d + (d if shape.newline else 0)
     attention = d * shape.heads * shape.head_dim * 2 + d * shape.kv_heads * shape.head_dim * 2
     text_layer = attention + 3 * d * m + 2 * d
     text = 2 * shape.vocab * d + shape.text_layers * text_layer + d
@@ -101,17 +151,60 @@ def parameter_count(shape: ModelShape) -> int:
 
 
 def vision_flops(shape: ModelShape, tiles: int, layers_run: int) -> int:
-    """FLOPs of the ViT tower on ``tiles`` tiles through ``layers_run`` layers (patch embedding included)."""
-    dv, mv = shape.vision_width, shape.vision_mlp
+    """FLOPs of a tiled ViT tower on ``tiles`` tiles through ``layers_run`` layers (patch embedding included)."""
     tokens = shape.tower_tokens
-    embedding = 2 * shape.patches_per_tile * 3 * shape.patch**2 * dv
-    per_layer = 2 * tokens * 4 * dv * dv + 2 * 2 * tokens * tokens * dv + 2 * 2 * tokens * dv * mv
-    return tiles * (embedding + layers_run * per_layer)
+    return tiles * _tower_flops(shape, shape.patches_per_tile, tokens, [[tokens]] * layers_run)
+
+
+def native_vision_flops(shape: ModelShape, token_grid: tuple[int, int], layers_run: int) -> int:
+    """FLOPs of a native-resolution tower on one image of ``(rows, cols)`` LLM tokens through ``layers_run`` layers.
+
+    A windowed layer attends within squares of ``window x window`` LLM tokens, cut from the top
+    left corner (the last row and column of windows may be smaller); a full-attention layer over
+    the whole image.
+    """
+    rows, cols = token_grid
+    patches = rows * cols * shape.merge
+    if shape.window:
+        windows = [height * width * shape.merge for height in _pieces(rows, shape.window)
+                   for width in _pieces(cols, shape.window)]
+    else:
+        windows = [patches]
+    sequences = [[patches] if layer in shape.full_attention_layers else windows for layer in range(layers_run)]
+    return _tower_flops(shape, patches, patches, sequences)
+
+
+def _pieces(length: int, size: int) -> list[int]:
+    return [min(size, length - start) for start in range(0, length, size)]
+
+
+def _tower_flops(shape: ModelShape, patches: int, tokens: int, attention: list[list[int]]) -> int:
+    """Patch embedding of ``patches``, then one layer per entry of ``attention`` on ``tokens`` tokens, each
+    layer's attention split into independent sequences of the listed lengths."""
+    dv, mv = shape.vision_width, shape.vision_mlp
+    embedding = 2 * patches * 3 * shape.temporal_patch * shape.patch**2 * dv
+    linear = 2 * tokens * 4 * dv * dv + 2 * (3 if shape.gated_mlp else 2) * tokens * dv * mv
+    return embedding + sum(linear + 2 * 2 * dv * sum(n * n for n in layer) for layer in attention)
+
+
+def image_vision_flops(shape: ModelShape, geometry: PartitionGeometry, layers_run: int) -> int:
+    """FLOPs of the tower on one image of ``geometry``: its tiles, or its native-resolution raster."""
+    if isinstance(geometry, NativeGeometry):
+        return native_vision_flops(shape, geometry.tokens, layers_run)
+    return vision_flops(shape, geometry.num_partitions, layers_run)
+
+
+def projected_tokens(shape: ModelShape, geometry: PartitionGeometry) -> int:
+    """LLM tokens the stock projector sees for one image: every token of every tile, or of the raster."""
+    if isinstance(geometry, NativeGeometry):
+        return geometry.stock_tokens
+    return geometry.num_partitions * shape.tokens_per_tile
 
 
 def projector_flops(shape: ModelShape, tokens: int) -> int:
     """FLOPs of the two-layer projector on ``tokens`` LLM tokens (each of ``merge`` patches' width)."""
-    return 2 * tokens * (shape.merge * shape.vision_width * shape.text_width + shape.text_width * shape.text_width)
+    hidden = shape.projector_width
+    return 2 * tokens * (shape.merge * shape.vision_width * hidden + hidden * shape.text_width)
 
 
 def llm_prefill_flops(shape: ModelShape, sequence: int, batch: int = 1) -> int:
@@ -135,7 +228,7 @@ def kv_cache_bytes(shape: ModelShape, cached_tokens: int, batch: int, bytes_per_
 
 
 def memory_estimate(
-    shape: ModelShape, sequence: int, batch: int, tiles: int, new_tokens: int, bytes_per_value: int
+    shape: ModelShape, sequence: int, batch: int, geometry: PartitionGeometry, new_tokens: int, bytes_per_value: int
 ) -> dict[str, int]:
     """Bytes a run is expected to need at its peak, by part (an upper bound, not a measurement).
 
@@ -143,10 +236,15 @@ def memory_estimate(
     materialised (the math kernel); the fused kernels need less.
     """
     dv, d, m = shape.vision_width, shape.text_width, shape.text_mlp
-    vision_tokens = shape.tower_tokens
-    vision = tiles * batch * (
+    if isinstance(geometry, NativeGeometry):
+        vision_tokens = geometry.stock_tokens * shape.merge
+        scores = vision_tokens**2  # a full-attention layer over the whole image
+    else:
+        vision_tokens = geometry.num_partitions * shape.tower_tokens
+        scores = vision_tokens * shape.tower_tokens
+    vision = batch * (
         (2 * vision_tokens * shape.vision_mlp + 6 * vision_tokens * dv) * bytes_per_value
-        + shape.vision_heads * vision_tokens**2 * 4
+        + shape.vision_heads * scores * 4
     )
     prefill = batch * (
         sequence * (3 * m + 6 * d) * bytes_per_value + shape.heads * sequence**2 * bytes_per_value + shape.vocab * 4

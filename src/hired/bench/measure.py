@@ -66,6 +66,7 @@ class StageClock:
     def __init__(self, model) -> None:
         self.inner = model.model
         self.spans = {"vision": 0.0, "projector": 0.0, "image_features": 0.0}
+        self.projector_in_tower = False
         self.prefill_s: float | None = None
         self._starts: dict[str, float] = {}
         self._handles: list = []
@@ -80,8 +81,12 @@ class StageClock:
         self._handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
 
     def __enter__(self) -> "StageClock":
-        self._span("vision", self.inner.vision_tower)
-        self._span("projector", self.inner.multi_modal_projector)
+        # LLaVA-style models hold the tower and the projector side by side; Qwen-VL's tower holds its merger.
+        tower = getattr(self.inner, "vision_tower", None) or self.inner.visual
+        projector = getattr(self.inner, "multi_modal_projector", None) or tower.merger
+        self.projector_in_tower = any(module is projector for module in tower.modules())
+        self._span("vision", tower)
+        self._span("projector", projector)
 
         def before_llm(*_):
             self._starts.setdefault("llm", perf_counter())
@@ -112,6 +117,11 @@ class StageClock:
         for handle in self._handles:
             handle.remove()
         del self.inner.get_image_features
+
+    @property
+    def vision_s(self) -> float:
+        """The tower's own time, without the projector where the tower runs it."""
+        return self.spans["vision"] - (self.spans["projector"] if self.projector_in_tower else 0.0)
 
 
 def prepare_inputs(processor, images: list, prompt: str, dtype: torch.dtype) -> dict:
@@ -146,7 +156,7 @@ def time_request(model, processor, images: list, prompt: str, new_tokens: int) -
     return Sample(
         preprocess_s=preprocessed - start,
         image_features_s=stages.spans["image_features"],
-        vision_s=stages.spans["vision"],
+        vision_s=stages.vision_s,
         projector_s=stages.spans["projector"],
         prefill_s=stages.prefill_s,
         ttft_s=clock.times[0] - start,

@@ -46,21 +46,34 @@ class ModelSpec:
     image_processor: dict[str, Any]
     processor: dict[str, Any]
     tokens: dict[str, str]
+    image_text: str = "<image>"
+
+    @property
+    def prompt(self) -> str:
+        """The benchmark's prompt with this model's text for one image (``<image>``: the processor's token)."""
+        return PROMPT.replace("<image>", self.image_text)
 
     @property
     def full_layers(self) -> int:
         """Decoder layers of the real checkpoint."""
         return int(self.model["text_config"]["num_hidden_layers"])
 
-    def config(self, layers: int | None = None, image_token_id: int | None = None):
-        """The transformers configuration, optionally with only ``layers`` decoder layers."""
+    def config(self, layers: int | None = None, token_ids: dict[str, int] | None = None):
+        """The transformers configuration, optionally with only ``layers`` decoder layers.
+
+        ``token_ids`` replace the ids of the special tokens by role (``{"image_token": 4}``) where the
+        configuration names them (``image_token_id``; LLaVA's ``image_token_index``).
+        """
         from transformers import AutoConfig
 
         data = json.loads(json.dumps(self.model))
         if layers is not None:
             data["text_config"]["num_hidden_layers"] = layers
-        if image_token_id is not None:
-            data["image_token_id" if "image_token_id" in data else "image_token_index"] = image_token_id
+        for role, token_id in (token_ids or {}).items():
+            if role == "image_token" and "image_token_id" not in data:
+                data["image_token_index"] = token_id
+            elif f"{role}_id" in data:
+                data[f"{role}_id"] = token_id
         model_type = data.pop("model_type")
         return AutoConfig.for_model(model_type, **data)
 
@@ -84,6 +97,7 @@ def load_model_spec(name: str) -> ModelSpec:
         image_processor=data["image_processor"],
         processor=data["processor"],
         tokens=data.get("tokens", {}),
+        image_text=data.get("image_text", "<image>"),
     )
 
 
@@ -118,7 +132,8 @@ def build_model(spec: ModelSpec, layers: int | None, dtype: str, processor, seed
     from transformers.initialization import no_init_weights
 
     tokenizer = processor.tokenizer
-    config = spec.config(layers, image_token_id=tokenizer.convert_tokens_to_ids(processor.image_token))
+    roles = {**spec.tokens, "image_token": processor.image_token}
+    config = spec.config(layers, token_ids={role: tokenizer.convert_tokens_to_ids(token) for role, token in roles.items()})
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(DTYPES[dtype])
     try:

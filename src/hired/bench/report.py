@@ -49,7 +49,9 @@ def _number(value, digits: int = 2) -> str:
 
 
 def _layout(grid: str) -> str:
-    return "one view, no tiles" if grid == "0x0" else f"grid {grid}"  # the geometry's (0, 0): a LLaVA-1.5 model
+    if grid == "0x0":  # the geometry's (0, 0): a LLaVA-1.5 model
+        return "one view, no tiles"
+    return f"native resolution, {grid}" if grid.endswith("tokens") else f"grid {grid}"
 
 
 def _percent(share) -> str:

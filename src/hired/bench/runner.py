@@ -14,19 +14,20 @@ from typing import Any, Callable
 
 from ..config import HiredConfig
 from ..families import registered_families
-from ..geometry import PartitionGeometry
+from ..geometry import NativeGeometry, PartitionGeometry
 from ..methods import available_methods, get_method
 from .cost import (
     ModelShape,
     available_memory_bytes,
+    image_vision_flops,
     kv_cache_bytes,
     llm_prefill_flops,
     memory_estimate,
+    projected_tokens,
     projector_flops,
-    vision_flops,
 )
 from .measure import Sample, time_request
-from .models import DTYPES, PROMPT, ModelSpec, build_model, build_processor, load_model_spec, synthetic_image
+from .models import DTYPES, ModelSpec, build_model, build_processor, load_model_spec, synthetic_image
 
 STOCK = "stock"
 GiB = 2**30
@@ -136,11 +137,9 @@ def check_memory(spec: ModelSpec, bench: BenchSpec) -> dict[str, int]:
     processor = build_processor(spec)
     geometries = [_geometry(spec, processor, size) for size in bench.image_sizes]
     largest = max(geometries, key=lambda g: g.stock_tokens + g.newline_tokens)
-    sequence = largest.stock_tokens + largest.newline_tokens + len(PROMPT.split())
-    estimate = memory_estimate(
-        shape, sequence, max(bench.batches), largest.num_partitions, bench.new_tokens,
-        DTYPES[bench.dtype].itemsize,
-    )
+    sequence = largest.stock_tokens + largest.newline_tokens + len(spec.prompt.split())
+    estimate = memory_estimate(shape, sequence, max(bench.batches), largest, bench.new_tokens,
+                               DTYPES[bench.dtype].itemsize)
     limit = bench.max_memory_gb * GiB if bench.max_memory_gb is not None else available_memory_bytes()
     if estimate["total"] > limit:
         parts = ", ".join(f"{name} {value / GiB:.1f}" for name, value in estimate.items() if name != "total")
@@ -169,7 +168,7 @@ def _geometry(spec: ModelSpec, processor, size: tuple[int, int]) -> PartitionGeo
 def _probe(bench: BenchSpec, spec: ModelSpec, batch: int, size, method: str, budget: float) -> dict[str, float]:
     request = {"model": spec.name, "layers": bench.layers, "dtype": bench.dtype, "seed": bench.seed,
                "method": method, "budget": budget, "batch": batch, "image_size": list(size),
-               "prompt": PROMPT, "new_tokens": bench.new_tokens}
+               "prompt": spec.prompt, "new_tokens": bench.new_tokens}
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     result = subprocess.run([sys.executable, "-m", "hired.bench.probe", json.dumps(request)],
                             capture_output=True, text=True, env=env)
@@ -207,14 +206,14 @@ def run_benchmark(bench: BenchSpec, progress: Callable[[str], None] | None = Non
             for _ in range(bench.warmup):
                 for method, budget in variants:
                     _switch(model, processor, method, budget)
-                    time_request(model, processor, images, PROMPT, bench.new_tokens)
+                    time_request(model, processor, images, spec.prompt, bench.new_tokens)
                     step(f"warm-up {method}@{budget}")
             for round_index in range(bench.repeats):
                 shift = round_index % len(variants)
                 for method, budget in variants[shift:] + variants[:shift]:
                     _switch(model, processor, method, budget)
                     samples[method, budget].append(
-                        time_request(model, processor, images, PROMPT, bench.new_tokens))
+                        time_request(model, processor, images, spec.prompt, bench.new_tokens))
                     step(f"{method}@{budget}")
             geometry = _geometry(spec, processor, size)
             records += [_record(bench, spec, shape, geometry, batch, size, method, budget, samples)
@@ -252,7 +251,7 @@ def _record(bench, spec, shape, geometry, batch, size, method, budget, samples) 
         "dtype": bench.dtype,
         "batch": batch,
         "image_size": f"{size[0]}x{size[1]}",
-        "grid": "x".join(map(str, geometry.grid)),
+        "grid": _grid_label(geometry),
         "method": method,
         "budget": budget,
         "visual_tokens": first.visual_tokens,
@@ -284,6 +283,13 @@ def _record(bench, spec, shape, geometry, batch, size, method, budget, samples) 
     return record
 
 
+def _grid_label(geometry: PartitionGeometry) -> str:
+    """Tiles as ``rows x cols`` (``0x0``: one view), or a native-resolution raster as ``rows x cols tokens``."""
+    if isinstance(geometry, NativeGeometry):
+        return "x".join(map(str, geometry.tokens)) + " tokens"
+    return "x".join(map(str, geometry.grid))
+
+
 def _prefill_flops(shape: ModelShape, geometry, sample: Sample, batch: int, method: str, new_tokens: int,
                    value_bytes: int, projects_all: bool = False) -> dict[str, Any]:
     """FLOPs up to the first token and the exact KV cache after ``new_tokens`` tokens, for this request.
@@ -297,11 +303,11 @@ def _prefill_flops(shape: ModelShape, geometry, sample: Sample, batch: int, meth
     # The last token generated is never fed back, so the cache ends one short of the output length.
     kv = kv_cache_bytes(shape, sample.prompt_tokens + new_tokens - 1, batch, value_bytes)
     reduced = sample.visual_tokens < geometry.stock_tokens + geometry.newline_tokens
-    tiles = geometry.num_partitions * batch
     # The stock path runs every tower layer and projects every patch; a reducing method runs the tower
     # up to the feature layer and projects only the tokens it keeps.
     layers_run = shape.vision_layers_used if reduced else shape.vision_layers
-    projected = sample.visual_tokens * batch if reduced and not projects_all else tiles * shape.tokens_per_tile
-    vision = vision_flops(shape, tiles, layers_run) + projector_flops(shape, projected)
+    stock_projected = projected_tokens(shape, geometry) * batch
+    projected = sample.visual_tokens * batch if reduced and not projects_all else stock_projected
+    vision = batch * image_vision_flops(shape, geometry, layers_run) + projector_flops(shape, projected)
     llm = llm_prefill_flops(shape, sample.prompt_tokens, batch)
     return {"prefill_flops": vision + llm, "vision_flops": vision, "llm_prefill_flops": llm, "kv_cache_mb": kv / 2**20}

@@ -33,8 +33,9 @@ from ..state import ModelState
 from .base import FamilyAdapter, HiredModel, HiredProcessor, ImageCall, check_counts
 from .registry import register_family
 
-# The released checkpoints' image processor: 14 px patches merged 2x2, 3136 to 12845056 pixels.
-RELEASED = {"patch": 14, "merge": 2, "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280}
+# The released checkpoints' image processor (their preprocessor_config.json): 14 px patches merged 2x2,
+# 3,136 to 12,845,056 pixels. transformers' own default caps images at 1,003,520 pixels instead.
+RELEASED = {"patch": 14, "merge": 2, "min_pixels": 56 * 56, "max_pixels": 12_845_056}
 # ModelState.call_data keys: this call's image geometries, and where its image tokens sit in the prompt.
 GEOMETRIES, SLOTS = "geometries", "image_slots"
 
@@ -54,6 +55,13 @@ def _pixel_limits(image_processor) -> tuple[int, int]:
         raise ValueError("the image processor gives no min/max pixels (size shortest_edge/longest_edge); use the "
                          "processor saved with this model")
     return int(low), int(high)
+
+
+def image_geometry(image_processor, image_size: Sequence[int]) -> NativeGeometry:
+    """The geometry an image of ``(height, width)`` gets from a Qwen-VL image processor's settings."""
+    grid = token_grid(image_size, image_processor.patch_size, image_processor.merge_size,
+                      *_pixel_limits(image_processor))
+    return NativeGeometry.create(image_size, grid)
 
 
 class NativeResolutionModel(HiredModel):
@@ -234,9 +242,7 @@ class NativeResolutionProcessor(HiredProcessor):
     """Mixed into a swapped Qwen-VL processor: ``<|image_pad|>`` expands into exactly the tokens the method keeps."""
 
     def hired_geometry(self, image_size: Sequence[int]) -> NativeGeometry:
-        processor = self.image_processor
-        grid = token_grid(image_size, processor.patch_size, processor.merge_size, *_pixel_limits(processor))
-        return NativeGeometry.create(image_size, grid)
+        return image_geometry(self.image_processor, image_size)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         _, height, width = (int(v) for v in image_inputs["image_grid_thw"][image_idx])
@@ -283,7 +289,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         return NativeGeometry.create(image_size, grid)
 
     def processor_geometry(self, processor, image_size) -> NativeGeometry:
-        return processor.hired_geometry(image_size)
+        return image_geometry(processor.image_processor, image_size)
 
     def released_geometry(self, image_size) -> NativeGeometry:
         released = self.released
