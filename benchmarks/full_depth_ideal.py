@@ -25,19 +25,20 @@ def main() -> None:
     document = json.loads(args.bench_json.read_text())
     records = document["records"]
     shape = ModelShape.from_config(load_model_spec(document["settings"]["model"]).config())
-    stock = next(r for r in records if r["method"] == "stock")
 
     def full_depth(record) -> float:
         return record["vision_flops"] + llm_prefill_flops(shape, record["prompt_tokens"], record["batch"])
 
-    reference = full_depth(stock)
-    print(f"{stock['model']}: {shape.text_layers} decoder layers, image {stock['image_size']}, "
-          f"stock {reference / 1e12:.1f} TFLOP ({stock['visual_tokens']} visual tokens)")
-    for record in records:
-        if record["method"] != "stock" and record["vision_flops"] is not None:
-            flops = full_depth(record)
-            print(f"  {record['method']} at {record['budget']:g}: {flops / 1e12:.1f} TFLOP "
-                  f"({record['visual_tokens']} visual tokens), FLOP-ideal speed-up {reference / flops:.2f}")
+    for stock in (r for r in records if r["method"] == "stock"):  # one per image size and batch
+        reference = full_depth(stock)
+        print(f"{stock['model']}: {shape.text_layers} decoder layers, image {stock['image_size']}, "
+              f"stock {reference / 1e12:.1f} TFLOP ({stock['visual_tokens']} visual tokens)")
+        for record in records:
+            same_input = (record["image_size"], record["batch"]) == (stock["image_size"], stock["batch"])
+            if record["method"] != "stock" and same_input and record["vision_flops"] is not None:
+                flops = full_depth(record)
+                print(f"  {record['method']} at {record['budget']:g}: {flops / 1e12:.1f} TFLOP "
+                      f"({record['visual_tokens']} visual tokens), FLOP-ideal speed-up {reference / flops:.2f}")
 
 
 if __name__ == "__main__":
