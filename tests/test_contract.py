@@ -127,6 +127,23 @@ def test_save_and_load_round_trip(family, method, supported, tmp_path):
     torch.testing.assert_close(logits(loaded.eval(), loaded_processor, IMAGES[:1]), before)
 
 
+def test_a_saved_checkpoint_names_its_weights_as_a_stock_save_does(family, tmp_path):
+    """Other loaders (vLLM) read the stock names; the swapped inner class must not change them."""
+    from safetensors import safe_open
+
+    model, processor, _ = family
+
+    def saved_names(folder) -> set[str]:
+        model.save_pretrained(folder)
+        with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+            return set(weights.keys())
+
+    hired.remove(model, processor)
+    stock = saved_names(tmp_path / "stock")
+    hired.apply(model, processor, budget=0.2)
+    assert saved_names(tmp_path / "hired") == stock
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_remove_restores_the_stock_model(family, method, supported):
     model, processor, stock = family

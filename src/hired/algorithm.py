@@ -140,6 +140,41 @@ def key_distinctness(key: torch.Tensor, num_heads: int, aggregation: HeadAggrega
     return _aggregate((1 - similarity).transpose(1, 2), aggregation)
 
 
+def token_scores(
+    score: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    num_heads: int,
+    aggregation: HeadAggregation = "sum",
+    skip: int = 0,
+    raw_key: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One layer's token scores of the kind ``score`` (one of :data:`SCORES` but ``"auto"``), heads aggregated.
+
+    Args:
+        query, key: ``(B, T, num_heads * d)`` the layer's queries and keys as its attention uses them
+            (after any rotary embedding).
+        skip: leading tokens (a CLS token) that are not scored; ``"cls"`` reads the query of token 0.
+        raw_key: the keys before a rotary embedding, for the scores that read keys alone (``"key-norm"``,
+            ``"distinct"``); default ``key``.
+
+    Returns:
+        ``(B, T - skip)`` float32 scores.
+    """
+    raw_key = key if raw_key is None else raw_key
+    if score == "cls":
+        return cls_attention(query[:, :1], key, num_heads, aggregation)
+    if score == "received":
+        return received_attention(query, key, num_heads, aggregation, skip=skip)
+    if score == "mean-query":
+        return mean_query_attention(query, key, num_heads, aggregation, skip=skip)
+    if score == "key-norm":
+        return key_norms(raw_key, num_heads, aggregation, skip=skip)
+    if score == "distinct":
+        return key_distinctness(raw_key, num_heads, aggregation, skip=skip)
+    raise ValueError(f"score must be one of {', '.join(s for s in SCORES if s != 'auto')}, got {score!r}")
+
+
 def _split_heads(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
     """``(B, T, H * d)`` projections -> ``(B, T, H, d)`` float32."""
     batch, tokens, width = tensor.shape

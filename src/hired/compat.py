@@ -97,3 +97,17 @@ def warn_if_untested() -> None:
             "present, but results on this release are unverified",
             stacklevel=3,
         )
+
+
+def save_under_stock_names(stock_class: type, swapped_class: type) -> None:
+    """Make a swapped class save its weights under the names the stock class saves them under.
+
+    ``save_pretrained`` renames weights by conversion mappings that transformers looks up by class
+    name, so a swapped inner model would otherwise skip its class's mapping and write a checkpoint
+    whose names differ from a stock save (which other loaders, vLLM among them, do not read).
+    """
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+
+    mapping = get_checkpoint_conversion_mapping(stock_class.__name__)
+    if mapping is not None and get_checkpoint_conversion_mapping(swapped_class.__name__) is None:
+        register_checkpoint_conversion_mapping(swapped_class.__name__, mapping)

@@ -18,15 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .algorithm import (
-    CLS_FREE_SCORE,
-    SCORES,
-    cls_attention,
-    key_distinctness,
-    key_norms,
-    mean_query_attention,
-    received_attention,
-)
+from .algorithm import CLS_FREE_SCORE, SCORES, token_scores
 
 QUERY_NAMES = ("q_proj", "query")
 KEY_NAMES = ("k_proj", "key")
@@ -235,16 +227,7 @@ class VisionProbe:
         scores = {}
         for prefix, layer in (("distribution", distribution_layer), ("selection", selection_layer)):
             query, key = self.projections[layer].split(captured, prefix)
-            if score == "cls":
-                scores[prefix] = cls_attention(query[:, :1], key, self.num_heads, aggregation)
-            elif score == "received":
-                scores[prefix] = received_attention(query, key, self.num_heads, aggregation, skip=first)
-            elif score == "mean-query":
-                scores[prefix] = mean_query_attention(query, key, self.num_heads, aggregation, skip=first)
-            elif score == "key-norm":
-                scores[prefix] = key_norms(key, self.num_heads, aggregation, skip=first)
-            else:
-                scores[prefix] = key_distinctness(key, self.num_heads, aggregation, skip=first)
+            scores[prefix] = token_scores(score, query, key, self.num_heads, aggregation, skip=first)
             if prefix == "selection":
                 keys = key[:, first:]
         hidden = captured["features"]

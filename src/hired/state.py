@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import PretrainedConfig
 
 from .config import HiredConfig
 
@@ -126,9 +127,17 @@ def pruning_plan(model):
 
 
 def stored_config(model) -> HiredConfig | None:
-    """The configuration saved on the model config by a previous ``apply``, if any."""
-    data = getattr(model.config, CONFIG_KEY, None)
-    return None if data is None else HiredConfig.from_dict(dict(data))
+    """The configuration saved on the model config by a previous ``apply``, if any.
+
+    ``model`` may also be a model configuration itself (a ``config.json`` loaded as a ``PretrainedConfig``,
+    as serving engines hold it).
+
+    Raises:
+        ValueError: the stored entry is not a valid configuration.
+    """
+    holder = model if isinstance(model, PretrainedConfig) else model.config
+    data = getattr(holder, CONFIG_KEY, None)
+    return None if data is None else HiredConfig.from_dict(data)
 
 
 def share_tower_runs(model, runs: dict) -> None:

