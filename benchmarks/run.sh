@@ -82,9 +82,9 @@ fi
 #    the decoder layers, `vllm bench serve` against it at budgets 10/20/40% per request and stock, interleaved.
 if [ "$which" = all ] || [ "$which" = vllm ]; then
   .venv-vllm/bin/python benchmarks/vllm_serving.py --model llava-v1.6-vicuna-7b-hf --layers 2 \
-    --budgets 0.1 0.2 0.4 --image-size 1280x960 --prompts 8 --concurrency 4 --rounds 2 \
+    --budgets 0.1 0.2 0.4 --image-size 1280x960 --prompts 6 --concurrency 3 --rounds 2 \
     --output benchmarks/results/vllm-llava-next
   .venv-vllm/bin/python benchmarks/vllm_serving.py --model llava-1.5-7b-hf --layers 2 \
-    --budgets 0.1 0.2 0.4 --image-size 1280x960 --prompts 16 --concurrency 4 --rounds 2 \
+    --budgets 0.1 0.2 0.4 --image-size 1280x960 --prompts 12 --concurrency 4 --rounds 2 \
     --output benchmarks/results/vllm-llava-1.5
 fi

@@ -31,6 +31,13 @@ import urllib.request
 from pathlib import Path
 
 import hired
+from hired.bench.cost import (
+    ModelShape,
+    image_vision_flops,
+    llm_prefill_flops,
+    projected_tokens,
+    projector_flops,
+)
 from hired.bench.models import build_processor, load_model_spec, synthetic_image
 from hired.bench.report import machine
 from hired.versions import package_versions
@@ -38,10 +45,14 @@ from hired.versions import package_versions
 # vLLM puts the image's placeholder (<image>) before the message's text.
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['role'] | upper }}: {{ message['content'] }} {% endfor %}ASSISTANT:"
 METRICS = ("request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms")
+# Text tokens of a request beside its image, for the FLOP count (the random prompt and the template).
+TEXT_TOKENS = 40
 
 
-def build_folder(name: str, layers: int, folder: Path) -> Path:
-    """The stored architecture's config (``layers`` decoder layers), processor and tokenizer; no weights."""
+def build_folder(name: str, layers: int, folder: Path):
+    """The stored architecture's config (``layers`` decoder layers), processor and tokenizer; no weights.
+
+    Returns the folder, the configuration and the model family."""
     spec = load_model_spec(name)
     processor = build_processor(spec)
     tokenizer = processor.tokenizer
@@ -52,7 +63,22 @@ def build_folder(name: str, layers: int, folder: Path) -> Path:
     config.save_pretrained(folder)
     tokenizer.chat_template = CHAT_TEMPLATE
     processor.save_pretrained(folder)
-    return folder
+    return folder, config, family
+
+
+def flop_ideal(config, family, image_size: tuple[int, int], budget: float) -> float:
+    """Stock prefill FLOPs of one request over HiRED's at ``budget`` (vision tower to the feature layer,
+    projector, decoder), as :mod:`hired.bench.cost` counts them; text tokens as in this benchmark."""
+    shape = ModelShape.from_config(config)
+    geometry = family.geometry(config, (image_size[1], image_size[0]))
+    stock = geometry.stock_tokens + geometry.newline_tokens
+    kept = hired.HiredConfig(budget=budget).budget_for(geometry.stock_tokens)
+
+    def flops(visual: int, projected: int) -> int:
+        vision = image_vision_flops(shape, geometry, shape.vision_layers_used) + projector_flops(shape, projected)
+        return vision + llm_prefill_flops(shape, visual + TEXT_TOKENS, 1)
+
+    return flops(stock, projected_tokens(shape, geometry)) / flops(kept, kept)
 
 
 def free_port() -> int:
@@ -141,9 +167,10 @@ def main() -> None:
 
     args.output.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="hired-vllm-serving-"))
-    args.folder = folder = build_folder(args.model, args.layers, work / "model")
+    args.folder, config, family = build_folder(args.model, args.layers, work / "model")
+    folder = args.folder
     port = free_port()
-    log = args.output / "server.log"
+    log = work / "server.log"  # printed when the server fails
     serve = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--port", str(port),
              "--host", "127.0.0.1", "--load-format", "dummy", "--dtype", args.dtype, "--enforce-eager",
              "--max-num-seqs", str(args.concurrency), "--served-model-name", args.model,
@@ -163,8 +190,9 @@ def main() -> None:
                     commands.append("vllm bench serve " + " ".join(arguments))
                     print(f"round {round_index + 1}/{args.rounds}: {'stock' if budget is None else budget}", flush=True)
                     result = run_bench(arguments)
-                    results[str(budget)].append({key: value for key, value in result.items()
-                                                 if isinstance(value, (int, float, str))})
+                    results[str(budget)].append({
+                        key: value.replace(str(folder), f"<{args.model} folder>") if isinstance(value, str) else value
+                        for key, value in result.items() if isinstance(value, (int, float, str))})
         finally:
             server.terminate()
             server.wait(timeout=120)
@@ -180,22 +208,24 @@ def main() -> None:
         "prompt_tokens": tokens,
         "results": results,
     }
-    (args.output / "serving.json").write_text(json.dumps(document, indent=1))
     stock = results["None"]
     lines = [f"**{args.model}**, {args.layers} decoder layers, {args.dtype}, dummy weights, image "
              f"{args.image_size[0]}x{args.image_size[1]}, {args.prompts} requests at concurrency {args.concurrency}, "
              f"{args.input_len} text + {args.output_len} output tokens, {args.rounds} interleaved rounds: median (min-max)",
-             "", "| variant | prompt tokens | requests/s | output tok/s | TTFT median ms | TTFT p99 ms | "
-             "throughput ratio | token-count ideal | of ideal |", "|---|---|---|---|---|---|---|---|---|"]
+             "", "| variant | prompt tokens | requests/s | output tok/s | TTFT median s | TTFT p99 s | "
+             "throughput ratio | token-count ideal | of ideal | FLOP-ideal |", "|---|---|---|---|---|---|---|---|---|---|"]
     for budget in variants:
         runs = results[str(budget)]
         ratios = [run["request_throughput"] / base["request_throughput"] for run, base in zip(runs, stock)]
         ideal = tokens["None"] / tokens[str(budget)]
+        flops = 1.0 if budget is None else flop_ideal(config, family, args.image_size, budget)
+        document.setdefault("flop_ideal", {})[str(budget)] = flops
         lines.append(
             f"| {'stock' if budget is None else f'hired {budget:g}'} | {tokens[str(budget)]} | "
             + " | ".join(spread([run[m] for run in runs]) for m in METRICS[:2]) + " | "
-            + " | ".join(spread([run[m] for run in runs]) for m in METRICS[2:4]) + " | "
-            + f"{spread(ratios)} | {ideal:.2f} | {statistics.median(ratios) / ideal:.0%} |")
+            + " | ".join(spread([run[m] / 1000 for run in runs]) for m in METRICS[2:4]) + " | "
+            + f"{spread(ratios)} | {ideal:.2f} | {statistics.median(ratios) / ideal:.0%} | {flops:.2f} |")
+    (args.output / "serving.json").write_text(json.dumps(document, indent=1))
     (args.output / "serving.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -112,7 +112,8 @@ class HiredVisionModel:
 
     hired_family: ClassVar[FamilyAdapter]
 
-    def _hired_init(self, vllm_config) -> None:
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
         hf_config = vllm_config.model_config.hf_config
         config = engine_config(hf_config)
         self.hired_config = config or HiredConfig()  # a request's budget on an engine without one runs HiRED
@@ -224,10 +225,6 @@ class HiredLlavaNextForConditionalGeneration(HiredVisionModel, llava_next.LlavaN
 
     hired_family = LLAVA_NEXT
 
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._hired_init(vllm_config)
-
     def _hired_tiles(self, image_input):
         sizes = [tuple(int(v) for v in size) for size in image_input["image_sizes"]]
         return list(image_input["pixel_values"]), sizes
@@ -265,10 +262,6 @@ class HiredLlavaForConditionalGeneration(HiredVisionModel, llava.LlavaForConditi
     """vLLM's ``LlavaForConditionalGeneration``, keeping the tokens hired's method selects."""
 
     hired_family = LLAVA
-
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._hired_init(vllm_config)
 
     def _hired_tiles(self, image_input):
         pixels = image_input["pixel_values"]
