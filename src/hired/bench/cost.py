@@ -62,7 +62,15 @@ class ModelShape:
         """Read a transformers ``LlavaNextConfig``, ``LlavaConfig``, ``LlavaOnevisionConfig``, ``InternVLConfig``
         or ``Qwen2_5_VLConfig``."""
         vision, text = config.vision_config, config.text_config
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        decoder = dict(
+            text_width=text.hidden_size,
+            text_mlp=text.intermediate_size,
+            text_layers=text.num_hidden_layers,
+            heads=text.num_attention_heads,
+            kv_heads=text.num_key_value_heads or text.num_attention_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            vocab=text.vocab_size,
+        )
         if config.model_type == "qwen2_5_vl":
             merge = vision.spatial_merge_size
             return cls(
@@ -73,13 +81,7 @@ class ModelShape:
                 vision_heads=vision.num_heads,
                 tile=0,
                 patch=vision.patch_size,
-                text_width=text.hidden_size,
-                text_mlp=text.intermediate_size,
-                text_layers=text.num_hidden_layers,
-                heads=text.num_attention_heads,
-                kv_heads=text.num_key_value_heads or text.num_attention_heads,
-                head_dim=head_dim,
-                vocab=text.vocab_size,
+                **decoder,
                 newline=False,
                 cls=False,
                 merge=merge * merge,
@@ -98,22 +100,11 @@ class ModelShape:
             vision_heads=vision.num_attention_heads,
             tile=square_side(vision.image_size),
             patch=square_side(vision.patch_size),
-            text_width=text.hidden_size,
-            text_mlp=text.intermediate_size,
-            text_layers=text.num_hidden_layers,
-            heads=text.num_attention_heads,
-            kv_heads=text.num_key_value_heads or text.num_attention_heads,
-            head_dim=head_dim,
-            vocab=text.vocab_size,
+            **decoder,
             newline=config.model_type in ("llava_next", "llava_onevision"),
             cls="siglip" not in vision.model_type,
             merge=1 if ratio is None else round(1 / ratio**2),
         )
-
-    @property
-    def native(self) -> bool:
-        """One sequence of patches per image at its own resolution, not tiles of a fixed size."""
-        return self.tile == 0
 
     @property
     def projector_width(self) -> int:
