@@ -128,6 +128,18 @@ class HiredConfig:
             return None
         return token_budget(stock_tokens, fraction=self.budget, tokens=self.tokens)
 
+    def keeps_every_token(self, most_stock_tokens: int) -> bool:
+        """Whether every image whose stock count is at most ``most_stock_tokens`` keeps all its tokens,
+        before the LLM and inside it: the model is then the stock model for such images."""
+        method = get_method(self.method)
+        if method.stage == "none":
+            return True
+        if not self.fixes_count:
+            return False
+        if self.tokens is not None:
+            return self.tokens >= most_stock_tokens
+        return self.budget >= 1.0
+
     def kept_for(self, stock_tokens: int) -> int | None:
         """Visual tokens the method keeps in the end for such an image: fed to the LLM, or (for a
         method that prunes inside the LLM) kept after its pruning layer; ``None`` when adaptive."""

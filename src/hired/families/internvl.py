@@ -75,6 +75,20 @@ class HiredInternVLModel(HiredModel, InternVLModel):
         self._begin_image_call()
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+
+        def stock():
+            return InternVLModel.get_image_features(
+                self, pixel_values=pixel_values, vision_feature_layer=layer,
+                vision_feature_select_strategy=strategy, **kwargs,
+            )
+
+        if image_sizes is None:
+            # Stock callers (the stock processor, transformers' own tests) pass no layout. No image of this call
+            # can feed more than all of its tiles' tokens, so a configuration that keeps that many keeps everything
+            # and needs none; there is then no per-image record to make either.
+            every_tile = pixel_values.shape[0] * INTERNVL.geometry(self.config, (1, 1)).stock_tokens
+            if self._hired.config.keeps_every_token(every_tile):
+                return stock()
         rows = [] if image_sizes is None else [[int(v) for v in row] for row in image_sizes]
         if image_sizes is None or any(len(row) != 4 for row in rows):
             raise ValueError(
@@ -93,13 +107,6 @@ class HiredInternVLModel(HiredModel, InternVLModel):
         tiles = [torch.cat([pixels[-1:], pixels[:-1]]) for pixels in torch.split(pixel_values, counts)]
         tower = self.vision_tower
         norm = tower.layernorm if layer == -1 and not isinstance(tower.layernorm, nn.Identity) else None
-
-        def stock():
-            return InternVLModel.get_image_features(
-                self, pixel_values=pixel_values, vision_feature_layer=layer,
-                vision_feature_select_strategy=strategy, **kwargs,
-            )
-
         return self._hired_features(ImageCall(tiles, geometries, sizes, layer, stock, feature_norm=norm))
 
 
