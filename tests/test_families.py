@@ -204,6 +204,25 @@ def test_onevision_downsampling_keeps_one_slot_per_fed_token():
     assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
 
 
+# Sizes (width, height) just past a multiple of 384 px, where hired once chose its grid from pinpoints
+# scaled by 384/378 and picked one row or column fewer than the stock processor; the stock model then
+# failed to reshape the tiles (333x777: "shape '[3, 1, 27, 27, -1]' is invalid"). 1243x778 is downsampled.
+@pytest.mark.parametrize("width,height,grid", [(333, 777, (3, 1)), (1243, 778, (3, 4)), (385, 4, (1, 2))])
+def test_onevision_images_just_past_a_tile_multiple_run_with_the_stock_grid(width, height, grid):
+    model, processor = tiny_llava_onevision()
+    image = noise_image(width, height)
+    stock_count = placeholders(encode(processor, [image]), model)[0]
+    hired.apply(model, processor, budget=0.2)
+    inputs = encode(processor, [image])
+    with torch.no_grad():
+        model(**inputs)
+    (record,) = hired.selections(model)
+    geometry = processor.hired_geometry((height, width))
+    assert record.grid == grid and geometry.stock_tokens + geometry.newline_tokens == stock_count
+    assert placeholders(inputs, model) == [record.visual_tokens] == [round(0.2 * record.stock_tokens)]
+    assert hired.family_of(model).released_geometry((height, width)).grid == grid  # what `hired inspect` prints
+
+
 def test_beam_search_and_sampling(family):
     name, model, processor = family
     hired.apply(model, processor, budget=0.2)

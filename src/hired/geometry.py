@@ -38,6 +38,18 @@ def square_side(value) -> int:
     return int(value)
 
 
+def checked_image_size(image_size: Sequence[int]) -> tuple[int, int]:
+    """An image's ``(height, width)`` as ints.
+
+    Raises:
+        ValueError: a side is not positive.
+    """
+    height, width = (int(v) for v in image_size)
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got height={height}, width={width}")
+    return height, width
+
+
 @dataclass(frozen=True)
 class TokenView:
     """A raster of tokens that sit side by side in the image (a base view, a tile mosaic).
@@ -121,13 +133,10 @@ class AnyresGeometry:
         patch: int,
         pinpoints: Sequence[Sequence[int]] | None = None,
     ) -> "AnyresGeometry":
-        height, width = (int(v) for v in image_size)
-        if height < 1 or width < 1:
-            raise ValueError(f"image size must be positive, got height={height}, width={width}")
         if tile % patch:
             raise ValueError(f"tile size {tile} is not a multiple of the patch size {patch}")
         points = None if pinpoints is None else tuple((int(h), int(w)) for h, w in pinpoints)
-        return cls((height, width), int(tile), int(patch), points)
+        return cls(checked_image_size(image_size), int(tile), int(patch), points)
 
     @property
     def side(self) -> int:
@@ -346,11 +355,16 @@ class OnevisionGeometry(AnyresGeometry):
     @classmethod
     def create(cls, image_size: Sequence[int], tile: int, patch: int, pinpoints: Sequence[Sequence[int]] | None = None,
                max_tiles: int | None = 9, multi_image: bool = False) -> "OnevisionGeometry":
-        # SigLIP's 384 px tiles hold 27 whole 14 px patches (the patch convolution drops the last 6 px).
-        base = AnyresGeometry.create(image_size, tile - tile % patch, patch, None if multi_image else pinpoints)
-        points = None if base.pinpoints is None else tuple((h * tile // base.tile, w * tile // base.tile)
-                                                            for h, w in base.pinpoints)
-        return cls(base.image_size, int(tile), int(patch), points, max_tiles, multi_image)
+        # SigLIP's 384 px tiles hold 27 whole 14 px patches (the patch convolution drops the last 6 px), so the
+        # tile need not be a multiple of the patch.
+        if not 0 < patch <= tile:
+            raise ValueError(f"patch size {patch} must be positive and at most the tile size {tile}; pass the "
+                             "vision tower's image_size and patch_size")
+        # The pinpoints stay as given, in tile pixels: the stock processor and model choose the grid from
+        # them as they are, and select_best_resolution is not scale-invariant (the same pinpoints scaled
+        # by 384/378, to the pixels the patches cover, pick another grid for about 5% of image sizes).
+        points = None if multi_image or pinpoints is None else tuple((int(h), int(w)) for h, w in pinpoints)
+        return cls(checked_image_size(image_size), int(tile), int(patch), points, max_tiles, multi_image)
 
     @cached_property
     def downsampled(self) -> tuple[int, int] | None:
