@@ -107,6 +107,10 @@ class PartitionGeometry(Protocol):
     def views(self) -> list[TokenView]:
         """The rasters of tokens that lie side by side in the image."""
 
+    def windows(self) -> torch.Tensor:
+        """``(P, 4)`` rectangles ``(x0, y0, x1, y1)`` that each partition's input pixels show, in the
+        coordinates of ``footprints(clip=False)`` (pixels of the original image, past its edge over padding)."""
+
 
 @dataclass(frozen=True)
 class AnyresGeometry:
@@ -298,6 +302,28 @@ class AnyresGeometry:
             return boxes
         limits = torch.tensor([width, height, width, height], dtype=torch.float64)
         return torch.minimum(boxes.clamp(min=0), limits)
+
+    def windows(self) -> torch.Tensor:
+        """``(P, 4)`` float64 rectangles of the image that each partition's ``tile x tile`` pixels show.
+
+        As :meth:`footprints` places the tokens: the base view's ``s`` tokens span the whole image,
+        so a tile wider than its patches (SigLIP's 384 px for 27 patches of 14) shows a little more
+        than the image; a tile of the grid shows its square of the canvas, padding included.
+        """
+        height, width = self.image_size
+        beyond_patches = self.tile / (self.side * self.patch)
+        windows = [torch.tensor([0.0, 0.0, width * beyond_patches, height * beyond_patches], dtype=torch.float64)]
+        if self.num_partitions > 1:
+            top, left, new_h, new_w = self.tile_placement
+            rows, cols = self.grid
+            for tile_row in range(rows):
+                for tile_col in range(cols):
+                    x0, y0 = tile_col * self.tile, tile_row * self.tile
+                    windows.append(torch.tensor([
+                        (x0 - left) * width / new_w, (y0 - top) * height / new_h,
+                        (x0 + self.tile - left) * width / new_w, (y0 + self.tile - top) * height / new_h,
+                    ], dtype=torch.float64))
+        return torch.stack(windows)
 
     def stock_order(self, kept: Sequence[torch.Tensor]) -> torch.Tensor:
         """Flatten per-partition kept indices into ``(partition, index)`` rows in stock order.
@@ -538,6 +564,18 @@ class TiledGeometry:
                                               (gx + 1) * width / (cols * s), (gy + 1) * height / (rows * s)], dim=1))
         return torch.stack(boxes)
 
+    def windows(self) -> torch.Tensor:
+        """``(P, 4)`` float64: the thumbnail shows the whole image, tile ``(r, c)`` its ``r, c`` share of it."""
+        height, width = self.image_size
+        windows = [torch.tensor([0.0, 0.0, width, height], dtype=torch.float64)]
+        if self.num_partitions > 1:
+            rows, cols = self.tiles
+            for row in range(rows):
+                for col in range(cols):
+                    windows.append(torch.tensor([col * width / cols, row * height / rows,
+                                                 (col + 1) * width / cols, (row + 1) * height / rows], dtype=torch.float64))
+        return torch.stack(windows)
+
     def views(self) -> list[TokenView]:
         s = self.side
         views = [TokenView(s, s, torch.stack([torch.zeros(s * s, dtype=torch.long), torch.arange(s * s)], dim=1))]
@@ -626,6 +664,11 @@ class NativeGeometry:
             limit = torch.tensor([width, height, width, height], dtype=torch.float64)
             boxes = torch.minimum(boxes, limit)
         return boxes[None]
+
+    def windows(self) -> torch.Tensor:
+        """``(1, 4)`` float64: the one partition's pixels are the whole image, resized to the raster."""
+        height, width = self.image_size
+        return torch.tensor([[0.0, 0.0, width, height]], dtype=torch.float64)
 
     def views(self) -> list[TokenView]:
         rows, cols = self.tokens

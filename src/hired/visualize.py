@@ -1,12 +1,13 @@
 """The picture of a selection: every partition with its kept tokens and its attention heat map.
 
 One column per partition (the base view, then the AnyRes tiles in row-major order), showing the
-pixels the vision tower saw (read back from the processor's ``pixel_values``): kept tokens
-outlined, dropped tokens dimmed, positions over padding hatched, the partition's budget in the
-title; below, the selection-layer attention (CLS, or received where the tower has no CLS token)
-that ranked the tokens. For AnyRes models a first
-column shows the whole image with the tiles' regions and budgets, over the base view's
-distribution-layer attention that shared the budget among them (the paper's figure 1).
+pixels the vision tower saw (read back from the processor's ``pixel_values``, square tiles or a
+native raster of any shape): kept tokens outlined where the geometry puts them, dropped tokens
+dimmed, pixels no fed token covers (padding) hatched, the partition's budget in the title; below,
+the selection-layer attention (CLS, or received where the tower has no CLS token) that ranked the
+tokens. For AnyRes models a first column shows the whole image with the tiles' regions and
+budgets, over the base view's distribution-layer attention that shared the budget among them (the
+paper's figure 1).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from PIL import Image
 PANEL_INCHES = 3.0
 TITLE_INCHES = 0.6
 DPI = 100
+DROPPED_BRIGHTNESS = 0.35
 
 
 def figure_size(num_partitions: int) -> tuple[int, int]:
@@ -43,8 +45,8 @@ def select_tokens(model, processor, image: Image.Image, config):
     """Patch ``model`` with ``config``, encode ``image`` and return its selection record and tiles.
 
     Returns:
-        ``(record, tiles)``: the :class:`hired.SelectionRecord` and the ``(P, T, T, 3)`` pixels in
-        ``[0, 1]`` that each partition showed the vision tower.
+        ``(record, tiles)``: the :class:`hired.SelectionRecord` and the ``(P, H, W, 3)`` pixels in
+        ``[0, 1]`` that each partition showed the vision tower (square tiles, or one native raster).
 
     Raises:
         ValueError: the method or budget selects nothing on the vision side, so there is nothing to show.
@@ -71,19 +73,34 @@ def select_tokens(model, processor, image: Image.Image, config):
     return record, (tiles * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
-def draw_selection(image: Image.Image, record, geometry, tiles: np.ndarray, path: Path) -> None:
-    """Write the picture of ``record`` (see the module docstring) to ``path`` as PNG.
+def token_boxes(geometry, partition: int, panel_size: tuple[int, int]) -> np.ndarray:
+    """``(s*s, 4)`` boxes ``(x0, y0, x1, y1)`` of ``partition``'s token positions in the pixels of its panel.
+
+    ``panel_size`` is the ``(height, width)`` of the partition's pixels (as :func:`select_tokens`
+    returns them); pixel ``(row, col)`` spans ``[col, col + 1) x [row, row + 1)``. Each token's
+    footprint in the image is mapped through the window of the image that the partition's pixels
+    show, so every partition shape (square tiles, a non-square native raster, the cells of a
+    downsampled mosaic) is placed by the geometry itself. Positions past a native raster land
+    outside the panel.
+    """
+    height, width = panel_size
+    x0, y0, x1, y1 = geometry.windows()[partition].tolist()
+    footprints = geometry.footprints(clip=False)[partition].numpy()
+    scale = np.array([width / (x1 - x0), height / (y1 - y0)] * 2)
+    return (footprints - np.array([x0, y0, x0, y0])) * scale
+
+
+def selection_figure(image: Image.Image, record, geometry, tiles: np.ndarray):
+    """The matplotlib ``Figure`` of ``record`` (see the module docstring).
 
     ``geometry`` is the image's partition geometry (``processor.hired_geometry`` of the patched
-    processor); ``tiles`` the pixels of :func:`select_tokens`.
+    processor); ``tiles`` the ``(P, H, W, 3)`` pixels of :func:`select_tokens`. Each partition's two
+    axes carry the labels ``"tokens <p>"`` (pixels, kept tokens outlined) and ``"scores <p>"``.
     """
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
     from matplotlib.patches import Rectangle
 
     partitions = len(record.kept)
-    side = geometry.side
-    patch = tiles.shape[1] // side  # pixels of a token in the tile (a 2x2 group of patches on InternVL)
-    tiles = tiles[:, : side * patch, : side * patch]  # SigLIP's 384 px tiles: the patches cover 378 px
     score = {"cls": "CLS attention"}.get(record.extras.get("score"), f"{record.extras.get('score')} score")
     width, height = figure_size(partitions)
     figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
@@ -91,11 +108,13 @@ def draw_selection(image: Image.Image, record, geometry, tiles: np.ndarray, path
     grid = figure.add_gridspec(2, columns, left=0.01, right=0.99, bottom=0.01,
                                top=1 - TITLE_INCHES / (height / DPI), wspace=0.04, hspace=0.12)
     total = int(record.budgets.sum())
+    narrow = columns == 1  # one panel's width holds the title only on two lines in a smaller font
     figure.suptitle(
         f"{record.method}: {record.visual_tokens} of {record.stock_tokens} visual tokens kept "
-        f"({100 * record.visual_tokens / record.stock_tokens:.0f}%), image {image.width}x{image.height}, "
+        f"({100 * record.visual_tokens / record.stock_tokens:.0f}%),{chr(10) if narrow else ' '}"
+        f"image {image.width}x{image.height}, "
         + (f"grid {record.grid[0]}x{record.grid[1]}" if partitions > 1 else "one partition"),
-        fontsize=11,
+        fontsize=8 if narrow else 11,
     )
     candidates = geometry.candidates
     first = 0
@@ -104,23 +123,31 @@ def draw_selection(image: Image.Image, record, geometry, tiles: np.ndarray, path
         _draw_overview(figure, grid, image, record, geometry, total, score)
     for p in range(partitions):
         title = "base view" if p == 0 else f"tile {p} (row {(p - 1) // record.grid[1] + 1}, col {(p - 1) % record.grid[1] + 1})"
-        kept = torch.zeros(side * side, dtype=torch.bool)
-        kept[record.kept[p].long()] = True
-        top = figure.add_subplot(grid[0, first + p])
-        top.imshow(_dimmed(tiles[p], kept, candidates[p], side))
-        for index in record.kept[p].tolist():
-            row, col = divmod(index, side)
-            top.add_patch(Rectangle((col * patch - 0.5, row * patch - 0.5), patch, patch, fill=False,
+        pixels = tiles[p]
+        boxes = token_boxes(geometry, p, pixels.shape[:2])
+        fed = candidates[p].nonzero().flatten().tolist()
+        kept = set(record.kept[p].tolist())
+        top = figure.add_subplot(grid[0, first + p], label=f"tokens {p}")
+        top.imshow(_dimmed(pixels, boxes, fed, kept))
+        for index in sorted(kept):
+            x0, y0, x1, y1 = boxes[index]
+            top.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,  # pixel centres at integers
                                     edgecolor="#00e5ff", linewidth=0.8))
-        top.set_title(f"{title}: {int(record.budgets[p])} of {int(candidates[p].sum())} kept", fontsize=9)
-        bottom = figure.add_subplot(grid[1, first + p])
-        scores = record.selection_scores[p].float().view(side, side).numpy()
-        bottom.imshow(tiles[p].mean(axis=2), cmap="gray", vmin=0, vmax=1)
-        bottom.imshow(np.kron(scores, np.ones((patch, patch))), cmap="inferno", alpha=0.75, norm=_norm(scores))
+        top.set_title(f"{title}: {int(record.budgets[p])} of {len(fed)} kept", fontsize=9)
+        bottom = figure.add_subplot(grid[1, first + p], label=f"scores {p}")
+        scores = record.selection_scores[p].float().numpy()
+        bottom.imshow(pixels.mean(axis=2), cmap="gray", vmin=0, vmax=1)
+        bottom.imshow(_painted(pixels.shape[:2], boxes, {i: float(scores[i]) for i in fed}, np.nan),
+                      cmap="inferno", alpha=0.75, norm=_norm(scores[fed]))
         bottom.set_title(f"selection-layer {score} (sqrt scale)", fontsize=8)
         for axis in (top, bottom):
             axis.set_axis_off()
-    figure.savefig(path, dpi=DPI, format="png")
+    return figure
+
+
+def draw_selection(image: Image.Image, record, geometry, tiles: np.ndarray, path: Path) -> None:
+    """Write :func:`selection_figure` of ``record`` to ``path`` as PNG."""
+    selection_figure(image, record, geometry, tiles).savefig(path, dpi=DPI, format="png")
 
 
 def _norm(scores: np.ndarray):
@@ -130,12 +157,22 @@ def _norm(scores: np.ndarray):
     return PowerNorm(gamma=0.5, vmin=0.0, vmax=max(float(scores.max()), 1e-12))
 
 
-def _dimmed(pixels: np.ndarray, kept: torch.Tensor, candidates: torch.Tensor, side: int) -> np.ndarray:
-    """The partition with dropped tokens darkened and positions over padding striped."""
-    patch = pixels.shape[0] // side
-    factor = np.where(kept.view(side, side).numpy(), 1.0, 0.35)
-    shaded = pixels * np.kron(factor, np.ones((patch, patch)))[..., None]
-    padding = np.kron(~candidates.view(side, side).numpy(), np.ones((patch, patch), dtype=bool))
+def _painted(size: tuple[int, int], boxes: np.ndarray, values: dict[int, float], background: float) -> np.ndarray:
+    """A ``size`` array of ``background`` with token ``i``'s box (rounded to whole pixels) set to ``values[i]``."""
+    height, width = size
+    spans = np.clip(np.rint(boxes), 0, [width, height, width, height]).astype(int)
+    canvas = np.full(size, background, dtype=np.float64)
+    for index, value in values.items():
+        x0, y0, x1, y1 = spans[index]
+        canvas[y0:y1, x0:x1] = value
+    return canvas
+
+
+def _dimmed(pixels: np.ndarray, boxes: np.ndarray, fed: list[int], kept: set[int]) -> np.ndarray:
+    """The partition with dropped tokens darkened and pixels no fed token covers (padding) striped."""
+    brightness = _painted(pixels.shape[:2], boxes, {i: 1.0 if i in kept else DROPPED_BRIGHTNESS for i in fed}, np.nan)
+    padding = np.isnan(brightness)
+    shaded = pixels * np.where(padding, DROPPED_BRIGHTNESS, brightness)[..., None]
     stripes = (np.add.outer(np.arange(pixels.shape[0]), np.arange(pixels.shape[1])) // 4) % 2 == 0
     shaded[padding & stripes] = 0.6
     return shaded
