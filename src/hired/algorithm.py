@@ -218,8 +218,9 @@ def apportion(total: int, weights: torch.Tensor, caps: torch.Tensor) -> torch.Te
     rest is divided again among the others. All-zero weights mean shares proportional to the caps.
     Returns ``min(total, caps.sum())`` tokens in all.
     """
-    weights = weights.detach().double().clamp(min=0)  # a discrete split: no gradient, no scalar warnings
-    caps = caps.long()
+    # A discrete split of a few numbers: on the host, in float64 (which some accelerators lack), no gradient.
+    weights = weights.detach().to("cpu", torch.float64).clamp(min=0)
+    caps = caps.to("cpu", torch.long)
     shares = torch.zeros_like(caps)
     open_ = caps > 0
     remaining = min(int(total), int(caps.sum()))
@@ -247,7 +248,7 @@ def apportion(total: int, weights: torch.Tensor, caps: torch.Tensor) -> torch.Te
 
 def tile_content_scores(base_scores: torch.Tensor, geometry: PartitionGeometry) -> torch.Tensor:
     """Visual content score of each tile: base-view attention summed over the area it covers."""
-    return geometry.tile_overlap @ base_scores.float()
+    return geometry.tile_overlap.to(base_scores.device, torch.float32) @ base_scores.float()
 
 
 def allocate(
@@ -280,7 +281,7 @@ def top_k_indices(scores: torch.Tensor, k: int, candidates: torch.Tensor | None 
     if candidates is not None:
         if k > int(candidates.sum()):
             raise ValueError(f"asked for {k} tokens among {int(candidates.sum())} candidates")
-        scores = scores.float().masked_fill(~candidates, float("-inf"))
+        scores = scores.float().masked_fill(~candidates.to(scores.device), float("-inf"))
     order = torch.sort(scores.float(), descending=True, stable=True).indices
     return order[:k].sort().values
 

@@ -104,6 +104,11 @@ class VisionEvidence:
             aggregated); ``None`` when the tower has no CLS token.
         selection_scores: ``(P, s*s)`` CLS attention of the selection layer; ``None`` without CLS.
         keys: ``(P, s*s, Dk)`` key projections of the patch tokens in the selection layer.
+
+    Where the tensors live: :meth:`Method.choose` hands a method the score maps on the host (CPU) and the
+    features and keys on the model's device. Choosing indices is integer work over a few thousand scores,
+    done beside the geometry (which is on the host) without a host read per token; the work that grows with
+    the feature width stays on the device. Kept indices are host tensors.
     """
 
     geometry: "PartitionGeometry"
@@ -220,7 +225,11 @@ class Method:
         Raises:
             RuntimeError: a fixed-budget method returned another count than ``budget`` (a bug in the method).
         """
-        selection = self.select(evidence, budget, options)
+        selection = self.select(dataclasses.replace(
+            evidence,
+            distribution_scores=_on_host(evidence.distribution_scores),
+            selection_scores=_on_host(evidence.selection_scores),
+        ), budget, options)
         if selection.features is not None:
             features = selection.features
         else:
@@ -230,6 +239,10 @@ class Method:
             raise RuntimeError(f"method {self.name!r} returned {features.shape[0]} tokens for a budget of {budget}; "
                                "this is a bug in the method")
         return selection, features
+
+
+def _on_host(scores: torch.Tensor | None) -> torch.Tensor | None:
+    return None if scores is None else scores.detach().to("cpu", torch.float32)
 
 
 _METHODS: dict[str, Method] = {}

@@ -17,10 +17,10 @@ def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:
     Approximates the Max-Min Diversity Problem (choose ``count`` rows maximising the smallest
     pairwise distance): the first pick is the row whose nearest other row is farthest; each next
     pick is the unselected row whose distance to its nearest selected row is largest (ties to the
-    lower index).
+    lower index). The picks stay on the features' device until the end: no host read per pick.
 
     Returns:
-        ``(count,)`` row indices in the order they were picked.
+        ``(count,)`` host row indices in the order they were picked.
     """
     n = features.shape[0]
     if not 0 < count <= n:
@@ -29,16 +29,17 @@ def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:
     if n == 1:
         return torch.zeros(1, dtype=torch.long)
     nearest_other = distance.masked_fill(torch.eye(n, dtype=torch.bool, device=distance.device), float("inf"))
-    first = int(nearest_other.amin(dim=1).argmax())
-    picked = [first]
-    to_selected = distance[first].clone()
-    to_selected[first] = float("-inf")
-    for _ in range(count - 1):
-        nxt = int(to_selected.argmax())
-        picked.append(nxt)
-        to_selected = torch.minimum(to_selected, distance[nxt])
-        to_selected[picked] = float("-inf")
-    return torch.tensor(picked, dtype=torch.long)
+    picked = torch.empty(count, dtype=torch.long, device=distance.device)
+    pick = nearest_other.amin(dim=1).argmax().view(1)
+    to_selected = distance.index_select(0, pick)[0]
+    for step in range(count):
+        if step:
+            pick = to_selected.argmax().view(1)
+            # A picked row's distance is -inf and stays so under the minimum, so it is never picked again.
+            to_selected = torch.minimum(to_selected, distance.index_select(0, pick)[0])
+        picked[step : step + 1] = pick
+        to_selected = to_selected.index_fill(0, pick, float("-inf"))
+    return picked.cpu()
 
 
 def select(evidence: VisionEvidence, budget: int, options: NoOptions) -> Selection:

@@ -84,11 +84,12 @@ def merge_neighbours(
     Returns:
         ``(len(kept), D)`` merged features, float32.
     """
+    scores = scores.to(features.device)  # the weights meet the features where the model is
     own = scores[kept].float()[:, None] * features[kept].float()
     total = scores[kept].float()[:, None]
     count = min(neighbours, len(dropped))
     if count > 0:
-        nearest = dropped[cosine(keys[kept], keys[dropped]).topk(count, dim=1).indices]  # (K, count)
+        nearest = dropped.to(keys.device)[cosine(keys[kept], keys[dropped]).topk(count, dim=1).indices]  # (K, count)
         weights = scores[nearest].float()[..., None]
         own = own + (weights * features[nearest].float()).sum(dim=1)
         total = total + weights.sum(dim=1)
