@@ -14,6 +14,7 @@ from transformers import (
 import hired
 from hired.cli import main
 from hired.images import open_image
+from hired.loading import resolve_device
 from hired.testing import tiny_llava, tiny_llava_next
 
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
@@ -140,6 +141,23 @@ def test_unreadable_and_corrupt_images(tmp_path):
     truncated.write_bytes(good.read_bytes()[:60])
     with pytest.raises(ValueError, match="cannot read"):
         open_image(truncated)
+
+
+def test_a_device_past_those_present_is_refused_with_what_to_pass():
+    """What the lmms-eval model checks its ``device`` with (shared in hired.loading), on any machine."""
+    past = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match=f"device='{past}' is not available: .*; pass device=cpu"):
+        resolve_device(past)
+    with pytest.raises(ValueError, match="device='gpu' names no torch device .*; pass device=cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the refusal of a torch built without CUDA")
+def test_cuda_on_a_cpu_only_torch_says_so_not_a_bare_assertion():
+    with pytest.raises(ValueError, match=r"device='cuda' is not available: this torch \(.*\) is built without CUDA"):
+        resolve_device("cuda")
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):

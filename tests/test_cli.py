@@ -35,6 +35,16 @@ def test_inspect_json(tmp_path, capsys):
     assert row["grid"] == [3, 1] and row["kept_tokens"] == row["fed_tokens"] == round(0.1 * row["stock_tokens"])
 
 
+def test_inspect_names_the_image_a_family_refuses(tmp_path, capsys):
+    """The Qwen-VL processors refuse aspect ratios above 200: the error names the file among several."""
+    fine, wide = tmp_path / "fine.png", tmp_path / "wide.png"
+    Image.new("RGB", (500, 400)).save(fine)
+    Image.new("RGB", (5000, 20)).save(wide)
+    assert main(["inspect", str(fine), str(wide), "--family", "qwen2.5-vl"]) == 2
+    error = capsys.readouterr().err
+    assert f"{wide}: a Qwen-VL processor refuses an image of 5000x20 px" in error and "crop or pad it" in error
+
+
 def test_prompt_marker_count_must_match_images(tmp_path, capsys):
     image = tmp_path / "a.png"
     Image.new("RGB", (64, 64)).save(image)

@@ -2,10 +2,12 @@
 
 For each pair: the exact token count for several image sizes (placeholders = features = the
 budget), identity with the stock model at full budget, a batch equal to its images run alone, a
-``save_pretrained`` / ``from_pretrained`` round trip, and ``remove``. A new method or family is
+``save_pretrained`` / ``from_pretrained`` round trip, and ``remove``. For each family: videos pass
+through stock where its model takes them, and are refused by its processor where it does not. A new method or family is
 covered here by registering it (and, for a family, adding its tiny model to ``hired.testing.TINY_MODELS``).
 """
 
+import inspect
 import re
 from dataclasses import dataclass
 
@@ -15,6 +17,7 @@ import torch
 from PIL import Image
 
 import hired
+from hired.cli import main
 from hired.methods import Method, MethodOptions, Selection, registered_methods, unregister_method
 from hired.testing import TINY_MODELS
 
@@ -162,6 +165,88 @@ def test_cls_methods_are_refused_without_a_cls_token(family, method):
         pytest.skip("this family's tower has a CLS token")
     with pytest.raises(ValueError, match=re.escape(f"method '{method}' scores tokens by CLS attention and has no CLS-free form")):
         hired.apply(model, processor, method=method, budget=0.2)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if hired.get_method(m).needs_cls])
+def test_inspect_refuses_what_apply_refuses_without_a_cls_token(family, method, tmp_path, capsys):
+    """``hired inspect`` loads no model: it checks the family's declared tower, which must be the tiny model's."""
+    model, processor, _ = family
+    adapter = hired.family_of(model)
+    assert adapter.released_has_cls == adapter.vision_probe(adapter.inner(model)).has_cls
+    IMAGES[0].save(tmp_path / "image.png")
+    code = main(["inspect", str(tmp_path / "image.png"), "--family", adapter.name, "--method", method,
+                 "--budget", "0.2"])
+    refusal = f"method '{method}' scores tokens by CLS attention and has no CLS-free form"
+    if runs_on(model, method):
+        assert code == 0 and refusal not in capsys.readouterr().err
+    else:
+        assert code == 2 and refusal in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Videos: never pruned; stock wherever the stock model takes them
+
+
+VIDEO = np.random.RandomState(0).randint(0, 256, size=(4, 64, 64, 3), dtype=np.uint8)  # 4 frames
+
+
+def takes_videos(model) -> bool:
+    """Whether the family's stock model takes videos as an input of their own."""
+    return "pixel_values_videos" in inspect.signature(hired.family_of(model).inner_class.forward).parameters
+
+
+def encode_video(processor):
+    return processor(videos=[VIDEO], text=f"USER: {processor.video_token} what is in the video ? ASSISTANT:",
+                     return_tensors="pt")
+
+
+def video_features(model, inputs):
+    """The inner model's ``get_video_features`` of ``inputs``: its main features, concatenated, and the whole output."""
+    wanted = inspect.signature(hired.family_of(model).inner_class.get_video_features).parameters
+    with torch.no_grad():
+        output = model.model.get_video_features(**{k: v for k, v in inputs.items() if k in wanted})
+    pooled = output.pooler_output
+    return (torch.cat(list(pooled)) if isinstance(pooled, (list, tuple)) else pooled), output
+
+
+def test_videos_pass_through_stock_where_the_model_takes_them(family):
+    """A video-only prompt: the patched processor and model give the stock inputs and logits, and encoding a
+    video leaves the records of the images of the last call as they are."""
+    model, processor, _ = family
+    if not takes_videos(model):
+        pytest.skip("this family's model takes no videos; test_videos_are_refused_where_the_model_takes_none covers it")
+    hired.remove(model, processor)
+    stock_inputs = encode_video(processor)
+    with torch.no_grad():
+        stock = model(**stock_inputs).logits
+    stock_features, _ = video_features(model, stock_inputs)
+    hired.apply(model, processor, budget=0.2)
+    inputs = encode_video(processor)
+    assert inputs.keys() == stock_inputs.keys() and all(torch.equal(inputs[k], stock_inputs[k]) for k in inputs)
+    with torch.no_grad():
+        model(**encode(processor, IMAGES[:1]))
+    records = hired.selections(model)
+    features, _ = video_features(model, inputs)
+    torch.testing.assert_close(features, stock_features, atol=0, rtol=0)
+    assert len(records) == 1 and all(a is b for a, b in zip(hired.selections(model), records, strict=True))
+    with torch.no_grad():
+        pruned = model(**inputs).logits
+        generated = model.generate(**inputs, max_new_tokens=2, do_sample=False)  # generate encodes videos itself
+    torch.testing.assert_close(pruned, stock, atol=0, rtol=0)
+    assert hired.selections(model) == []  # the call held no image
+    assert generated.shape == (1, inputs["input_ids"].shape[1] + 2)
+    assert torch.equal(generated[:, -2], stock[:, -1].argmax(-1))
+
+
+def test_videos_are_refused_where_the_model_takes_none(family):
+    model, processor, _ = family
+    if takes_videos(model):
+        pytest.skip("this family's model takes videos; "
+                    "test_videos_pass_through_stock_where_the_model_takes_them covers it")
+    hired.apply(model, processor, budget=0.2)
+    stock_processor = hired.family_of(model).processor_class.__name__
+    with pytest.raises(ValueError, match=f"prunes the tokens of images, not of videos, .* {stock_processor}'s"):
+        processor(videos=[VIDEO], text="USER: what is in the video ? ASSISTANT:", return_tensors="pt")
 
 
 # --------------------------------------------------------------------------------------------

@@ -247,14 +247,6 @@ def test_onevision_several_images_in_one_prompt_are_fed_as_base_views():
     assert sum(placeholders(inputs, model)) == sum(r.visual_tokens for r in records) == 2 * round(0.2 * 729)
 
 
-def test_videos_are_refused(family):
-    name, model, processor = family
-    hired.apply(model, processor, budget=0.2)
-    video = [noise_image(64, 64, i) for i in range(2)]
-    with pytest.raises(ValueError, match="prunes the tokens of images, not of videos"):
-        processor(videos=[video], text=["<video> what ?"], return_tensors="pt")
-
-
 def test_internvl_inputs_of_the_stock_processor_are_refused_with_the_fix():
     model, processor = tiny_internvl()
     inputs = encode(processor, [noise_image(800, 600)])

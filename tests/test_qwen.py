@@ -59,11 +59,30 @@ def language_positions(model, inputs):
     return captured["positions"][-3:]
 
 
-def stock_positions(model, processor, images, texts):
-    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+def stock_positions(model, processor, images, texts, videos=None):
+    inputs = processor(images=images, text=texts, videos=videos, return_tensors="pt", padding=True)
     positions, deltas = model.model.get_rope_index(
-        inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
+        inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"], inputs.get("video_grid_thw"),
+        attention_mask=inputs["attention_mask"], second_per_grid_ts=inputs.get("second_per_grid_ts"))
     return inputs, positions, deltas
+
+
+def kept_stock_positions(stock_ids, stock, image_grids, records, image_token):
+    """The stock positions ``stock`` of the unpruned prompt ``stock_ids`` (one row, padding removed), of the
+    tokens hired keeps: every image's kept tokens (``records``, one per image, in order) and every other token."""
+    expected, j, image = [], 0, 0
+    while j < len(stock_ids):
+        if stock_ids[j] == image_token:
+            rows, cols = int(image_grids[image][1]) // 2, int(image_grids[image][2]) // 2
+            side = max(rows, cols)
+            kept = torch.sort(records[image].kept[0]).values
+            expected.append(stock[:, j + (kept // side) * cols + kept % side])
+            j += rows * cols
+            image += 1
+        else:
+            expected.append(stock[:, j:j + 1])
+            j += 1
+    return torch.cat(expected, dim=1)
 
 
 @pytest.mark.parametrize("height, width", SIZES)
@@ -97,27 +116,14 @@ def test_kept_tokens_and_the_text_after_keep_their_stock_positions(model, method
     positions = language_positions(model, inputs)
     records = hired.selections(model)
     image_token = processor.image_token_id
-    image = 0
-    for row in range(2):
-        first = image
+    for row, images_of_row in enumerate([slice(0, 2), slice(2, 3)]):
         valid, stock_valid = inputs["attention_mask"][row].bool(), stock_inputs["attention_mask"][row].bool()
         ids, stock_ids = inputs["input_ids"][row][valid], stock_inputs["input_ids"][row][stock_valid]
-        ours, theirs = positions[:, row][:, valid], stock[:, row][:, stock_valid]
-        expected, j = [], 0
-        while j < len(stock_ids):  # walk the stock prompt, taking what hired keeps of each image
-            if stock_ids[j] == image_token:
-                grid = stock_inputs["image_grid_thw"][image]
-                rows, cols = int(grid[1]) // 2, int(grid[2]) // 2
-                side = max(rows, cols)
-                kept = torch.sort(records[image].kept[0]).values
-                expected.append(theirs[:, j + (kept // side) * cols + kept % side])
-                j += rows * cols
-                image += 1
-            else:
-                expected.append(theirs[:, j:j + 1])
-                j += 1
-        assert torch.equal(ours, torch.cat(expected, dim=1))
-        assert ids.tolist().count(image_token) == sum(len(r.kept[0]) for r in records[first:image])
+        expected = kept_stock_positions(stock_ids, stock[:, row][:, stock_valid],
+                                        stock_inputs["image_grid_thw"][images_of_row], records[images_of_row],
+                                        image_token)
+        assert torch.equal(positions[:, row][:, valid], expected)
+        assert ids.tolist().count(image_token) == sum(len(r.kept[0]) for r in records[images_of_row])
     # decoding continues where the stock model continues
     pruned = inputs["attention_mask"].sum(1, keepdim=True)
     full = stock_inputs["attention_mask"].sum(1, keepdim=True)
@@ -228,8 +234,29 @@ def test_deepstack_planes_are_pruned_with_the_main_features(method):
     torch.testing.assert_close(stock, pruned, atol=1e-5, rtol=1e-5)
 
 
-def test_videos_are_refused(model):
+def test_a_video_beside_pruned_images_keeps_its_stock_positions(model):
+    """One prompt with an image, a video and another image: the video's tokens keep their stock (t, row, col)
+    and type, the kept image tokens and the text theirs, decoding continues where the stock model does, and
+    generate runs on it."""
     model, processor = model
+    images = [picture(300, 500, 1), picture(420, 260, 2)]
+    videos = [np.random.RandomState(3).randint(0, 256, size=(4, 84, 112, 3), dtype=np.uint8)]
+    video = "<|vision_start|><|video_pad|><|vision_end|>"
+    text = f"USER: {IMAGE} and {video} and {IMAGE} what is in the image ? ASSISTANT:"
+    stock_inputs, stock, stock_deltas = stock_positions(model, processor, images, [text], videos)
     hired.apply(model, processor, budget=0.2)
-    with pytest.raises(ValueError, match="not of videos"):
-        processor(videos=[np.zeros((4, 56, 56, 3), dtype=np.uint8)], text="<|video_pad|>", return_tensors="pt")
+    inputs = processor(images=images, text=[text], videos=videos, return_tensors="pt")
+    positions = language_positions(model, inputs)
+    records = hired.selections(model)
+    fed_video = inputs["input_ids"][0] == processor.video_token_id
+    stock_video = stock_inputs["input_ids"][0] == processor.video_token_id
+    assert len(records) == 2 and int(fed_video.sum()) == int(stock_video.sum()) > 0
+    assert torch.equal(inputs["mm_token_type_ids"][0][fed_video], stock_inputs["mm_token_type_ids"][0][stock_video])
+    expected = kept_stock_positions(stock_inputs["input_ids"][0], stock[:, 0], stock_inputs["image_grid_thw"], records,
+                                    processor.image_token_id)
+    assert torch.equal(positions[:, 0], expected)
+    assert inputs["input_ids"].shape[1] + model.model.rope_deltas == stock_inputs["input_ids"].shape[1] + stock_deltas
+    with torch.no_grad():  # generate encodes the image and the video before the prefill
+        first = model(**inputs).logits[:, -1].argmax(-1)
+        generated = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert torch.equal(generated[:, inputs["input_ids"].shape[1]], first)

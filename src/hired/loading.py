@@ -62,6 +62,43 @@ def load_model(name: str, dtype: str = "float32"):
     return model.eval(), processor
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """The torch device ``device`` names, checked to be usable here; ``None``: CUDA when present, else the CPU.
+
+    Raises:
+        ValueError: ``device`` names no torch device, or one this torch or machine lacks (CUDA on a
+            torch built without it or on a machine without a GPU, a GPU index past those present);
+            the message says what was asked, what is missing and what to pass instead.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device={device!r} names no torch device ({_first_line(error)}); pass device=cpu, cuda or "
+                         "cuda:N") from None
+    if resolved.type == "cpu":
+        return resolved
+    try:
+        torch.empty(0, device=resolved)
+    except (AssertionError, RuntimeError) as error:  # a torch without CUDA fails with a bare AssertionError
+        raise ValueError(f"device={device!r} is not available: {_missing_device(resolved, error)}; pass "
+                         "device=cpu") from None
+    return resolved
+
+
+def _missing_device(device: torch.device, error: BaseException) -> str:
+    """Why ``device`` cannot be used, in a user's words (``error``: what allocating on it raised)."""
+    if device.type != "cuda":
+        return _first_line(error)
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is built without CUDA (install a CUDA build of torch to use a GPU)"
+    count = torch.cuda.device_count()
+    if count == 0:
+        return "this torch has CUDA but finds no GPU (check the driver and CUDA_VISIBLE_DEVICES)"
+    return f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1} ({_first_line(error)})"
+
+
 def chat_prompt(processor, text: str, images: int) -> str:
     """The prompt for ``text`` about ``images`` images, with the processor's own image token.
 

@@ -60,24 +60,31 @@ MAX_PATCHES_PER_SIDE = 256
 
 def _inspect(args: argparse.Namespace) -> None:
     from ..families import registered_families
+    from ..families.base import check_cls_need
 
-    families = {family.name: family for family in registered_families()}
+    family = {family.name: family for family in registered_families()}[args.family]
     if args.family != "llava-next":
         if args.tile is not None or args.patch is not None:
             raise CliError(f"--tile and --patch scale the LLaVA-NeXT grid; --family {args.family} uses the tiles of its "
                            "released checkpoints")
-        layout = families[args.family].released_geometry
+        layout = family.released_geometry
     else:
         layout = _llava_next_layout(args.tile or 336, args.patch or 14)
     config = config_from_args(args)
     try:
         config.require_fixed_count()
+        check_cls_need(get_method(config.method), family.released_has_cls,
+                       f"the vision tower of the released {family.name} checkpoints")
     except ValueError as error:
         raise CliError(str(error)) from None
     rows = []
-    for path in args.image:
+    for path in args.image:  # a bad image stops the run, naming its file, as an unreadable one does
         image = load_image(path)
-        rows.append(_allocation(path, layout((image.height, image.width)), config))
+        try:
+            geometry = layout((image.height, image.width))
+        except ValueError as error:
+            raise CliError(f"{path}: {error}") from None
+        rows.append(_allocation(path, geometry, config))
     emit(args, rows, "\n".join(_describe(row) for row in rows))
 
 

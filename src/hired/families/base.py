@@ -22,7 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .. import compat
 from ..config import HiredConfig
 from ..geometry import PartitionGeometry
-from ..methods import Selection, VisionEvidence, get_method
+from ..methods import Method, Selection, VisionEvidence, get_method
 from ..signals import TowerRun, VisionProbe
 from ..state import CONFIG_KEY, ModelState, SelectionRecord
 from . import decoder_pruning
@@ -67,6 +67,9 @@ class FamilyAdapter:
         selects_projected: whether :meth:`candidate_tokens` returns LLM embeddings (the stock model
             mixes tokens after projecting them, as LLaVA-OneVision's downsampling does); then
             nothing is projected after selection.
+        released_has_cls: whether the vision tower of the family's released checkpoints has a CLS
+            token; ``hired inspect``, which loads no model, checks methods against it (``apply`` reads
+            the loaded tower instead).
     """
 
     name: ClassVar[str]
@@ -78,6 +81,7 @@ class FamilyAdapter:
     model_internals: ClassVar[tuple[str, ...]] = ("get_image_features", "get_placeholder_mask")
     processor_internals: ClassVar[tuple[str, ...]] = ()
     selects_projected: ClassVar[bool] = False
+    released_has_cls: ClassVar[bool] = True
 
     # ---- the model side
     def inner(self, model):
@@ -250,10 +254,20 @@ class HiredModel:
 
 
 class HiredProcessor:
-    """Mixed into the swapped processor: the placeholder count for an image size."""
+    """Mixed into the swapped processor: the placeholder count for an image size.
+
+    Videos are never pruned. A family whose model takes videos as an input of their own
+    (``pixel_values_videos``, encoded by ``get_video_features``, which the patched model leaves stock)
+    sets ``passes_videos``: its processor expands them with the stock count, so that one prompt may hold
+    pruned images and stock videos, as the patched model feeds them. The other families' processors
+    refuse videos, since their models have no video input to leave stock: the stock LLaVA and
+    LLaVA-NeXT processors would drop the videos without a word, and InternVL's feeds a video's frames
+    as image tiles, which its model cannot tell from images.
+    """
 
     hired_config: HiredConfig
     _stock_class: ClassVar[type]
+    passes_videos: ClassVar[bool] = False
 
     def hired_geometry(self, image_size: Sequence[int]) -> PartitionGeometry:
         """The geometry of an image of this ``(height, width)`` under this processor's settings."""
@@ -270,12 +284,15 @@ class HiredProcessor:
         return None if budget >= geometry.stock_tokens else budget
 
     def __call__(self, images=None, text=None, videos=None, **kwargs):
-        if videos is not None:
+        if videos is None:
+            return super().__call__(images=images, text=text, **kwargs)
+        if not self.passes_videos:
             raise ValueError(
-                "hired prunes the tokens of images, not of videos; pass the frames as images, or run videos on the "
-                "stock model (hired.remove(model, processor))"
+                f"hired prunes the tokens of images, not of videos, and passes videos through to the stock model "
+                f"only where it takes them as videos, which a {self._stock_class.__name__}'s model does not; pass "
+                "the frames as images, or run videos on the stock model (hired.remove(model, processor))"
             )
-        return super().__call__(images=images, text=text, **kwargs)
+        return super().__call__(images=images, text=text, videos=videos, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
@@ -380,6 +397,19 @@ def _make_record(geometry, image_size, method, fed, budgets, kept, distribution,
 # apply / remove
 
 
+def check_cls_need(method: Method, has_cls: bool, tower: str) -> None:
+    """Refuse a method that scores tokens by CLS attention for a vision tower without a CLS token.
+
+    ``tower`` names the tower in the message (``"the vision tower of this qwen2.5-vl model"``).
+    """
+    if method.needs_cls and not has_cls:
+        raise ValueError(
+            f"method {method.name!r} scores tokens by CLS attention and has no CLS-free form, but {tower} has no CLS "
+            "token; choose a method that needs none (hired and visionzip use a CLS-free score there; divprune, random "
+            "and spatial need no attention)"
+        )
+
+
 def _check_internals(family: FamilyAdapter, model, inner, processor) -> None:
     """Raise a clear error when an internal the adapter relies on is gone from this transformers."""
     for name in family.model_internals:
@@ -405,12 +435,7 @@ def apply(family: FamilyAdapter, model, processor, config: HiredConfig):
     if processor is not None:
         config.require_fixed_count()
     probe = family.vision_probe(inner)
-    if method.needs_cls and not probe.has_cls:
-        raise ValueError(
-            f"method {config.method!r} scores tokens by CLS attention and has no CLS-free form, but the vision tower "
-            f"of this {family.name} model has no CLS token; choose a method that needs none (hired and visionzip "
-            "use a CLS-free score there; divprune, random and spatial need no attention)"
-        )
+    check_cls_need(method, probe.has_cls, f"the vision tower of this {family.name} model")
     feature_layer = family.feature_layer(inner, probe)
     layers = options.signal_layers()
     if method.selects_before_llm:
@@ -491,5 +516,5 @@ def _uninstall_hooks(inner) -> None:
     state.handles = []
 
 
-__all__ = ["FamilyAdapter", "HiredModel", "HiredProcessor", "ImageCall", "apply", "check_counts", "positional_names",
-           "remove"]
+__all__ = ["FamilyAdapter", "HiredModel", "HiredProcessor", "ImageCall", "apply", "check_cls_need", "check_counts",
+           "positional_names", "remove"]

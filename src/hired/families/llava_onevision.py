@@ -95,9 +95,14 @@ class HiredLlavaOnevisionModel(HiredModel, LlavaOnevisionModel):
 
 
 class HiredLlavaOnevisionProcessor(HiredProcessor, LlavaOnevisionProcessor):
-    """``LlavaOnevisionProcessor`` that expands ``<image>`` into exactly the tokens the method keeps."""
+    """``LlavaOnevisionProcessor`` that expands ``<image>`` into exactly the tokens the method keeps.
+
+    ``<video>`` expands into the stock count: the stock ``get_video_features``, which the patched model
+    leaves as it is, encodes videos.
+    """
 
     _stock_class = LlavaOnevisionProcessor
+    passes_videos = True
 
     def hired_geometry(self, image_size: Sequence[int], multi_image: bool = False) -> OnevisionGeometry:
         tile = tile_size(self.image_processor)
@@ -132,6 +137,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     model_internals = ("get_image_features", "get_placeholder_mask", "pack_image_features", "multi_modal_projector")
     processor_internals = ("replace_image_token", "_get_num_multimodal_tokens")
     selects_projected = True
+    released_has_cls = False  # SigLIP
 
     def geometry(self, config, image_size, multi_image: bool = False,
                  vision_aspect_ratio: str | None = None) -> OnevisionGeometry:

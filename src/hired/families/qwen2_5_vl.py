@@ -13,6 +13,9 @@ stock model continues: :meth:`NativeResolutionModel.get_rope_index` computes the
 the prompt as it would be with every token of each image, keeps those of the tokens present, and
 the stock ``rope_deltas``; once the selection is known, a hook on the language model gives each
 kept token its own row and column.
+
+Videos (``pixel_values_videos``) are not pruned: they are encoded and fed as the stock model does,
+leave the image records as they are, and keep their stock positions beside pruned images.
 """
 
 from __future__ import annotations
@@ -36,14 +39,23 @@ from .registry import register_family
 # The released checkpoints' image processor (their preprocessor_config.json): 14 px patches merged 2x2,
 # 3,136 to 12,845,056 pixels. transformers' own default caps images at 1,003,520 pixels instead.
 RELEASED = {"patch": 14, "merge": 2, "min_pixels": 56 * 56, "max_pixels": 12_845_056}
-# ModelState.call_data keys: this call's image geometries, and where its image tokens sit in the prompt.
-GEOMETRIES, SLOTS = "geometries", "image_slots"
+# ModelState.call_data keys: this call's image geometries, where its image tokens sit in the prompt, and
+# whether a video is being encoded.
+GEOMETRIES, SLOTS, ENCODING_VIDEO = "geometries", "image_slots", "encoding_video"
 
 
 def token_grid(image_size: Sequence[int], patch: int, merge: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """``(rows, cols)`` of LLM tokens for an image of ``(height, width)``, by the processor's own resize rule."""
-    height, width = smart_resize(int(image_size[0]), int(image_size[1]), factor=patch * merge,
-                                 min_pixels=min_pixels, max_pixels=max_pixels)
+    """``(rows, cols)`` of LLM tokens for an image of ``(height, width)``, by the processor's own resize rule.
+
+    Raises:
+        ValueError: the processor refuses the image (an aspect ratio above 200).
+    """
+    try:
+        height, width = smart_resize(int(image_size[0]), int(image_size[1]), factor=patch * merge,
+                                     min_pixels=min_pixels, max_pixels=max_pixels)
+    except ValueError as error:
+        raise ValueError(f"a Qwen-VL processor refuses an image of {int(image_size[1])}x{int(image_size[0])} px "
+                         f"({error}); crop or pad it first") from None
     return height // (patch * merge), width // (patch * merge)
 
 
@@ -72,13 +84,29 @@ class NativeResolutionModel(HiredModel):
 
     stock_model: ClassVar[type]
 
+    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.LongTensor | None = None,
+                           **kwargs):
+        """The stock video features: videos are not pruned, and the image records stay those of the images.
+
+        The parameters are named as the stock ones: ``generate`` picks the arguments it encodes by them.
+        """
+        # Qwen3-VL's stock method encodes the frames through self.get_image_features, which must then be the stock one.
+        self._hired.call_data[ENCODING_VIDEO] = True
+        try:
+            return self.stock_model.get_video_features(self, pixel_values_videos, video_grid_thw, **kwargs)
+        finally:
+            del self._hired.call_data[ENCODING_VIDEO]
+
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None, **kwargs):
+        if self._hired.call_data.get(ENCODING_VIDEO):
+            return self.stock_model.get_image_features(self, pixel_values, image_grid_thw, **kwargs)
         self._begin_image_call()
         if image_grid_thw is None:
             raise ValueError("Qwen2.5-VL needs image_grid_thw beside pixel_values; pass the processor's whole output")
         merge, patch = self.visual.spatial_merge_size, self.visual.patch_size
         if bool((image_grid_thw[:, 0] != 1).any()):
-            raise ValueError("hired prunes still images (one temporal patch each); pass videos to the stock model")
+            raise ValueError("hired prunes still images (one temporal patch each); pass a video as pixel_values_videos "
+                             "and video_grid_thw, which the patched model encodes as the stock model does")
         # The model sees the resized image only: its geometry is in the resized image's pixels.
         geometries = [NativeGeometry.create((h * patch, w * patch), (h // merge, w // merge))
                       for _, h, w in image_grid_thw.tolist()]
@@ -119,7 +147,8 @@ class NativeResolutionModel(HiredModel):
             return stock(self, **arguments, **extra)
         full = (grid.prod(-1) // self.visual.spatial_merge_size**2).tolist()
         expanded, mask, types, index = _expand_images(input_ids, arguments.get("attention_mask"),
-                                                      self.config.image_token_id, full)
+                                                      self.config.image_token_id, full,
+                                                      arguments.get("mm_token_type_ids"))
         arguments.update(input_ids=expanded, attention_mask=mask)
         if "mm_token_type_ids" in arguments:
             arguments["mm_token_type_ids"] = types
@@ -136,17 +165,24 @@ class HiredQwen2_5_VLModel(NativeResolutionModel, Qwen2_5_VLModel):
     stock_model = Qwen2_5_VLModel
 
 
-def _expand_images(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token: int, full: list[int]):
+def _expand_images(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token: int, full: list[int],
+                   token_types: torch.Tensor | None = None):
     """The prompt with every image's run of placeholders grown to its stock length.
+
+    ``token_types``: the prompt's ``mm_token_type_ids`` (text 0, image 1, video 2), grown with it so that
+    a video's tokens stay video tokens to ``get_rope_index``.
 
     Returns:
         ``(input_ids, attention_mask, mm_token_type_ids, index)`` of the grown prompt (each row's tokens
-        first, padding after), and ``index``: per original token, where it went (``-1`` for padding).
+        first, padding after; ``mm_token_type_ids`` ``None`` when ``token_types`` is), and ``index``: per
+        original token, where it went (``-1`` for padding).
     """
     valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    rows, indices, image = [], [], 0
-    for row, keep in zip(input_ids.tolist(), valid.tolist()):
+    known_types = token_types if token_types is not None else torch.zeros_like(input_ids)
+    rows, row_types, indices, image = [], [], [], 0
+    for row, keep, kinds in zip(input_ids.tolist(), valid.tolist(), known_types.tolist()):
         tokens: list[int] = []
+        types: list[int] = []
         where: list[int] = []
         j = 0
         while j < len(row):
@@ -162,24 +198,29 @@ def _expand_images(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                                      "image_grid_thw; prepare inputs with the processor returned by hired.apply")
                 where.extend(range(len(tokens), len(tokens) + end - j))
                 tokens.extend([image_token] * full[image])
+                types.extend([kinds[j]] * full[image])
                 image += 1
                 j = end
             else:
                 where.append(len(tokens))
                 tokens.append(row[j])
+                types.append(kinds[j])
                 j += 1
         rows.append(tokens)
+        row_types.append(types)
         indices.append(where)
     if image != len(full):
         raise ValueError(f"the prompt holds {image} images' placeholders for the {len(full)} images of image_grid_thw")
     width = max(len(tokens) for tokens in rows)
     expanded = input_ids.new_zeros((len(rows), width))
     mask = input_ids.new_zeros((len(rows), width))
-    for b, tokens in enumerate(rows):
+    grown_types = known_types.new_zeros((len(rows), width))
+    for b, (tokens, types) in enumerate(zip(rows, row_types)):
         expanded[b, :len(tokens)] = torch.as_tensor(tokens, dtype=input_ids.dtype)
         mask[b, :len(tokens)] = 1
-    types = (expanded == image_token).to(input_ids.dtype)
-    return expanded, mask, types, torch.as_tensor(indices, dtype=torch.long, device=input_ids.device)
+        grown_types[b, :len(types)] = torch.as_tensor(types, dtype=known_types.dtype)
+    index = torch.as_tensor(indices, dtype=torch.long, device=input_ids.device)
+    return expanded, mask, None if token_types is None else grown_types, index
 
 
 def _image_runs(slots: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -239,7 +280,12 @@ def restore_kept_positions(state: ModelState, module, args, kwargs):
 
 
 class NativeResolutionProcessor(HiredProcessor):
-    """Mixed into a swapped Qwen-VL processor: ``<|image_pad|>`` expands into exactly the tokens the method keeps."""
+    """Mixed into a swapped Qwen-VL processor: ``<|image_pad|>`` expands into exactly the tokens the method keeps.
+
+    ``<|video_pad|>`` expands into the stock count: the patched model feeds videos as the stock model does.
+    """
+
+    passes_videos = True
 
     def hired_geometry(self, image_size: Sequence[int]) -> NativeGeometry:
         return image_geometry(self.image_processor, image_size)
@@ -280,6 +326,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
     model_internals = ("get_image_features", "get_placeholder_mask", "get_rope_index")
     processor_internals = ("replace_image_token", "_get_num_multimodal_tokens")
     selects_projected = True
+    released_has_cls = False
     released = RELEASED  # the released checkpoints' image-processor settings
 
     def geometry(self, config, image_size) -> NativeGeometry:

@@ -251,3 +251,16 @@ def test_bad_model_arguments_through_the_command_line_write_no_results(tasks, tm
 def test_batches_other_than_one_are_refused():
     with pytest.raises(ValueError, match="pass --batch_size 1"):
         HiredLmms(pretrained="testbed", batch_size=4)
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the refusal of a torch built without CUDA")
+def test_a_cuda_device_on_a_cpu_only_torch_is_refused_before_the_model_loads(monkeypatch):
+    import hired.engines.lmms_eval.model as plugin
+
+    def no_loading(*args):
+        raise AssertionError("the model was loaded before the device was checked")
+
+    monkeypatch.setattr(plugin, "load_model", no_loading)
+    with pytest.raises(ValueError, match=r"device='cuda' is not available: this torch .* is built without CUDA .*; "
+                                         r"pass device=cpu"):
+        HiredLmms(pretrained="testbed", device="cuda")

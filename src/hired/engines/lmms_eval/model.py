@@ -10,6 +10,7 @@ Model arguments (``--model_args key=value,...``):
     the :class:`hired.HiredConfig`, validated before the model loads with its own messages.
     ``method=full`` is the stock model.
 ``dtype`` (``float32``, ``bfloat16``, ``float16``) and ``device`` (``cpu``, ``cuda``, ``cuda:1``, ...)
+    a device this torch or machine lacks (``cuda`` on a CPU-only torch) is refused before the model loads.
 ``on_error``
     ``raise`` (default): a sample whose generation raises stops the evaluation with
     :class:`SampleFailed`, naming the task, the document and the cause. ``record``: the evaluation
@@ -47,7 +48,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import hired
-from hired.loading import DTYPES, chat_prompt, load_model
+from hired.loading import DTYPES, chat_prompt, load_model, resolve_device
 
 ON_ERROR = ("raise", "record")
 # What lmms-eval's generation settings may hold that the model honours; anything else is reported once.
@@ -134,7 +135,7 @@ class HiredLmms(lmms):
             raise ValueError(f"batch_size {batch_size}: the hired model answers one sample at a time, as in the "
                              "paper's setting; pass --batch_size 1")
         settings = hired_settings(method, budget, tokens, method_options, options)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.model, self.processor = load_model(str(pretrained), dtype)
         stored = hired.stored_config(self.model)
         self.config = stored.updated(**settings) if stored is not None else hired.HiredConfig.create(**settings)
