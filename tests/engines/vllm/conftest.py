@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 import hired
-from hired.testing import tiny_llava, tiny_llava_next
+from hired.testing import tiny_llava, tiny_llava_next, tiny_qwen2_5_vl
 
 PROMPT = "USER : <image> what is in the image ? ASSISTANT :"
 NEW_TOKENS = 6
@@ -44,6 +44,16 @@ def save_tiny(folder, family: str, seed: int = 0, **settings) -> str:
     model, processor = (tiny_llava_next if family == "llava-next" else tiny_llava)(seed=seed, **SIZES)
     if settings:
         hired.apply(model, processor, **settings)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+def save_tiny_qwen2_5_vl(folder) -> str:
+    """A tiny random Qwen2.5-VL (an architecture the plugin does not serve) saved to ``folder``, stock."""
+    model, processor = tiny_qwen2_5_vl(seed=0, **SIZES)
+    # M-RoPE's sections must fill the rotary half of the wider decoder's head size (32 / 2).
+    model.config.text_config.rope_parameters["mrope_section"] = [4, 6, 6]
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return str(folder)

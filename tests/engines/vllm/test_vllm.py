@@ -10,13 +10,16 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 
+import numpy as np
 import pytest
 from conftest import (
     PROMPT,
@@ -27,10 +30,12 @@ from conftest import (
     noise_image,
     reference_generate,
     running_engine,
+    save_tiny_qwen2_5_vl,
     workers_selections,
 )
 
 import hired
+from hired.engines.vllm import internals, register
 from hired.engines.vllm.settings import UnservableConfig
 
 # vLLM's CPU platform probes torch.distributed's deprecated reduce_op when an engine starts in-process.
@@ -102,6 +107,38 @@ def test_out_of_range_budget_is_refused(next_engine):
         engine_generate(next_engine, [(noise_image(336, 336), {"budget": 1.5})])
 
 
+# What a request may not set, and why: hired's engine settings, typos (with the closest key), keys that the
+# processor does not declare.
+IGNORED_KEYS = [
+    ({"method": "random"}, r"'method' belongs to the engine's hired configuration, which a request cannot change"),
+    ({"alpha": 0.1}, r"'alpha' belongs to the engine's hired configuration"),
+    ({"budgett": 0.1}, r"the key 'budgett' \(did you mean 'budget'\?\), which neither hired \(budget, tokens\) nor "
+                       r"LlavaNextProcessor accepts"),
+    ({"images_kwargs": {"do_padd": True}}, r"'images_kwargs.do_padd' \(did you mean 'do_pad'\?\)"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", IGNORED_KEYS, ids=["method", "alpha", "typo", "scoped-typo"])
+def test_request_keys_that_would_be_ignored_are_refused(next_engine, next_reference, kwargs, message):
+    image = noise_image(800, 600, seed=8)
+    with pytest.raises(ValueError, match=message):
+        engine_generate(next_engine, [(image, kwargs)])
+    # The request failed alone: the engine serves the next one, as transformers does.
+    model, processor = next_reference
+    hired.apply(model, processor, budget=0.2)
+    [result] = engine_generate(next_engine, [(image, None)])
+    assert_same_generation(result, reference_generate(model, processor, image))
+    engine_selections(next_engine)
+
+
+def test_keys_the_processor_declares_reach_it(next_engine):
+    image = noise_image(800, 600, seed=9)
+    [normalized, raw] = engine_generate(next_engine, [(image, None), (image, {"do_normalize": False})])
+    engine_selections(next_engine)
+    assert normalized[2] == raw[2]
+    assert not np.allclose(normalized[1], raw[1], atol=1e-3, rtol=0), "do_normalize=False changed nothing"
+
+
 # ---- stock folders: no configuration means stock vLLM; a request may still ask for a budget
 
 
@@ -155,6 +192,89 @@ def test_unservable_configurations_are_refused_at_start(folders, settings, messa
 
     with pytest.raises(UnservableConfig, match=message):
         LLM(model=folders["llava"], dtype="float32", enforce_eager=True, hf_overrides={"hired": settings})
+
+
+# ---- an architecture the plugin does not serve (Qwen2.5-VL): hired's settings are refused, not ignored
+
+QWEN_PROMPT = "<|vision_start|><|image_pad|><|vision_end|> what is in the image ?"
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    return save_tiny_qwen2_5_vl(tmp_path_factory.mktemp("vllm-qwen"))
+
+
+@pytest.mark.parametrize("source", ["hf_overrides", "config.json"])
+def test_hired_entry_on_an_unserved_architecture_is_refused_at_start(qwen_folder, tmp_path, source):
+    from vllm import LLM
+
+    options = {}
+    if source == "hf_overrides":
+        options["hf_overrides"] = {"hired": {"budget": 0.25}}
+    else:
+        shutil.copytree(qwen_folder, tmp_path / "qwen", dirs_exist_ok=True)
+        config = json.loads((tmp_path / "qwen" / "config.json").read_text())
+        (tmp_path / "qwen" / "config.json").write_text(json.dumps({**config, "hired": {"budget": 0.25}}))
+        qwen_folder = str(tmp_path / "qwen")
+    with pytest.raises(UnservableConfig, match=r"vLLM serves it as Qwen2_5_VLForConditionalGeneration, which hired's vLLM "
+                                               r"plugin does not prune.*serves LLaVA-NeXT \(LlavaNextForConditionalGeneration\)"):
+        LLM(model=qwen_folder, dtype="float32", enforce_eager=True, **options)
+
+
+def test_hired_request_keys_on_an_unserved_architecture_are_refused(qwen_folder):
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    prompt = {"prompt": QWEN_PROMPT, "multi_modal_data": {"image": noise_image(336, 336)}}
+    with running_engine(qwen_folder) as llm:
+        with pytest.raises(ValueError, match=r"mm_processor_kwargs \['budget'\]: this engine serves "
+                                             r"Qwen2_5_VLForConditionalGeneration .*does not prune"):
+            llm.generate([{**prompt, "mm_processor_kwargs": {"budget": 7.5}}], params, use_tqdm=False)
+        [output] = llm.generate([prompt], params, use_tqdm=False)
+    assert len(output.outputs[0].token_ids) == 2
+
+
+# ---- the vLLM internals the plugin relies on, and the releases it names
+
+
+def test_an_untested_vllm_release_is_warned_about_at_registration(monkeypatch):
+    monkeypatch.setattr(internals, "installed_vllm", lambda: "0.34.0")
+    with pytest.warns(UserWarning, match=r"tested on vLLM >=0.32,<0.33, found 0.34.0; the vLLM internals it needs "
+                                         r"match in the sources of 0.33.0 and 0.34.0 \(compared, not run\)"):
+        register()
+    monkeypatch.setattr(internals, "installed_vllm", lambda: "0.32.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        register()
+
+
+def _rename_arguments(self, data, kwargs):
+    raise AssertionError("never called: the check refuses this signature")
+
+
+@pytest.mark.parametrize("change, message", [
+    ("delete", r"LlavaNextForConditionalGeneration._image_pixels_to_features is missing from the installed vLLM "
+               r"0.32.0; hired's vLLM plugin needs it for encoding the kept tokens. The plugin is tested on vLLM "
+               r">=0.32,<0.33 and its vLLM internals were checked for >=0.32,<0.35"),
+    ("rename", r"the argument\(s\) hf_data, hf_kwargs of LlavaNextMultiModalProcessor._call_hf_processor is missing"),
+])
+def test_a_missing_vllm_internal_stops_the_engine_by_name(folders, monkeypatch, change, message):
+    from vllm import LLM
+    from vllm.model_executor.models import llava_next
+
+    if change == "delete":
+        monkeypatch.delattr(llava_next.LlavaNextForConditionalGeneration, "_image_pixels_to_features")
+    else:
+        monkeypatch.setattr(llava_next.LlavaNextMultiModalProcessor, "_call_hf_processor", _rename_arguments)
+    with pytest.raises(internals.IncompatibleVllm, match=message):
+        LLM(model=folders["next"], dtype="float32", enforce_eager=True)
+
+
+def test_a_tower_without_the_modules_read_is_named():
+    import torch
+
+    with pytest.raises(internals.IncompatibleVllm, match=r"Module.vision_tower is missing from the installed vLLM"):
+        internals.check_tower(torch.nn.Module())
 
 
 # ---- tensor parallelism: heads split across two ranks
@@ -227,6 +347,8 @@ def test_openai_server_counts_the_budgeted_tokens(folders, tmp_path):
 
         model = load_reference(folders["next-hired"])[0]
         assert chat({})["usage"]["prompt_tokens"] == prompt_length(model, (800, 600), hired.HiredConfig(budget=0.2))
+        with pytest.raises(AssertionError, match=r"HTTP Error 400.*the key 'budgett' \(did you mean 'budget'\?\)"):
+            chat({"mm_processor_kwargs": {"budgett": 0.1}})
         budgeted = chat({"mm_processor_kwargs": {"tokens": 100}})
         assert budgeted["usage"]["prompt_tokens"] == prompt_length(model, (800, 600), hired.HiredConfig(tokens=100))
     finally:

@@ -6,22 +6,32 @@ vLLM calls :func:`register` in every process it starts (the ``vllm.general_plugi
 It replaces vLLM's own ``LlavaNextForConditionalGeneration`` and ``LlavaForConditionalGeneration``
 with subclasses that behave exactly as the stock ones unless the model's configuration holds a
 ``hired`` entry (a folder saved after ``hired.apply``, or ``hf_overrides``) or a request asks for a
-budget (``mm_processor_kwargs={"budget": 0.1}``). vLLM itself is imported only inside
-:func:`register`; :mod:`hired.engines.vllm.settings` holds the rules, which need no vLLM.
+budget (``mm_processor_kwargs={"budget": 0.1}``), and makes every other model refuse a ``hired``
+entry or hired's request keys rather than ignore them (:mod:`hired.engines.vllm.guard`). vLLM itself
+is imported only inside :func:`register`; :mod:`hired.engines.vllm.settings` holds the rules, which
+need no vLLM, and :mod:`hired.engines.vllm.internals` the vLLM internals the plugin relies on.
 """
 
 from __future__ import annotations
 
-# The architectures the plugin serves, and the classes that replace vLLM's.
-ARCHITECTURES = {
-    "LlavaNextForConditionalGeneration": "hired.engines.vllm.models:HiredLlavaNextForConditionalGeneration",
-    "LlavaForConditionalGeneration": "hired.engines.vllm.models:HiredLlavaForConditionalGeneration",
-}
+from .settings import SERVED_ARCHITECTURES
+
+# The classes that replace vLLM's, by architecture.
+ARCHITECTURES = {architecture: f"hired.engines.vllm.models:Hired{architecture}" for architecture in SERVED_ARCHITECTURES}
 
 
 def register() -> None:
-    """Register the plugin's model classes with vLLM (called by vLLM through its plugin entry point)."""
+    """Register the plugin with vLLM (called by vLLM through its plugin entry point, in every process).
+
+    Raises:
+        hired.engines.vllm.internals.IncompatibleVllm: the installed vLLM lacks an internal the plugin needs.
+    """
     from vllm import ModelRegistry
 
+    from . import guard, internals
+
+    internals.check(internals.REGISTRATION)
+    internals.warn_if_untested()
     for architecture, target in ARCHITECTURES.items():
         ModelRegistry.register_model(architecture, target)
+    guard.install()

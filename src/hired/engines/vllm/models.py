@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
@@ -26,7 +27,22 @@ from vllm.multimodal.processing import PromptReplacement
 from ... import FamilyAdapter, HiredConfig, registered_families
 from ...algorithm import token_scores
 from ...methods import VisionEvidence, get_method
-from .settings import KEPT_FIELD, TowerPlan, UnservableConfig, engine_config, kept_tokens, request_config, split_request_kwargs, tower_plan
+from ...state import CONFIG_KEY
+from . import internals
+from .settings import (
+    KEPT_FIELD,
+    ProcessorKeys,
+    TowerPlan,
+    UnservableConfig,
+    check_request_keys,
+    engine_config,
+    kept_tokens,
+    processor_keys,
+    request_config,
+    split_request_kwargs,
+    tower_plan,
+    unserved_config,
+)
 
 FAMILIES = {family.name: family for family in registered_families()}
 LLAVA_NEXT, LLAVA = FAMILIES["llava-next"], FAMILIES["llava"]
@@ -58,6 +74,11 @@ class HiredProcessingInfo:
         _, rest = split_request_kwargs(kwargs)
         return super().get_hf_processor(**rest)
 
+    @functools.cached_property
+    def hired_processor_keys(self) -> ProcessorKeys:
+        """The keys the model's Hugging Face processor declares (read once, from the engine's processor)."""
+        return processor_keys(self.get_hf_processor())
+
     def hired_config_for(self, request: Mapping[str, Any]) -> HiredConfig | None:
         """The configuration of a request whose hired keys are ``request``."""
         config = request_config(self.hired_config, request)
@@ -67,7 +88,16 @@ class HiredProcessingInfo:
 
 
 class HiredMultiModalProcessor:
-    """Mixed into vLLM's multimodal processor: each image's kept count, as a field and as its placeholders."""
+    """Mixed into vLLM's multimodal processor: each request's keys checked, each image's kept count, as a field
+    and as its placeholders."""
+
+    # guard.GUARD_MARK: checks its requests itself, so the guard leaves it alone.
+    hired_guard: ClassVar[bool] = True
+
+    def apply(self, inputs, *args, **kwargs):
+        # Every request passes here, also when its images' processing comes from vLLM's cache.
+        check_request_keys(inputs.hf_processor_mm_kwargs, self.info.hired_processor_keys)
+        return super().apply(inputs, *args, **kwargs)
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
         request, rest = split_request_kwargs(hf_kwargs)
@@ -114,6 +144,7 @@ class HiredVisionModel:
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        internals.check_tower(self)
         hf_config = vllm_config.model_config.hf_config
         config = engine_config(hf_config)
         self.hired_config = config or HiredConfig()  # a request's budget on an engine without one runs HiRED
@@ -246,7 +277,10 @@ class HiredLlavaMultiModalProcessor(HiredMultiModalProcessor, llava.LlavaMultiMo
 
 
 def _llava_info(ctx):
-    if isinstance(ctx.get_hf_config(LlavaConfig).vision_config, PixtralVisionConfig):
+    hf_config = ctx.get_hf_config(LlavaConfig)
+    if isinstance(hf_config.vision_config, PixtralVisionConfig):
+        if getattr(hf_config, CONFIG_KEY, None) is not None:
+            raise UnservableConfig(unserved_config("LlavaForConditionalGeneration with a Pixtral vision tower"))
         return llava.PixtralHFProcessingInfo(ctx)
     return HiredLlavaProcessingInfo(ctx)
 

