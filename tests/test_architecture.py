@@ -7,7 +7,9 @@ import hired
 
 PACKAGE = Path(hired.__file__).parent
 # What an engine integration may import of hired: the public API and the pure modules.
-ENGINE_ALLOWED = ("hired", "hired.algorithm", "hired.geometry", "hired.loading", "hired.methods", "hired.engines")
+# hired.compat declares the transformers internals an engine checks too; hired.state names the config.json key.
+ENGINE_ALLOWED = ("hired", "hired.algorithm", "hired.compat", "hired.geometry", "hired.loading", "hired.methods",
+                  "hired.state", "hired.engines")
 
 
 def _module_name(path: Path) -> str:

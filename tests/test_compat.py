@@ -74,7 +74,7 @@ def test_apply_names_a_missing_internal_the_version_and_the_range(monkeypatch, o
     with pytest.raises(compat.IncompatibleTransformers) as error:
         hired.apply(model, processor, budget=0.2)
     message = str(error.value)
-    assert name in message and transformers.__version__ in message and ">=5.19" in message and "<5.25" in message
+    assert name in message and transformers.__version__ in message and ">=5.19" in message and "<5.26" in message
     assert type(model.model) is LlavaNextModel, "a refused apply must leave the model stock"
 
 

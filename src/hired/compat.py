@@ -18,7 +18,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 # The releases the whole test suite passed on; keep in step with pyproject.toml.
-SUPPORTED_TRANSFORMERS = SpecifierSet(">=5.19,<5.25")
+SUPPORTED_TRANSFORMERS = SpecifierSet(">=5.19,<5.26")
 
 # transformers 5.24 renamed the KV-cache keyword of every forward from ``past_key_values`` to ``cache``.
 CACHE_ARGUMENTS = ("cache", "past_key_values")
@@ -41,7 +41,7 @@ def incompatible(what: str, needed_for: str) -> IncompatibleTransformers:
     return IncompatibleTransformers(
         f"{what} is missing from the installed transformers {installed_transformers()}; hired needs it for "
         f"{needed_for}. hired is tested on transformers {_supported_range()}: install a release in that range "
-        "(pip install 'transformers>=5.19,<5.25')"
+        "(pip install 'transformers>=5.19,<5.26')"
     )
 
 

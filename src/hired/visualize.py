@@ -154,7 +154,7 @@ def _norm(scores: np.ndarray):
     """Square-root colour scale: attention is peaked, and a linear scale shows only its peak."""
     from matplotlib.colors import PowerNorm
 
-    return PowerNorm(gamma=0.5, vmin=0.0, vmax=max(float(scores.max()), 1e-12))
+    return PowerNorm(gamma=0.5, vmin=0.0, vmax=max(float(scores.max(initial=0.0)), 1e-12))  # a tile of padding feeds none
 
 
 def _painted(size: tuple[int, int], boxes: np.ndarray, values: dict[int, float], background: float) -> np.ndarray:
