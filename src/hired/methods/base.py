@@ -100,9 +100,11 @@ class VisionEvidence:
     Attributes:
         geometry: the image's partitions and their candidate positions.
         features: ``(P, s*s, D)`` feature-layer hidden states of the patch tokens.
-        distribution_scores: ``(P, s*s)`` CLS attention of the distribution layer (heads
-            aggregated); ``None`` when the tower has no CLS token.
-        selection_scores: ``(P, s*s)`` CLS attention of the selection layer; ``None`` without CLS.
+        distribution_scores: ``(P, s*s)`` token scores of the distribution layer, heads aggregated, of
+            the kind :attr:`SignalLayers.score` names: with ``"auto"`` (the default) CLS attention where
+            the tower has a CLS token and key distinctiveness where it has none. hired's families and its
+            vLLM plugin always compute them, on towers without a CLS token too.
+        selection_scores: ``(P, s*s)`` the same scores of the selection layer.
         keys: ``(P, s*s, Dk)`` key projections of the patch tokens in the selection layer.
 
     Where the tensors live: :meth:`Method.choose` hands a method the score maps on the host (CPU) and the
