@@ -1,6 +1,7 @@
 """The shape of the package: no import circle, the core apart from the testbed, engines on the public API."""
 
 import ast
+import re
 from pathlib import Path
 
 import hired
@@ -61,7 +62,7 @@ GRAPH = {name: {m for m in _imports(name, path) if m in MODULES and m != name} f
 
 
 def test_the_graph_sees_the_package():
-    assert {"hired", "hired.config", "hired.methods.base", "hired.families.base"} <= set(GRAPH)
+    assert {"hired", "hired.config", "hired.methods.base", "hired.families.adapter"} <= set(GRAPH)
     assert "hired.methods.base" in GRAPH["hired.config"] or "hired.methods" in GRAPH["hired.config"]
 
 
@@ -113,6 +114,20 @@ def test_the_algorithm_and_the_methods_know_no_model_class():
         imported = _imports(name, MODULES[name])
         assert not any(m.startswith(("hired.families", "hired.state", "hired.signals")) for m in imported), name
         assert not any(m.startswith("transformers") and not m.startswith("transformers.image_processing_utils") for m in imported), name
+
+
+# The modules of hired.families that define a family (those that register one); the others are the framework.
+FAMILY_MODULES = {name for name, path in MODULES.items()
+                  if name.startswith("hired.families.") and re.search(r"^\w+ = register_family\(", path.read_text(), re.M)}
+FRAMEWORK_MODULES = {name for name in MODULES if name.startswith("hired.families.")} - FAMILY_MODULES
+
+
+def test_the_families_import_the_framework_and_not_the_reverse():
+    assert len(FAMILY_MODULES) == 6 and "hired.families.adapter" in FRAMEWORK_MODULES
+    for name in FRAMEWORK_MODULES:
+        assert not GRAPH[name] & FAMILY_MODULES, f"{name} imports {sorted(GRAPH[name] & FAMILY_MODULES)}"
+    for name in FAMILY_MODULES:
+        assert GRAPH[name] & FRAMEWORK_MODULES, f"{name} imports none of the framework"
 
 
 def test_a_cycle_is_detected():

@@ -318,3 +318,89 @@ def test_an_option_of_another_method_is_an_error(user_method):
         hired.HiredConfig.create(method=user_method, alpha=0.5)
     with pytest.raises(ValueError, match="option 'stride' must be an integer >= 1"):
         hired.HiredConfig.create(method=user_method, stride=0)
+
+
+# ============================================================================================
+# The family protocol: what every family's swapped model does whatever its own code, and what an adapter must declare
+
+
+def test_a_failing_image_call_forgets_the_records_of_the_last_one(family):
+    """The swapped ``get_image_features`` forgets the previous call's records before the family's own code runs,
+    and keeps the family's signature, by which ``generate`` picks the arguments it encodes."""
+    model, processor, _ = family
+    hired.apply(model, processor, budget=0.2)
+    inner = hired.family_of(model).inner(model)
+    inputs = encode(processor, IMAGES[:1])
+    with torch.no_grad():
+        model(**inputs)
+    assert len(hired.selections(model)) == 1
+    parameters = inspect.signature(inner.get_image_features).parameters
+    assert "pixel_values" in parameters
+    arguments = {key: value for key, value in inputs.items() if key in parameters}
+    pixels = arguments["pixel_values"]
+    arguments["pixel_values"] = pixels[:, :-1] if pixels.dim() == 5 else pixels[:-1]  # one tile or patch short
+    with pytest.raises(ValueError), torch.no_grad():
+        inner.get_image_features(**arguments)
+    assert hired.selections(model) == []
+
+
+def incomplete_adapter(drop_hook=None, **attributes):
+    """A throwaway adapter class on LLaVA-1.5's classes, without ``drop_hook``; ``attributes`` override (None deletes)."""
+    from hired.families import FamilyAdapter
+    from hired.families.llava import LLAVA
+
+    stock = type(LLAVA)
+    namespace = {"name": "half-done", **{a: getattr(stock, a) for a in ("outer_class", "inner_class", "hired_inner_class",
+                                                                          "processor_class", "hired_processor_class")}}
+    namespace.update(attributes)
+    for hook in ("geometry", "released_geometry", "vision_probe", "pack_stock"):
+        if hook != drop_hook:
+            namespace[hook] = getattr(stock, hook)
+    return type("HalfDoneAdapter", (FamilyAdapter,), {k: v for k, v in namespace.items() if v is not None})
+
+
+def assert_refused(adapter_class, *lacking):
+    from hired.families import register_family, registered_families
+
+    with pytest.raises(TypeError) as error:
+        register_family(adapter_class())
+    message = str(error.value)
+    name = getattr(adapter_class, "name", None) or adapter_class.__name__
+    assert f"family {name!r}" in message or f"family {name} " in message, message
+    for part in lacking:
+        assert part in message, message
+    assert all(family.name != "half-done" for family in registered_families())
+
+
+def test_the_complete_adapter_is_made_and_registered_adapters_are_complete():
+    from hired.families import registered_families
+    from hired.families.adapter import missing_parts
+
+    assert incomplete_adapter()().name == "half-done"  # the throwaway adapter is complete without a drop
+    assert all(missing_parts(type(family)) == [] for family in registered_families())
+
+
+@pytest.mark.parametrize("hook", ["geometry", "released_geometry", "vision_probe", "pack_stock"])
+def test_register_family_refuses_an_adapter_missing_a_required_hook(hook):
+    assert_refused(incomplete_adapter(drop_hook=hook), f"the hook {hook}")
+
+
+@pytest.mark.parametrize("attribute", ["name", "outer_class", "inner_class", "hired_inner_class", "processor_class",
+                                       "hired_processor_class"])
+def test_register_family_refuses_an_adapter_missing_a_required_attribute(attribute):
+    assert_refused(incomplete_adapter(**{attribute: None}), f"the class attribute {attribute}")
+
+
+def test_register_family_refuses_swapped_classes_that_do_not_fit():
+    from transformers import LlavaModel, LlavaProcessor
+
+    from hired.families import HiredModel
+
+    class LazyLlavaModel(HiredModel, LlavaModel):
+        """Swapped, but encodes images as the stock model does."""
+
+    assert_refused(incomplete_adapter(drop_hook="pack_stock", hired_inner_class=LlavaModel,
+                                      hired_processor_class=LlavaProcessor),
+                   "the hook pack_stock", "hired_inner_class as a subclass of inner_class and HiredModel",
+                   "hired_processor_class as a subclass of processor_class and HiredProcessor")
+    assert_refused(incomplete_adapter(hired_inner_class=LazyLlavaModel), "hired_inner_class.get_image_features of its own")

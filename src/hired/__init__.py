@@ -104,7 +104,7 @@ def apply(model, processor=None, config: HiredConfig | None = None, **settings: 
         ``(model, processor)``, the same objects, patched.
     """
     from .config import HiredConfig
-    from .families import base as patching
+    from .families import patching
     from .families import family_of
     from .state import stored_config
 
@@ -126,7 +126,7 @@ def remove(model, processor=None):
     restored as well (unless it was patched again for another configuration since), so that a
     stock model is never left beside a processor that emits HiRED's token count.
     """
-    from .families import base as patching
+    from .families import patching
     from .families import family_of
 
     return patching.remove(family_of(model), model, processor)

@@ -60,7 +60,7 @@ MAX_PATCHES_PER_SIDE = 256
 
 def _inspect(args: argparse.Namespace) -> None:
     from ..families import registered_families
-    from ..families.base import check_cls_need
+    from ..families.patching import check_cls_need
 
     family = {family.name: family for family in registered_families()}[args.family]
     if args.family != "llava-next":

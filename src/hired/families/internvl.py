@@ -21,7 +21,9 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optim
 from ..geometry import TiledGeometry, square_side
 from ..images import image_size_of
 from ..signals import TowerRun, VisionProbe
-from .base import FamilyAdapter, HiredModel, HiredProcessor, ImageCall, positional_names
+from .adapter import FamilyAdapter
+from .mixins import HiredModel, HiredProcessor, ImageCall
+from .patching import positional_names
 from .registry import register_family
 
 
@@ -72,7 +74,6 @@ class HiredInternVLModel(HiredModel, InternVLModel):
         image_sizes: torch.Tensor | None = None,
         **kwargs,
     ):
-        self._begin_image_call()
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
 

@@ -8,7 +8,7 @@ from transformers.image_utils import make_flat_list_of_images
 
 from ..geometry import AnyresGeometry
 from ..images import image_size_of
-from .base import HiredModel, HiredProcessor, ImageCall
+from .mixins import HiredModel, HiredProcessor, ImageCall
 from .llava_next import LlavaNextAdapter, as_pair, tile_size
 from .registry import register_family
 
@@ -24,7 +24,6 @@ class HiredLlavaModel(HiredModel, LlavaModel):
         image_sizes: torch.Tensor | None = None,
         **kwargs,
     ):
-        self._begin_image_call()
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         geometries = [LLAVA.geometry(self.config) for _ in range(pixel_values.shape[0])]

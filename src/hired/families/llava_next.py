@@ -9,7 +9,8 @@ from transformers import LlavaNextForConditionalGeneration, LlavaNextModel, Llav
 
 from ..geometry import LLAVA_NEXT_PINPOINTS, AnyresGeometry
 from ..signals import VisionProbe
-from .base import FamilyAdapter, HiredModel, HiredProcessor, ImageCall
+from .adapter import FamilyAdapter
+from .mixins import HiredModel, HiredProcessor, ImageCall
 from .registry import register_family
 
 
@@ -40,7 +41,6 @@ class HiredLlavaNextModel(HiredModel, LlavaNextModel):
         vision_feature_select_strategy: str | None = None,
         **kwargs,
     ):
-        self._begin_image_call()
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         sizes = [as_pair(s) for s in image_sizes]

@@ -17,7 +17,8 @@ from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionM
 
 from ..geometry import ONEVISION_PINPOINTS, OnevisionGeometry
 from ..signals import TowerRun
-from .base import HiredModel, HiredProcessor, ImageCall, check_counts
+from .mixins import HiredModel, HiredProcessor, ImageCall
+from .records import check_counts
 from .llava_next import LlavaNextAdapter, as_pair, tile_size
 from .registry import register_family
 
@@ -52,7 +53,6 @@ class HiredLlavaOnevisionModel(HiredModel, LlavaOnevisionModel):
         batch_num_images: torch.Tensor | None = None,
         **kwargs,
     ):
-        self._begin_image_call()
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         aspect = vision_aspect_ratio or self.config.vision_aspect_ratio

@@ -33,15 +33,16 @@ from ..algorithm import token_scores
 from ..geometry import NativeGeometry
 from ..signals import TowerRun, VisionProbe
 from ..state import ModelState
-from .base import FamilyAdapter, HiredModel, HiredProcessor, ImageCall, check_counts
+from .adapter import FamilyAdapter
+from .mixins import HiredModel, HiredProcessor, ImageCall
+from .records import check_counts
 from .registry import register_family
 
 # The released checkpoints' image processor (their preprocessor_config.json): 14 px patches merged 2x2,
 # 3,136 to 12,845,056 pixels. transformers' own default caps images at 1,003,520 pixels instead.
 RELEASED = {"patch": 14, "merge": 2, "min_pixels": 56 * 56, "max_pixels": 12_845_056}
-# ModelState.call_data keys: this call's image geometries, where its image tokens sit in the prompt, and
-# whether a video is being encoded.
-GEOMETRIES, SLOTS, ENCODING_VIDEO = "geometries", "image_slots", "encoding_video"
+# ModelState.call_data keys: this call's image geometries, and where its image tokens sit in the prompt.
+GEOMETRIES, SLOTS = "geometries", "image_slots"
 
 
 def token_grid(image_size: Sequence[int], patch: int, merge: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -90,17 +91,15 @@ class NativeResolutionModel(HiredModel):
 
         The parameters are named as the stock ones: ``generate`` picks the arguments it encodes by them.
         """
-        # Qwen3-VL's stock method encodes the frames through self.get_image_features, which must then be the stock one.
-        self._hired.call_data[ENCODING_VIDEO] = True
+        # Qwen3-VL's stock method encodes the frames through self.get_image_features, which must then be the stock
+        # one and leave the image records alone: an instance attribute hides the class's method for this call.
+        self.get_image_features = functools.partial(self.stock_model.get_image_features, self)
         try:
             return self.stock_model.get_video_features(self, pixel_values_videos, video_grid_thw, **kwargs)
         finally:
-            del self._hired.call_data[ENCODING_VIDEO]
+            del self.get_image_features
 
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None, **kwargs):
-        if self._hired.call_data.get(ENCODING_VIDEO):
-            return self.stock_model.get_image_features(self, pixel_values, image_grid_thw, **kwargs)
-        self._begin_image_call()
         if image_grid_thw is None:
             raise ValueError("Qwen2.5-VL needs image_grid_thw beside pixel_values; pass the processor's whole output")
         merge, patch = self.visual.spatial_merge_size, self.visual.patch_size

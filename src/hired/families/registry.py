@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import FamilyAdapter
+from .adapter import FamilyAdapter
 
 _FAMILIES: dict[str, FamilyAdapter] = {}
 
@@ -10,7 +10,12 @@ _FAMILIES: dict[str, FamilyAdapter] = {}
 def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
     """Make ``hired.apply`` patch models of ``adapter``'s classes.
 
+    An adapter that lacks a required hook or class attribute never gets here: making it
+    (``register_family(MyAdapter())``) raises a ``TypeError`` naming the family and what it lacks
+    (:func:`hired.families.adapter.missing_parts`).
+
     Raises:
+        TypeError: ``adapter`` is not a :class:`FamilyAdapter`.
         ValueError: a family of that name, or one claiming the same model class, is registered already.
     """
     if not isinstance(adapter, FamilyAdapter):

@@ -1,0 +1,199 @@
+"""The classes mixed into the swapped model and processor: the generic selection path and the placeholder count.
+
+A family's swapped inner model subclasses :class:`HiredModel` and its stock inner class, and writes
+``get_image_features``: it normalises the call into an :class:`ImageCall` and hands it to
+:meth:`HiredModel._hired_features`. The records of the previous call are forgotten before that
+method runs, whatever it does, so that a call that fails leaves none behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..config import HiredConfig
+from ..geometry import PartitionGeometry
+from ..methods import VisionEvidence, get_method
+from ..state import ModelState
+from .records import check_counts, full_record, selection_record
+
+
+@dataclass
+class ImageCall:
+    """One ``get_image_features`` call, normalised by the family adapter.
+
+    Attributes:
+        tiles: per image, its ``(P, C, T, T)`` partitions in the order of its geometry.
+        geometries: per image, its partition geometry.
+        image_sizes: per image, its original ``(height, width)``, ``None`` where the model was not told
+            (LLaVA-1.5 inputs made by a stock processor); used for the stock packing and the records.
+        vision_feature_layer: the layer the call asks features from.
+        stock: runs the stock ``get_image_features`` with the same arguments.
+        feature_norm: a norm the stock model applies to the feature layer's output (InternViT's final
+            norm when it takes the last layer), ``None`` when it takes the output as it is.
+    """
+
+    tiles: list[torch.Tensor]
+    geometries: list[PartitionGeometry]
+    image_sizes: list[tuple[int, int] | None]
+    vision_feature_layer: Any
+    stock: Callable[[], BaseModelOutputWithPooling]
+    feature_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def _beginning_an_image_call(get_image_features: Callable[..., Any]) -> Callable[..., Any]:
+    """A family's ``get_image_features`` that first forgets the records of the previous call."""
+
+    # wraps keeps the signature visible: generate picks the arguments it encodes by their names.
+    @functools.wraps(get_image_features)
+    def wrapper(self: HiredModel, *args: Any, **kwargs: Any) -> Any:
+        self._begin_image_call()
+        return get_image_features(self, *args, **kwargs)
+
+    return wrapper
+
+
+class HiredModel:
+    """Mixed into the swapped inner model: select, project, record. Families call :meth:`_hired_features`.
+
+    A subclass's own ``get_image_features`` is wrapped when the class is made, so that every call
+    starts by forgetting the records of the previous one (:meth:`_begin_image_call`); a family does
+    not have to remember to.
+    """
+
+    _hired: ModelState
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("get_image_features")
+        if own is not None:
+            cls.get_image_features = _beginning_an_image_call(own)
+
+    def _begin_image_call(self) -> None:
+        """Forget the records of the previous call: a call that fails leaves no records of an earlier one."""
+        self._hired.records = []
+
+    def _hired_features(self, call: ImageCall) -> BaseModelOutputWithPooling:
+        """The output of ``get_image_features`` for ``call``: the kept tokens of each image, recorded."""
+        state = self._hired
+        config = state.config
+        family = state.family
+        method = get_method(config.method)
+        budgets = [config.budget_for(g.stock_tokens) for g in call.geometries]
+
+        if not method.selects_before_llm or all(_keeps_all(b, g) for b, g in zip(budgets, call.geometries)):
+            output = call.stock()
+            state.records = [full_record(g, size, method.name, g.stock_tokens + g.newline_tokens)
+                             for g, size in zip(call.geometries, call.image_sizes)]
+            return output
+
+        family.check_call(self, state.probe)
+        probe = state.probe
+        feature_layer = family.feature_layer(self, probe, call.vision_feature_layer)
+        layers = config.method_options.signal_layers()
+        runs = family.tower_runs(
+            self, call, probe,
+            feature_layer=feature_layer,
+            distribution_layer=layers.distribution,
+            selection_layer=feature_layer if layers.selection is None else layers.selection,
+            aggregation=layers.aggregation,
+            score=layers.score,
+        )
+        if call.feature_norm is not None:  # runs may be shared: no edits in place
+            runs = [dataclasses.replace(run, features=call.feature_norm(run.features)) for run in runs]
+        outputs, records, kept_rows = [], [], []
+        for run, geometry, budget, image_size in zip(runs, call.geometries, budgets, call.image_sizes):
+            if _keeps_all(budget, geometry):
+                packed = family.pack_stock(self, run, geometry, image_size)
+                outputs.append(packed)
+                records.append(full_record(geometry, image_size, method.name, len(packed)))
+                kept_rows.append(geometry.stock_order([row.nonzero().flatten() for row in geometry.candidates]))
+                continue
+            tokens = family.candidate_tokens(self, run, geometry, image_size)
+            evidence = VisionEvidence(
+                geometry=geometry,
+                features=tokens.features,
+                distribution_scores=tokens.distribution_scores,
+                selection_scores=tokens.selection_scores,
+                keys=tokens.keys,
+            )
+            selection, chosen = method.choose(evidence, budget, config.method_options)
+            outputs.append(chosen if family.selects_projected else family.project(self, chosen))
+            records.append(selection_record(evidence, image_size, selection, method.name, chosen.shape[0], run.score))
+            kept_rows.append(geometry.stock_order(selection.kept))
+        state.records = records
+        output = BaseModelOutputWithPooling(last_hidden_state=torch.cat([run.hidden for run in runs]), pooler_output=outputs)
+        return family.image_output(self, output, runs, kept_rows)
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
+        if input_ids is None:
+            image_embedding = self.get_input_embeddings()(
+                torch.full((), self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+            )
+            mask = (inputs_embeds == image_embedding).all(-1)
+        else:
+            mask = input_ids == self.config.image_token_id
+        check_counts(self._hired.records, int(mask.sum()), image_features.shape[:-1].numel())  # InternVL's are per tile
+        return mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
+
+
+def _keeps_all(budget: int | None, geometry: PartitionGeometry) -> bool:
+    return budget is not None and budget >= geometry.stock_tokens
+
+
+class HiredProcessor:
+    """Mixed into the swapped processor: the placeholder count for an image size.
+
+    Videos are never pruned. A family whose model takes videos as an input of their own
+    (``pixel_values_videos``, encoded by ``get_video_features``, which the patched model leaves stock)
+    sets ``passes_videos``: its processor expands them with the stock count, so that one prompt may hold
+    pruned images and stock videos, as the patched model feeds them. The other families' processors
+    refuse videos, since their models have no video input to leave stock: the stock LLaVA and
+    LLaVA-NeXT processors would drop the videos without a word, and InternVL's feeds a video's frames
+    as image tiles, which its model cannot tell from images.
+    """
+
+    hired_config: HiredConfig
+    _stock_class: ClassVar[type]
+    passes_videos: ClassVar[bool] = False
+
+    def hired_geometry(self, image_size: Sequence[int]) -> PartitionGeometry:
+        """The geometry of an image of this ``(height, width)`` under this processor's settings.
+
+        Every family's processor writes it: an adapter whose processor does not is refused when made.
+        """
+        raise NotImplementedError
+
+    def hired_tokens(self, image_size: Sequence[int]) -> int | None:
+        """Placeholders needed for an image of this ``(height, width)``; ``None`` for the stock count."""
+        return self.kept_tokens(self.hired_geometry(image_size))
+
+    def kept_tokens(self, geometry: PartitionGeometry) -> int | None:
+        """Placeholders needed for an image of this geometry; ``None`` for the stock count."""
+        self.hired_config.require_fixed_count()  # hired.apply checks this; a config set by hand is caught here
+        budget = self.hired_config.budget_for(geometry.stock_tokens)
+        return None if budget >= geometry.stock_tokens else budget
+
+    def __call__(self, images=None, text=None, videos=None, **kwargs):
+        if videos is None:
+            return super().__call__(images=images, text=text, **kwargs)
+        if not self.passes_videos:
+            raise ValueError(
+                f"hired prunes the tokens of images, not of videos, and passes videos through to the stock model "
+                f"only where it takes them as videos, which a {self._stock_class.__name__}'s model does not; pass "
+                "the frames as images, or run videos on the stock model (hired.remove(model, processor))"
+            )
+        return super().__call__(images=images, text=text, videos=videos, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["processor_class"] = self._stock_class.__name__
+        return output
+
+
+__all__ = ["HiredModel", "HiredProcessor", "ImageCall"]
