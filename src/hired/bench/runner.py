@@ -90,7 +90,7 @@ class BenchSpec:
             for method in default_methods():
                 try:
                     _check_depth(method, depth, spec.full_layers)
-                    _check_cls(method, has_cls, spec.name)
+                    get_method(method).check_tower(has_cls, f"the vision tower of {spec.name}")
                     self.methods.append(method)
                 except ValueError as error:
                     warnings.warn(f"leaving {method} out of the default methods: {error}", stacklevel=2)
@@ -102,7 +102,7 @@ class BenchSpec:
             for budget in self.budgets:
                 HiredConfig(budget=budget, method=method)
             _check_depth(method, depth, spec.full_layers)
-            _check_cls(method, has_cls, spec.name)
+            get_method(method).check_tower(has_cls, f"the vision tower of {spec.name}")
         for width, height in self.image_sizes:
             if width < 1 or height < 1:
                 raise ValueError(f"image sizes must be positive, got {width}x{height}")
@@ -124,11 +124,6 @@ def _check_depth(method: str, depth: int, full_layers: int) -> None:
         raise ValueError(f"{method} prunes before decoder layer {layer}, and the model of this run has {depth} "
                          f"decoder layers; {fix} leave {method} out")
 
-
-def _check_cls(method: str, has_cls: bool, model: str) -> None:
-    """Refuse a method that needs CLS attention on a tower without a CLS token (before building anything)."""
-    if get_method(method).needs_cls and not has_cls:
-        raise ValueError(f"{method} scores tokens by CLS attention, and the vision tower of {model} has no CLS token")
 
 
 def check_memory(spec: ModelSpec, bench: BenchSpec) -> dict[str, int]:

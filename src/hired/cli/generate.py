@@ -60,7 +60,6 @@ MAX_PATCHES_PER_SIDE = 256
 
 def _inspect(args: argparse.Namespace) -> None:
     from ..families import registered_families
-    from ..families.patching import check_cls_need
 
     family = {family.name: family for family in registered_families()}[args.family]
     if args.family != "llava-next":
@@ -73,8 +72,8 @@ def _inspect(args: argparse.Namespace) -> None:
     config = config_from_args(args)
     try:
         config.require_fixed_count()
-        check_cls_need(get_method(config.method), family.released_has_cls,
-                       f"the vision tower of the released {family.name} checkpoints")
+        get_method(config.method).check_tower(family.released_has_cls,
+                                              f"the vision tower of the released {family.name} checkpoints")
     except ValueError as error:
         raise CliError(str(error)) from None
     rows = []

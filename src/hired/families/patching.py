@@ -18,23 +18,10 @@ from .. import compat
 from ..config import HiredConfig
 from ..methods import Method, get_method
 from ..state import CONFIG_KEY, ModelState
-from . import decoder_pruning
+from .. import llm_pruning
 from .adapter import FamilyAdapter
 from .mixins import HiredProcessor
 from .records import check_counts
-
-
-def check_cls_need(method: Method, has_cls: bool, tower: str) -> None:
-    """Refuse a method that scores tokens by CLS attention for a vision tower without a CLS token.
-
-    ``tower`` names the tower in the message (``"the vision tower of this qwen2.5-vl model"``).
-    """
-    if method.needs_cls and not has_cls:
-        raise ValueError(
-            f"method {method.name!r} scores tokens by CLS attention and has no CLS-free form, but {tower} has no CLS "
-            "token; choose a method that needs none (hired and visionzip use a CLS-free score there; divprune, random "
-            "and spatial need no attention)"
-        )
 
 
 def _check_internals(family: FamilyAdapter, model, inner, processor) -> None:
@@ -62,7 +49,7 @@ def apply(family: FamilyAdapter, model, processor, config: HiredConfig):
     if processor is not None:
         config.require_fixed_count()
     probe = family.vision_probe(inner)
-    check_cls_need(method, probe.has_cls, f"the vision tower of this {family.name} model")
+    method.check_tower(probe.has_cls, f"the vision tower of this {family.name} model")
     feature_layer = family.feature_layer(inner, probe)
     layers = options.signal_layers()
     if method.selects_before_llm:
@@ -76,7 +63,7 @@ def apply(family: FamilyAdapter, model, processor, config: HiredConfig):
             )
     if processor is not None:
         family.check_processor(inner, processor)
-    llm_pruning = decoder_pruning.prepare(inner, method, options) if method.stage == "llm" else None
+    pruning = llm_pruning.prepare(inner, method, options) if method.stage == "llm" else None
 
     previous = getattr(inner, "_hired", None)
     earlier_processor = previous.paired_processor() if isinstance(previous, ModelState) else None
@@ -92,9 +79,9 @@ def apply(family: FamilyAdapter, model, processor, config: HiredConfig):
     inner.__class__ = family.hired_inner_class
     state = ModelState(family, config, probe, weakref.ref(processor) if processor is not None else None)
     inner._hired = state
-    if llm_pruning is not None:
-        state.llm_pruning = llm_pruning
-        decoder_pruning.install(inner, llm_pruning, config, records=functools.partial(getattr, state, "records"))
+    if pruning is not None:
+        state.llm_pruning = pruning
+        llm_pruning.install(inner, pruning, config, records=functools.partial(getattr, state, "records"))
     state.handles.append(inner.register_forward_pre_hook(
         functools.partial(_forget_records_of_earlier_calls, state, positional_names(family.inner_class.forward)),
         with_kwargs=True,
@@ -136,7 +123,7 @@ def _uninstall_hooks(inner) -> None:
     if not isinstance(state, ModelState):
         return
     if state.llm_pruning is not None:
-        decoder_pruning.uninstall(state.llm_pruning)
+        llm_pruning.uninstall(state.llm_pruning)
         state.llm_pruning = None
     for handle in state.handles:
         handle.remove()
@@ -183,4 +170,4 @@ def positional_names(function) -> tuple[str, ...]:
     return tuple(names[1:])  # without self
 
 
-__all__ = ["apply", "check_cls_need", "positional_names", "remove"]
+__all__ = ["apply", "positional_names", "remove"]

@@ -4,7 +4,7 @@ A method is one module in this package: a frozen options dataclass (validated on
 pure function, and a :func:`register_method` call. Vision-side methods see one image at a time as
 :class:`VisionEvidence` (tensors and a :class:`~hired.geometry.PartitionGeometry`, never a model) and
 return a :class:`Selection`. LLM-side methods supply a scoring function that the decoder hooks of
-:mod:`hired.families.decoder_pruning` call inside the language model.
+:mod:`hired.llm_pruning` call inside the language model.
 """
 
 from __future__ import annotations
@@ -213,6 +213,21 @@ class Method:
     def selects_before_llm(self) -> bool:
         """Whether the method chooses the visual tokens before the language model (from the vision tower)."""
         return self.stage == "vision"
+
+    def check_tower(self, has_cls: bool, tower: str) -> None:
+        """Refuse a vision tower without a CLS token when this method scores tokens by CLS attention.
+
+        ``tower`` names the tower in the message (``"the vision tower of this qwen2.5-vl model"``).
+
+        Raises:
+            ValueError: the method needs CLS attention and the tower has no CLS token.
+        """
+        if self.needs_cls and not has_cls:
+            raise ValueError(
+                f"method {self.name!r} scores tokens by CLS attention and has no CLS-free form, but {tower} has no CLS "
+                "token; choose a method that needs none (hired and visionzip use a CLS-free score there; divprune, random "
+                "and spatial need no attention)"
+            )
 
     def has_fixed_budget(self, options: MethodOptions) -> bool:
         """Whether, under ``options``, the token count depends only on the image size."""

@@ -2,7 +2,7 @@
 
 This module is the method: its option and its score, the attention of each row's last real token in
 decoder layer ``K-1``, heads averaged. The decoder hooks that prune the sequence before layer ``K``
-with that score, under any batch and the KV cache, are :mod:`hired.families.decoder_pruning`.
+with that score, under any batch and the KV cache, are :mod:`hired.llm_pruning`.
 Each image keeps the ``K_j`` of its placeholder positions that score highest, ``K_j`` being the
 budget a vision-side method would get for it (newline embeddings are candidates like the others).
 """

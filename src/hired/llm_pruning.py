@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import compat
+from . import compat
 
 _IMPLEMENTATIONS = ("sdpa", "eager")
 
