@@ -72,7 +72,7 @@ def flop_ideal(config, family, image_size: tuple[int, int], budget: float) -> fl
     shape = ModelShape.from_config(config)
     geometry = family.geometry(config, (image_size[1], image_size[0]))
     stock = geometry.stock_tokens + geometry.newline_tokens
-    kept = hired.HiredConfig(budget=budget).budget_for(geometry.stock_tokens)
+    kept = hired.HiredConfig(budget=budget).fed_tokens(geometry.stock_tokens)
 
     def flops(visual: int, projected: int) -> int:
         vision = image_vision_flops(shape, geometry, shape.vision_layers_used) + projector_flops(shape, projected)

@@ -19,7 +19,7 @@ from hired.algorithm import (
     mean_query_attention,
     received_attention,
     tile_content_scores,
-    token_budget,
+    token_count,
     top_k_indices,
 )
 from hired.geometry import LLAVA_NEXT_PINPOINTS, AnyresGeometry
@@ -155,20 +155,20 @@ def test_padding_contributes_nothing_and_padded_tiles_score_only_their_image_par
 # ---- budget and allocation
 
 
-def test_token_budget():
-    assert token_budget(1000, fraction=0.2) == 200
-    assert token_budget(1000, fraction=0.0005) == 1
-    assert token_budget(1000, tokens=50) == 50
-    assert token_budget(1000, tokens=5000) == 1000
-    assert token_budget(5, fraction=0.5) == 3  # halves round up, deterministically
+def test_token_count():
+    assert token_count(1000, fraction=0.2) == 200
+    assert token_count(1000, fraction=0.0005) == 1
+    assert token_count(1000, tokens=50) == 50
+    assert token_count(1000, tokens=5000) == 1000
+    assert token_count(5, fraction=0.5) == 3  # halves round up, deterministically
     with pytest.raises(ValueError):
-        token_budget(10)
+        token_count(10)
 
 
 def test_allocation_caps_are_redistributed_and_the_total_is_exact():
     # The reference code's r=0.6, alpha=0.75 case on a 2x2 image used 1152 of 1728 tokens.
     g = geometry(672, 672)
-    k = token_budget(g.stock_tokens, fraction=0.6)
+    k = token_count(g.stock_tokens, fraction=0.6)
     budgets = allocate(k, 0.75, torch.tensor([10.0, 1.0, 1.0, 1.0]), g.candidates.sum(1))
     assert int(budgets.sum()) == k == 1728
     assert budgets.tolist()[0] == 576
@@ -235,7 +235,7 @@ def test_hired_select_keeps_exactly_k_unpadded_tokens(height, width, fraction):
     g = geometry(height, width)
     torch.manual_seed(height + width)
     scores = torch.rand(g.num_partitions, g.tokens_per_tile)
-    k = token_budget(g.stock_tokens, fraction=fraction)
+    k = token_count(g.stock_tokens, fraction=fraction)
     budgets, kept = hired_select(scores, scores, g, k)
     assert int(budgets.sum()) == k == sum(len(i) for i in kept)
     for partition, indices in enumerate(kept):

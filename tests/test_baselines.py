@@ -111,7 +111,7 @@ def test_prumerge_fixed_budget_follows_the_outlier_count_of_each_partition():
     scores[0, :4] = 50  # 4 outliers in the base view
     scores[2, 100:112] = 50  # 12 in tile 2
     selection = get_method("prumerge").select(evidence(geometry, scores), 8, config("prumerge"))
-    assert selection.budgets.tolist() == [2, 0, 6, 0, 0]
+    assert selection.partition_tokens.tolist() == [2, 0, 6, 0, 0]
     assert selection.extras["outliers"] == [4, 0, 12, 0, 0]
 
 
@@ -159,7 +159,7 @@ def test_visionzip_shares_by_candidates_on_anyres():
     caps = geometry.candidates.sum(dim=1)
     assert selection.num_tokens == 300
     assert sum(selection.extras["dominant"]) + sum(selection.extras["contextual"]) == 300
-    shares = selection.budgets.float() / 300
+    shares = selection.partition_tokens.float() / 300
     torch.testing.assert_close(shares, caps.float() / caps.sum(), atol=0.01, rtol=0)
 
 
@@ -228,7 +228,7 @@ def test_lattice_spreads_any_count_evenly(height, width, count):
 def test_spatial_covers_the_base_view_and_the_mosaic_evenly():
     geometry = anyres(672, 672)  # 2x2, 48x48 mosaic, no padding
     selection = get_method("spatial").select(evidence(geometry), 5 * 36, config("spatial"))
-    assert selection.budgets.tolist() == [36, 36, 36, 36, 36]
+    assert selection.partition_tokens.tolist() == [36, 36, 36, 36, 36]
     base = torch.zeros(576)
     base[selection.kept[0]] = 1
     assert torch.equal(base.view(6, 4, 6, 4).sum(dim=(1, 3)), torch.ones(6, 6))
@@ -247,7 +247,7 @@ def test_every_method_keeps_exactly_the_budget_among_candidates(name, size):
     ev = evidence(geometry)
     for budget in (1, 37, geometry.stock_tokens // 5, geometry.stock_tokens - 1):
         selection = get_method(name).select(ev, budget, config(name))
-        assert selection.num_tokens == budget == int(selection.budgets.sum())
+        assert selection.num_tokens == budget == int(selection.partition_tokens.sum())
         for partition, kept in enumerate(selection.kept):
             assert bool(geometry.candidates[partition, kept].all())
             assert torch.equal(kept, kept.unique())

@@ -74,7 +74,7 @@ def logits(model, processor, images):
 
 def expected_tokens(processor, config, image):
     geometry = processor.hired_geometry((image.height, image.width))
-    fed = config.budget_for(geometry.stock_tokens)
+    fed = config.fed_tokens(geometry.stock_tokens)
     return fed + (geometry.newline_tokens if fed >= geometry.stock_tokens else 0), geometry
 
 
@@ -94,7 +94,7 @@ def test_placeholders_equal_features_equal_the_budget(family, method, supported)
     if hired.get_method(method).stage == "llm":  # fed in full, pruned inside the decoder to the budget
         budget = hired.HiredConfig(budget=0.2)
         assert [r.extras["llm_kept"] for r in records] == [
-            budget.budget_for(expected_tokens(processor, budget, image)[1].stock_tokens) for image in IMAGES
+            budget.fed_tokens(expected_tokens(processor, budget, image)[1].stock_tokens) for image in IMAGES
         ]
 
 

@@ -14,8 +14,8 @@ def test_demo_runs_offline_and_reports_selections_and_answers(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert [item["image"] for item in report["images"]] == ["astronaut.jpg", "document.png"]
     for item in report["images"]:
-        assert sum(item["partition_budgets"]) == item["visual_tokens"] == round(0.2 * item["stock_tokens"])
-        assert item["kept_per_partition"] == item["partition_budgets"]
+        assert sum(item["partition_tokens"]) == item["visual_tokens"] == round(0.2 * item["stock_tokens"])
+        assert item["kept_per_partition"] == item["partition_tokens"]
         assert (tmp_path / (item["image"].split(".")[0] + "-selection.png")).stat().st_size > 10_000
     assert len(report["answers"]) == 2
     for row in report["answers"]:

@@ -70,7 +70,7 @@ def test_placeholders_equal_features_equal_the_budget(family, amount):
     with torch.no_grad():
         model(**inputs)  # the model refuses a count mismatch
     records = hired.selections(model)
-    expected = [config.budget_for(processor.hired_geometry((im.height, im.width)).stock_tokens) for im in images]
+    expected = [config.fed_tokens(processor.hired_geometry((im.height, im.width)).stock_tokens) for im in images]
     expected = [k + (r.extras["newline_tokens"] if r.extras.get("stock_model") else 0) for k, r in zip(expected, records)]
     assert placeholders(inputs, model) == [r.visual_tokens for r in records] == expected
 

@@ -34,7 +34,7 @@ def test_kv_cache_holds_exactly_the_kept_image_positions(images):
     hired.apply(model, processor, method="fastv", budget=0.2)
     inputs = encode(processor, images)
     text = (inputs["attention_mask"].bool() & (inputs["input_ids"] != processor.image_token_id)).sum(dim=1)
-    kept = torch.tensor([hired.HiredConfig(budget=0.2).budget_for(r) for r in _stock_counts(model, images)])
+    kept = torch.tensor([hired.HiredConfig(budget=0.2).fed_tokens(r) for r in _stock_counts(model, images)])
     with torch.no_grad():
         output = model(**inputs, use_cache=True)
     lengths = [layer.keys.shape[-2] for layer in compat.cache_of(output).layers]
@@ -112,7 +112,7 @@ def test_prefill_and_decoding_match_a_manual_reference(factory, images):
     model.set_attn_implementation("sdpa")
     length = inputs["input_ids"].shape[1]
     is_image = inputs["input_ids"][0] == processor.image_token_id
-    keep_count = hired.HiredConfig(budget=0.2).budget_for(_stock_counts(model, images[:1])[0])
+    keep_count = hired.HiredConfig(budget=0.2).fed_tokens(_stock_counts(model, images[:1])[0])
     attention = stock.attentions[layer - 1][0, :, length - 1, :length].mean(dim=0)  # last prompt token
     image_positions = is_image.nonzero().flatten()
     best = image_positions[attention[image_positions].sort(descending=True, stable=True).indices[:keep_count]]

@@ -85,7 +85,7 @@ def test_placeholders_equal_features_equal_budget(size, budget, make_image):
     counts = processor._get_num_multimodal_tokens(image_sizes=[size[::-1]])["num_image_tokens"]
     assert counts == [expected]
     if not record.extras.get("stock_model"):
-        assert int(record.budgets.sum()) == expected == sum(len(k) for k in record.kept)
+        assert int(record.partition_tokens.sum()) == expected == sum(len(k) for k in record.kept)
 
 
 @pytest.mark.parametrize("budget", [0.05, 0.25, 0.5])
@@ -104,9 +104,9 @@ def test_records(make_image):
     (record,) = hired.selections(model)
     assert record.grid == (1, 2) and record.image_size == (500, 1000)
     assert record.visual_tokens == round(0.2 * 1728)
-    assert [len(k) for k in record.kept] == record.budgets.tolist()
+    assert [len(k) for k in record.kept] == record.partition_tokens.tolist()
     assert record.distribution_scores.shape == (576,) and record.selection_scores.shape == (3, 576)
-    assert record.to_dict()["partition_budgets"] == record.budgets.tolist()
+    assert record.to_dict()["partition_tokens"] == record.partition_tokens.tolist()
 
 
 def test_batch_of_mixed_sizes_equals_each_image_alone(make_image):
@@ -181,7 +181,7 @@ def test_sdpa_scores_equal_eager_scores(make_image):
         run(model, processor, image, generate=False)
         records.append(hired.selections(model)[0])
     torch.testing.assert_close(records[0].selection_scores, records[1].selection_scores)
-    assert records[0].budgets.tolist() == records[1].budgets.tolist()
+    assert records[0].partition_tokens.tolist() == records[1].partition_tokens.tolist()
 
 
 def test_dinov2_tower(make_image):

@@ -279,7 +279,7 @@ def test_an_adaptive_method_refuses_a_budget(method):
     with pytest.raises(ValueError, match="chooses its token count from the pixels"):
         hired.HiredConfig.create(method=method, adaptive=True, budget=0.3)
     config = hired.HiredConfig.create(method=method, adaptive=True)
-    assert config.budget is None and config.budget_for(576) is None and config.kept_for(576) is None
+    assert config.budget is None and config.fed_tokens(576) is None and config.kept_for(576) is None
 
 
 def test_configurations_of_hired_0_2_still_load():

@@ -98,7 +98,7 @@ def test_placeholders_equal_features_equal_the_budget_at_native_resolution(model
     rows, cols = token_grid((height, width), image_processor.patch_size, 2, *limits)
     (record,) = hired.selections(model)
     assert record.stock_tokens == rows * cols == int(inputs["image_grid_thw"][0, 1:].prod()) // 4
-    expected = hired.HiredConfig(budget=0.2).budget_for(rows * cols)
+    expected = hired.HiredConfig(budget=0.2).fed_tokens(rows * cols)
     assert int((inputs["input_ids"] == processor.image_token_id).sum()) == record.visual_tokens == expected
     assert processor.hired_geometry((height, width)).stock_tokens == rows * cols
 

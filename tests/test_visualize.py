@@ -134,7 +134,7 @@ def test_a_downsampled_mosaic_outlines_each_kept_token_as_a_whole_cell():
     figure = selection_figure(image, record, geometry, tiles)
     for p in range(1, geometry.num_partitions):
         outlines = _axis(figure, f"tokens {p}").patches
-        assert len(outlines) == int(record.budgets[p]) > 0
+        assert len(outlines) == int(record.partition_tokens[p]) > 0
         sizes = {(round(r.get_width(), 6), round(r.get_height(), 6)) for r in outlines}
         assert len(sizes) == 1 and min(sizes.pop()) > 1.2 * patch, f"partition {p}"
 

@@ -1,4 +1,4 @@
-"""HiRED as pure tensor functions: scores, budget, allocation, selection.
+"""HiRED as pure tensor functions: scores, token count, allocation, selection.
 
 Nothing here knows a model class. The family adapters in :mod:`hired.families` feed these
 functions the query/key projections of two ViT layers and the image's
@@ -194,10 +194,10 @@ def _aggregate(per_head: torch.Tensor, aggregation: str) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Budget
+# Token count
 
 
-def token_budget(stock_tokens: int, fraction: float | None = None, tokens: int | None = None) -> int:
+def token_count(stock_tokens: int, fraction: float | None = None, tokens: int | None = None) -> int:
     """The number of visual tokens to keep for one image: a function of its size only.
 
     Exactly one of ``fraction`` (of the stock count) and ``tokens`` (absolute) is given. The
@@ -252,23 +252,23 @@ def tile_content_scores(base_scores: torch.Tensor, geometry: PartitionGeometry) 
 
 
 def allocate(
-    budget: int,
+    tokens: int,
     alpha: float,
     content_scores: torch.Tensor,
     caps: torch.Tensor,
 ) -> torch.Tensor:
-    """Per-partition token budgets ``(P,)``: the base view first, then the tiles.
+    """The image's ``tokens`` shared among its partitions: ``(P,)`` partition tokens, the base view first.
 
-    The base view gets ``round(alpha * budget)`` (capped at its own cap); the tiles share the rest
+    The base view gets ``round(alpha * tokens)`` (capped at its own cap); the tiles share the rest
     in proportion to ``content_scores`` (``(P-1,)``), each capped at its candidate count; what the
-    tiles cannot take goes back to the base view. The sum is exactly ``budget`` whenever
-    ``budget <= caps.sum()``.
+    tiles cannot take goes back to the base view. The sum is exactly ``tokens`` whenever
+    ``tokens <= caps.sum()``.
     """
     caps = caps.long()
     base_cap = int(caps[0])
-    base = min(round_half_up(alpha * budget), base_cap)
-    tiles = apportion(budget - base, content_scores, caps[1:])
-    base = min(base_cap, budget - int(tiles.sum()))
+    base = min(round_half_up(alpha * tokens), base_cap)
+    tiles = apportion(tokens - base, content_scores, caps[1:])
+    base = min(base_cap, tokens - int(tiles.sum()))
     return torch.cat([torch.tensor([base], dtype=torch.long), tiles])
 
 
@@ -290,31 +290,40 @@ def hired_select(
     distribution_scores: torch.Tensor,
     selection_scores: torch.Tensor,
     geometry: PartitionGeometry,
-    budget: int,
+    tokens: int,
     alpha: float = 0.5,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """HiRED for one image: per-partition budgets and kept indices.
+    """HiRED for one image: its partition tokens and kept indices.
 
     Args:
         distribution_scores: ``(P, s*s)`` CLS attention of the distribution layer; only the base
             view's row (partition 0) is used.
         selection_scores: ``(P, s*s)`` CLS attention of the selection (feature) layer.
         geometry: the image's AnyRes geometry.
-        budget: tokens to keep, at most ``geometry.stock_tokens``.
-        alpha: share of the budget for the base view.
+        tokens: tokens to keep, at most ``geometry.stock_tokens``.
+        alpha: share of the tokens for the base view.
 
     Returns:
-        ``(budgets, kept)``: ``(P,)`` long and one ascending index tensor per partition.
+        ``(partition_tokens, kept)``: ``(P,)`` long and one ascending index tensor per partition.
     """
     candidates = geometry.candidates
     caps = candidates.sum(dim=1)
     if geometry.num_partitions == 1:
-        budgets = torch.tensor([min(budget, int(caps[0]))])
+        partition_tokens = torch.tensor([min(tokens, int(caps[0]))])
     else:
         content = tile_content_scores(distribution_scores[0], geometry)
-        budgets = allocate(budget, alpha, content, caps)
+        partition_tokens = allocate(tokens, alpha, content, caps)
     kept = [
-        top_k_indices(selection_scores[p], int(budgets[p]), candidates[p])
+        top_k_indices(selection_scores[p], int(partition_tokens[p]), candidates[p])
         for p in range(geometry.num_partitions)
     ]
-    return budgets, kept
+    return partition_tokens, kept
+
+
+def __getattr__(name: str):
+    if name == "token_budget":
+        from .deprecation import warn_renamed
+
+        warn_renamed("hired.algorithm.token_budget", "hired.algorithm.token_count")
+        return token_count
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .algorithm import token_budget
+from .algorithm import token_count
+from .deprecation import warn_renamed
 from .methods import get_method
 
 DEFAULT_BUDGET = 0.2
@@ -116,7 +117,7 @@ class HiredConfig:
             amount = {"budget": self.budget, "tokens": self.tokens}
         return HiredConfig(method=method, method_options=options, **amount)
 
-    def budget_for(self, stock_tokens: int) -> int | None:
+    def fed_tokens(self, stock_tokens: int) -> int | None:
         """Visual tokens fed to the LLM for an image whose stock count (newlines not counted) is given.
 
         Methods that prune inside the LLM (and ``full``) feed the stock count; ``None`` for a method
@@ -126,7 +127,12 @@ class HiredConfig:
             return stock_tokens
         if not self.fixes_count:
             return None
-        return token_budget(stock_tokens, fraction=self.budget, tokens=self.tokens)
+        return token_count(stock_tokens, fraction=self.budget, tokens=self.tokens)
+
+    def budget_for(self, stock_tokens: int) -> int | None:
+        """The former name of :meth:`fed_tokens` (the budget is the fraction; this is a count)."""
+        warn_renamed("HiredConfig.budget_for", "HiredConfig.fed_tokens")
+        return self.fed_tokens(stock_tokens)
 
     def keeps_every_token(self, most_stock_tokens: int) -> bool:
         """Whether every image whose stock count is at most ``most_stock_tokens`` keeps all its tokens,
@@ -144,8 +150,8 @@ class HiredConfig:
         """Visual tokens the method keeps in the end for such an image: fed to the LLM, or (for a
         method that prunes inside the LLM) kept after its pruning layer; ``None`` when adaptive."""
         if get_method(self.method).stage == "llm":
-            return token_budget(stock_tokens, fraction=self.budget, tokens=self.tokens)
-        return self.budget_for(stock_tokens)
+            return token_count(stock_tokens, fraction=self.budget, tokens=self.tokens)
+        return self.fed_tokens(stock_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         return {"budget": self.budget, "tokens": self.tokens, "method": self.method,

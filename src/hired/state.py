@@ -15,6 +15,7 @@ import torch
 from transformers import PretrainedConfig
 
 from .config import HiredConfig
+from .deprecation import warn_renamed
 
 CONFIG_KEY = "hired"
 
@@ -31,7 +32,7 @@ class SelectionRecord:
         visual_tokens: features fed to the LLM for this image (newline tokens included when the
             stock model ran).
         stock_tokens: what the stock model would feed, newline tokens not counted.
-        budgets: ``(P,)`` tokens kept per partition (base view first).
+        partition_tokens: ``(P,)`` tokens kept per partition (base view first; ``budgets`` before hired 0.3).
         kept: kept indices per partition, in that partition's ``s*s`` numbering.
         distribution_scores: ``(s*s,)`` distribution-layer CLS attention of the base view.
         selection_scores: ``(P, s*s)`` selection-layer CLS attention of every partition.
@@ -43,11 +44,16 @@ class SelectionRecord:
     method: str
     visual_tokens: int
     stock_tokens: int
-    budgets: torch.Tensor
+    partition_tokens: torch.Tensor
     kept: list[torch.Tensor]
     distribution_scores: torch.Tensor | None
     selection_scores: torch.Tensor | None
     extras: dict
+
+    @property
+    def budgets(self) -> torch.Tensor:
+        warn_renamed("SelectionRecord.budgets", "SelectionRecord.partition_tokens")
+        return self.partition_tokens
 
     @property
     def kept_tokens(self) -> int:
@@ -64,7 +70,7 @@ class SelectionRecord:
             "method": self.method,
             "visual_tokens": self.visual_tokens,
             "stock_tokens": self.stock_tokens,
-            "partition_budgets": [int(b) for b in self.budgets],
+            "partition_tokens": [int(count) for count in self.partition_tokens],
             **{k: v for k, v in self.extras.items() if isinstance(v, (int, float, str, bool, list))},
         }
 

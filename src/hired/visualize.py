@@ -107,7 +107,7 @@ def selection_figure(image: Image.Image, record, geometry, tiles: np.ndarray):
     columns = partitions + (1 if partitions > 1 else 0)
     grid = figure.add_gridspec(2, columns, left=0.01, right=0.99, bottom=0.01,
                                top=1 - TITLE_INCHES / (height / DPI), wspace=0.04, hspace=0.12)
-    total = int(record.budgets.sum())
+    total = int(record.partition_tokens.sum())
     narrow = columns == 1  # one panel's width holds the title only on two lines in a smaller font
     figure.suptitle(
         f"{record.method}: {record.visual_tokens} of {record.stock_tokens} visual tokens kept "
@@ -133,7 +133,7 @@ def selection_figure(image: Image.Image, record, geometry, tiles: np.ndarray):
             x0, y0, x1, y1 = boxes[index]
             top.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,  # pixel centres at integers
                                     edgecolor="#00e5ff", linewidth=0.8))
-        top.set_title(f"{title}: {int(record.budgets[p])} of {len(fed)} kept", fontsize=9)
+        top.set_title(f"{title}: {int(record.partition_tokens[p])} of {len(fed)} kept", fontsize=9)
         bottom = figure.add_subplot(grid[1, first + p], label=f"scores {p}")
         scores = record.selection_scores[p].float().numpy()
         bottom.imshow(pixels.mean(axis=2), cmap="gray", vmin=0, vmax=1)
@@ -184,7 +184,7 @@ def _draw_overview(figure, grid, image, record, geometry, total: int, score: str
     footprints = geometry.footprints()
     top = figure.add_subplot(grid[0, 0])
     top.imshow(image)
-    top.set_title(f"image: base view {int(record.budgets[0])}, tiles {total - int(record.budgets[0])}", fontsize=9)
+    top.set_title(f"image: base view {int(record.partition_tokens[0])}, tiles {total - int(record.partition_tokens[0])}", fontsize=9)
     bottom = figure.add_subplot(grid[1, 0])
     side = geometry.side
     scores = record.distribution_scores.float().view(side, side).numpy()
@@ -198,7 +198,7 @@ def _draw_overview(figure, grid, image, record, geometry, total: int, score: str
         x1, y1 = float(boxes[:, 2].max()), float(boxes[:, 3].max())
         for axis in (top, bottom):
             axis.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="#00e5ff", linewidth=1.2))
-            axis.text(x0 + 0.04 * (x1 - x0), y0 + 0.12 * (y1 - y0), f"{p}: {int(record.budgets[p])}", color="white",
+            axis.text(x0 + 0.04 * (x1 - x0), y0 + 0.12 * (y1 - y0), f"{p}: {int(record.partition_tokens[p])}", color="white",
                       fontsize=8, bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0})
     for axis in (top, bottom):
         axis.set_xlim(0, image.width)

@@ -109,7 +109,7 @@ def _allocation(path: str, geometry, config) -> dict[str, Any]:
         "method": config.method,
         "stock_tokens": geometry.stock_tokens,
         "newline_tokens": geometry.newline_tokens,
-        "fed_tokens": _as_fed(config.budget_for(geometry.stock_tokens), geometry),
+        "fed_tokens": _as_fed(config.fed_tokens(geometry.stock_tokens), geometry),
         "kept_tokens": _as_fed(config.kept_for(geometry.stock_tokens), geometry),
         "partition_caps": [int(c) for c in geometry.candidates.sum(dim=1)],
     }

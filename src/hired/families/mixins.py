@@ -84,7 +84,7 @@ class HiredModel:
         config = state.config
         family = state.family
         method = get_method(config.method)
-        budgets = [config.budget_for(g.stock_tokens) for g in call.geometries]
+        budgets = [config.fed_tokens(g.stock_tokens) for g in call.geometries]
 
         if not method.selects_before_llm or all(_keeps_all(b, g) for b, g in zip(budgets, call.geometries)):
             output = call.stock()
@@ -176,7 +176,7 @@ class HiredProcessor:
     def kept_tokens(self, geometry: PartitionGeometry) -> int | None:
         """Placeholders needed for an image of this geometry; ``None`` for the stock count."""
         self.hired_config.require_fixed_count()  # hired.apply checks this; a config set by hand is caught here
-        budget = self.hired_config.budget_for(geometry.stock_tokens)
+        budget = self.hired_config.fed_tokens(geometry.stock_tokens)
         return None if budget >= geometry.stock_tokens else budget
 
     def __call__(self, images=None, text=None, videos=None, **kwargs):

@@ -39,18 +39,18 @@ def selection_record(evidence: VisionEvidence, image_size, selection: Selection,
     """The record of an image whose tokens a method selected, with the scores it selected by."""
     distribution = None if evidence.distribution_scores is None else evidence.distribution_scores[0].detach()
     scores = None if evidence.selection_scores is None else evidence.selection_scores.detach()
-    return _make_record(evidence.geometry, image_size, method, fed, selection.budgets, selection.kept, distribution,
+    return _make_record(evidence.geometry, image_size, method, fed, selection.partition_tokens, selection.kept, distribution,
                         scores, {"score": score, **selection.extras})
 
 
-def _make_record(geometry, image_size, method, fed, budgets, kept, distribution, selection, extras) -> SelectionRecord:
+def _make_record(geometry, image_size, method, fed, partition_tokens, kept, distribution, selection, extras) -> SelectionRecord:
     return SelectionRecord(
         image_size=None if image_size is None else tuple(image_size),
         grid=geometry.grid,
         method=method,
         visual_tokens=fed,
         stock_tokens=geometry.stock_tokens,
-        budgets=budgets,
+        partition_tokens=partition_tokens,
         kept=kept,
         distribution_scores=distribution,
         selection_scores=selection,

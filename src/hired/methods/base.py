@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 import torch
 
 from ..algorithm import SCORES
+from ..deprecation import warn_renamed
 
 if TYPE_CHECKING:
     from ..geometry import PartitionGeometry
@@ -120,26 +121,42 @@ class VisionEvidence:
     keys: torch.Tensor | None
 
 
-@dataclass
+@dataclass(init=False)
 class Selection:
     """A vision-side method's decision for one image.
 
     Attributes:
-        budgets: ``(P,)`` tokens kept per partition.
+        partition_tokens: ``(P,)`` tokens kept per partition (``budgets`` before hired 0.3).
         kept: ascending kept indices per partition, in that partition's ``s*s`` numbering.
         features: ``(K, D)`` features to feed in place of the kept tokens (merging methods), in
             stock order of the kept positions; ``None`` means "the kept tokens themselves".
         extras: method-specific record fields (e.g. an adaptive count).
     """
 
-    budgets: torch.Tensor
+    partition_tokens: torch.Tensor
     kept: list[torch.Tensor]
-    features: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
+    features: torch.Tensor | None
+    extras: dict
+
+    def __init__(self, partition_tokens: torch.Tensor | None = None, kept: list[torch.Tensor] | None = None,
+                 features: torch.Tensor | None = None, extras: dict | None = None, *,
+                 budgets: torch.Tensor | None = None) -> None:
+        if budgets is not None:
+            warn_renamed("Selection(budgets=...)", "Selection(partition_tokens=...)")
+            partition_tokens = budgets if partition_tokens is None else partition_tokens
+        if partition_tokens is None or kept is None:
+            raise TypeError("Selection needs partition_tokens and kept")
+        self.partition_tokens, self.kept = partition_tokens, kept
+        self.features, self.extras = features, {} if extras is None else extras
+
+    @property
+    def budgets(self) -> torch.Tensor:
+        warn_renamed("Selection.budgets", "Selection.partition_tokens")
+        return self.partition_tokens
 
     @property
     def num_tokens(self) -> int:
-        return int(self.features.shape[0]) if self.features is not None else int(self.budgets.sum())
+        return int(self.features.shape[0]) if self.features is not None else int(self.partition_tokens.sum())
 
 
 @dataclass(frozen=True)
@@ -152,7 +169,7 @@ class Method:
         options: the method's :class:`MethodOptions` subclass.
         stage: ``"vision"`` (chooses tokens before the LLM through ``select``), ``"llm"`` (prunes
             inside the decoder through ``score``) or ``"none"`` (the stock model).
-        select: ``(evidence, budget, options) -> Selection`` for vision-side methods.
+        select: ``(evidence, tokens, options) -> Selection`` for vision-side methods: keep ``tokens`` of the image.
         score: for LLM-side methods, ``(query, key, rotary, apply_rotary, head_dim, scaling,
             attention_mask) -> (B, L)`` importance of every position, computed in the decoder layer
             before the one where pruning starts (``options.layer``).
@@ -233,27 +250,27 @@ class Method:
         """Whether, under ``options``, the token count depends only on the image size."""
         return not options.adaptive
 
-    def choose(self, evidence: VisionEvidence, budget: int | None, options: MethodOptions) -> tuple[Selection, torch.Tensor]:
+    def choose(self, evidence: VisionEvidence, tokens: int | None, options: MethodOptions) -> tuple[Selection, torch.Tensor]:
         """Run this vision-side method on one image: its :class:`Selection` and the ``(K, D)`` features to feed.
 
         The features are the kept tokens in stock order (or the method's merged ones); every engine
         feeds exactly these.
 
         Raises:
-            RuntimeError: a fixed-budget method returned another count than ``budget`` (a bug in the method).
+            RuntimeError: a fixed-budget method returned another count than ``tokens`` (a bug in the method).
         """
         selection = self.select(dataclasses.replace(
             evidence,
             distribution_scores=_on_host(evidence.distribution_scores),
             selection_scores=_on_host(evidence.selection_scores),
-        ), budget, options)
+        ), tokens, options)
         if selection.features is not None:
             features = selection.features
         else:
             order = evidence.geometry.stock_order(selection.kept).to(evidence.features.device)
             features = evidence.features[order[:, 0], order[:, 1]]
-        if self.has_fixed_budget(options) and features.shape[0] != budget:
-            raise RuntimeError(f"method {self.name!r} returned {features.shape[0]} tokens for a budget of {budget}; "
+        if self.has_fixed_budget(options) and features.shape[0] != tokens:
+            raise RuntimeError(f"method {self.name!r} returned {features.shape[0]} tokens where it was asked for {tokens}; "
                                "this is a bug in the method")
         return selection, features
 

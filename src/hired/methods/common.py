@@ -1,4 +1,4 @@
-"""Pieces several methods share: budget checks, candidate rows, lattices, cosine similarity."""
+"""Pieces several methods share: token count checks, candidate rows, lattices, cosine similarity."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ if TYPE_CHECKING:
     from ..geometry import PartitionGeometry
 
 
-def check_budget(method: str, budget: int, geometry: "PartitionGeometry") -> None:
-    """A fixed budget must be a whole count between 1 and the image's stock count."""
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1:
-        raise ValueError(f"method {method!r} needs a budget of at least 1 token, got {budget!r}")
-    if budget > geometry.stock_tokens:
+def check_count(method: str, tokens: int, geometry: "PartitionGeometry") -> None:
+    """The tokens to keep must be a whole count between 1 and the image's stock count."""
+    if isinstance(tokens, bool) or not isinstance(tokens, numbers.Integral) or tokens < 1:
+        raise ValueError(f"method {method!r} needs to keep at least 1 token, got {tokens!r}")
+    if tokens > geometry.stock_tokens:
         raise ValueError(
-            f"method {method!r} cannot keep {budget} tokens of an image that has only {geometry.stock_tokens} "
+            f"method {method!r} cannot keep {tokens} tokens of an image that has only {geometry.stock_tokens} "
             "(the stock count); ask for at most that many, or use budget=1.0 for the stock model"
         )
 
@@ -40,12 +40,12 @@ def make_selection(
     geometry: "PartitionGeometry", kept: list[torch.Tensor], merged: torch.Tensor | None = None, **extras: Any
 ) -> Selection:
     """A :class:`Selection`; ``merged`` is a ``(P, s*s, D)`` map whose kept positions hold merged features."""
-    budgets = torch.tensor([len(k) for k in kept], dtype=torch.long)
+    partition_tokens = torch.tensor([len(k) for k in kept], dtype=torch.long)
     features = None
     if merged is not None:
         order = geometry.stock_order(kept).to(merged.device)
         features = merged[order[:, 0], order[:, 1]]
-    return Selection(budgets, kept, features, extras)
+    return Selection(partition_tokens, kept, features, extras)
 
 
 def lattice_indices(height: int, width: int, count: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .base import Method, NoOptions, Selection, VisionEvidence, register_method
-from .common import candidate_positions, check_budget, cosine, make_selection, split_rows
+from .common import candidate_positions, check_count, cosine, make_selection, split_rows
 
 
 def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:
@@ -42,11 +42,11 @@ def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:
     return picked.cpu()
 
 
-def select(evidence: VisionEvidence, budget: int, options: NoOptions) -> Selection:
+def select(evidence: VisionEvidence, tokens: int, options: NoOptions) -> Selection:
     geometry = evidence.geometry
-    check_budget("divprune", budget, geometry)
+    check_count("divprune", tokens, geometry)
     rows = candidate_positions(geometry)
-    picked = max_min_diverse(evidence.features[rows[:, 0], rows[:, 1]], budget)
+    picked = max_min_diverse(evidence.features[rows[:, 0], rows[:, 1]], tokens)
     return make_selection(geometry, split_rows(geometry, rows[picked]))
 
 

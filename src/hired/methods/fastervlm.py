@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from ..algorithm import top_k_indices
 from .base import Method, NoOptions, Selection, VisionEvidence, register_method
-from .common import candidate_positions, check_budget, make_selection, split_rows
+from .common import candidate_positions, check_count, make_selection, split_rows
 
 
-def select(evidence: VisionEvidence, budget: int, options: NoOptions) -> Selection:
+def select(evidence: VisionEvidence, tokens: int, options: NoOptions) -> Selection:
     geometry = evidence.geometry
-    check_budget("fastervlm", budget, geometry)
+    check_count("fastervlm", tokens, geometry)
     rows = candidate_positions(geometry)
     scores = evidence.selection_scores[rows[:, 0], rows[:, 1]]
-    return make_selection(geometry, split_rows(geometry, rows[top_k_indices(scores, budget)]))
+    return make_selection(geometry, split_rows(geometry, rows[top_k_indices(scores, tokens)]))
 
 
 FASTERVLM = register_method(

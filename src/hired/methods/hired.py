@@ -51,11 +51,11 @@ class HiredOptions(MethodOptions):
         return SignalLayers(self.distribution_layer, self.selection_layer, self.head_aggregation, self.score)
 
 
-def select(evidence: VisionEvidence, budget: int, options: HiredOptions) -> Selection:
-    budgets, kept = hired_select(
-        evidence.distribution_scores, evidence.selection_scores, evidence.geometry, budget, options.alpha
+def select(evidence: VisionEvidence, tokens: int, options: HiredOptions) -> Selection:
+    partition_tokens, kept = hired_select(
+        evidence.distribution_scores, evidence.selection_scores, evidence.geometry, tokens, options.alpha
     )
-    return Selection(budgets, kept)
+    return Selection(partition_tokens, kept)
 
 
 HIRED = register_method(

@@ -14,7 +14,7 @@ import torch
 
 from ..algorithm import apportion, round_half_up, top_k_indices
 from .base import Method, MethodOptions, Selection, VisionEvidence, register_method
-from .common import check_budget, cosine, make_selection, partition_lattice
+from .common import check_count, cosine, make_selection, partition_lattice
 
 
 @dataclass(frozen=True)
@@ -127,13 +127,13 @@ def partition_kept(
     return torch.cat([lattice, by_attention]).sort().values
 
 
-def _select(evidence: VisionEvidence, budget: int, options: PruMergeOptions, name: str,
+def _select(evidence: VisionEvidence, tokens: int, options: PruMergeOptions, name: str,
             uniform: float | None) -> Selection:
     geometry = evidence.geometry
     factor = options.iqr_factor
     adaptive = options.adaptive
     if not adaptive:
-        check_budget(name, budget, geometry)
+        check_count(name, tokens, geometry)
     candidates = geometry.candidates
     scores = evidence.selection_scores.float()
     s = geometry.side
@@ -151,7 +151,7 @@ def _select(evidence: VisionEvidence, budget: int, options: PruMergeOptions, nam
         if int(native_counts.sum()) == 0:  # a flat attention map has no outliers: keep its peak
             kept = [top_k_indices(scores[p], 1 if p == 0 else 0, candidates[p]) for p in range(len(native))]
     else:
-        shares = apportion(budget, native_counts, candidates.sum(dim=1))
+        shares = apportion(tokens, native_counts, candidates.sum(dim=1))
         kept = [
             partition_kept(scores[p], candidates[p], s, outliers[p], int(shares[p]), uniform)
             for p in range(geometry.num_partitions)
@@ -171,12 +171,12 @@ def _select(evidence: VisionEvidence, budget: int, options: PruMergeOptions, nam
     return make_selection(geometry, kept, merged, adaptive=adaptive, **extras)
 
 
-def select_prumerge(evidence: VisionEvidence, budget: int, options: PruMergeOptions) -> Selection:
-    return _select(evidence, budget, options, "prumerge", None)
+def select_prumerge(evidence: VisionEvidence, tokens: int, options: PruMergeOptions) -> Selection:
+    return _select(evidence, tokens, options, "prumerge", None)
 
 
-def select_prumerge_plus(evidence: VisionEvidence, budget: int, options: PruMergePlusOptions) -> Selection:
-    return _select(evidence, budget, options, "prumerge+", options.uniform_ratio)
+def select_prumerge_plus(evidence: VisionEvidence, tokens: int, options: PruMergePlusOptions) -> Selection:
+    return _select(evidence, tokens, options, "prumerge+", options.uniform_ratio)
 
 
 PRUMERGE = register_method(

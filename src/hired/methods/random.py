@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Method, MethodOptions, Selection, VisionEvidence, register_method
-from .common import candidate_positions, check_budget, make_selection, split_rows
+from .common import candidate_positions, check_count, make_selection, split_rows
 
 
 @dataclass(frozen=True)
@@ -22,17 +22,17 @@ class RandomOptions(MethodOptions):
             raise ValueError(f"option 'seed' must be below 2**63 (torch's generator takes a 64-bit seed), got {self.seed}")
 
 
-def random_rows(num_candidates: int, budget: int, seed: int) -> torch.Tensor:
-    """``budget`` of ``num_candidates`` positions drawn uniformly without replacement, reproducibly."""
+def random_rows(num_candidates: int, tokens: int, seed: int) -> torch.Tensor:
+    """``tokens`` of ``num_candidates`` positions drawn uniformly without replacement, reproducibly."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(num_candidates, generator=generator)[:budget].sort().values
+    return torch.randperm(num_candidates, generator=generator)[:tokens].sort().values
 
 
-def select(evidence: VisionEvidence, budget: int, options: RandomOptions) -> Selection:
+def select(evidence: VisionEvidence, tokens: int, options: RandomOptions) -> Selection:
     geometry = evidence.geometry
-    check_budget("random", budget, geometry)
+    check_count("random", tokens, geometry)
     rows = candidate_positions(geometry)
-    return make_selection(geometry, split_rows(geometry, rows[random_rows(len(rows), budget, options.seed)]))
+    return make_selection(geometry, split_rows(geometry, rows[random_rows(len(rows), tokens, options.seed)]))
 
 
 RANDOM = register_method(

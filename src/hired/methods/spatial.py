@@ -6,15 +6,15 @@ import torch
 
 from ..algorithm import apportion
 from .base import Method, NoOptions, Selection, VisionEvidence, register_method
-from .common import check_budget, lattice_indices, make_selection, split_rows
+from .common import check_count, lattice_indices, make_selection, split_rows
 
 
-def select(evidence: VisionEvidence, budget: int, options: NoOptions) -> Selection:
+def select(evidence: VisionEvidence, tokens: int, options: NoOptions) -> Selection:
     geometry = evidence.geometry
-    check_budget("spatial", budget, geometry)
+    check_count("spatial", tokens, geometry)
     views = geometry.views()
     sizes = torch.tensor([view.height * view.width for view in views])
-    shares = apportion(budget, sizes, sizes)
+    shares = apportion(tokens, sizes, sizes)
     rows = torch.cat([
         view.rows[lattice_indices(view.height, view.width, int(share))] for view, share in zip(views, shares)
     ])

@@ -9,7 +9,7 @@ import torch
 
 from ..algorithm import apportion, round_half_up, top_k_indices
 from .base import SCORES, Method, MethodOptions, Selection, SignalLayers, VisionEvidence, register_method
-from .common import check_budget, cosine, make_selection
+from .common import check_count, cosine, make_selection
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,13 @@ def contextual_tokens(
     return targets, sums / sizes[:, None]
 
 
-def select(evidence: VisionEvidence, budget: int, options: VisionZipOptions) -> Selection:
+def select(evidence: VisionEvidence, tokens: int, options: VisionZipOptions) -> Selection:
     geometry = evidence.geometry
-    check_budget("visionzip", budget, geometry)
+    check_count("visionzip", tokens, geometry)
     dominant_per, contextual_per = options.dominant, options.contextual
     candidates = geometry.candidates
     caps = candidates.sum(dim=1)
-    shares = apportion(budget, caps, caps)
+    shares = apportion(tokens, caps, caps)
     merged = evidence.features.clone()
     kept, dominant_counts = [], []
     for p in range(geometry.num_partitions):

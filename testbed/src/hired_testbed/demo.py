@@ -67,7 +67,7 @@ def format_report(report: dict[str, Any]) -> str:
         rows, cols = item["grid"]
         lines.append(
             f"  {item['image']} ({width}x{height}, grid {rows}x{cols}): kept {item['visual_tokens']} of "
-            f"{item['stock_tokens']} tokens; per partition (base view first) {item['partition_budgets']}; "
+            f"{item['stock_tokens']} tokens; per partition (base view first) {item['partition_tokens']}; "
             f"picture {item['picture']}"
         )
     lines.append(

@@ -49,12 +49,12 @@ VISION_METHODS = ["hired", "fastervlm", "visionzip", "divprune", "prumerge", "pr
 def prompt_length(model, size, config) -> int:
     """The prompt's tokens with the image's budgeted placeholders in place of its one ``<image>``."""
     geometry = hired.family_of(model).geometry(model.config, (size[1], size[0]))
-    return len(PROMPT.split()) - 1 + config.budget_for(geometry.stock_tokens)
+    return len(PROMPT.split()) - 1 + config.fed_tokens(geometry.stock_tokens)
 
 
 def reference_selection(model) -> dict:
     record = hired.selections(model)[0]
-    return {"budgets": record.budgets.tolist(), "kept": [indices.tolist() for indices in record.kept]}
+    return {"budgets": record.partition_tokens.tolist(), "kept": [indices.tolist() for indices in record.kept]}
 
 
 def engine_selection(llm) -> dict:

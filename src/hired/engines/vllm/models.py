@@ -187,7 +187,7 @@ class HiredVisionModel:
                                       signals["selection"][rows], signals["keys"][rows])
             selection, chosen = method.choose(evidence, count, options)
             outputs.append(self.multi_modal_projector(chosen))
-            self.hired_selections.append({"image_size": size, "tokens": count, "budgets": selection.budgets.tolist(),
+            self.hired_selections.append({"image_size": size, "tokens": count, "budgets": selection.partition_tokens.tolist(),
                                           "kept": [indices.tolist() for indices in selection.kept]})
         return outputs
 

@@ -212,7 +212,7 @@ def kept_tokens(config: HiredConfig | None, geometry: PartitionGeometry) -> int:
     """Tokens an image of this geometry keeps under ``config``; 0 when it is fed whole (stock)."""
     if config is None:
         return 0
-    budget = config.budget_for(geometry.stock_tokens)
+    budget = config.fed_tokens(geometry.stock_tokens)
     return 0 if budget >= geometry.stock_tokens else budget
 
 
