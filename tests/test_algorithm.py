@@ -22,7 +22,8 @@ from hired.algorithm import (
     token_count,
     top_k_indices,
 )
-from hired.geometry import LLAVA_NEXT_PINPOINTS, AnyresGeometry
+from hired.families.llava_next import LLAVA_NEXT_PINPOINTS
+from hired.geometry import AnyresGeometry
 
 SIZES = [
     (672, 672), (500, 1000), (1000, 500), (336, 1008), (1008, 336), (300, 1000), (1000, 300),

@@ -116,18 +116,38 @@ def test_the_algorithm_and_the_methods_know_no_model_class():
         assert not any(m.startswith("transformers") and not m.startswith("transformers.image_processing_utils") for m in imported), name
 
 
-# The modules of hired.families that define a family (those that register one); the others are the framework.
-FAMILY_MODULES = {name for name, path in MODULES.items()
-                  if name.startswith("hired.families.") and re.search(r"^\w+ = register_family\(", path.read_text(), re.M)}
+# A family is a folder of hired.families: a package whose __init__ registers the family. Its modules are the
+# package and everything in it; the other modules of hired.families are the framework.
+FAMILY_PACKAGES = {name for name, path in MODULES.items()
+                   if name.startswith("hired.families.") and path.name == "__init__.py"
+                   and re.search(r"^\w+ = register_family\(", path.read_text(), re.M)}
+FAMILY_MODULES = {name for name in MODULES if any(name == p or name.startswith(p + ".") for p in FAMILY_PACKAGES)}
 FRAMEWORK_MODULES = {name for name in MODULES if name.startswith("hired.families.")} - FAMILY_MODULES
 
 
+def _family_of_module(name: str) -> str | None:
+    return next((package for package in FAMILY_PACKAGES if name == package or name.startswith(package + ".")), None)
+
+
 def test_the_families_import_the_framework_and_not_the_reverse():
-    assert len(FAMILY_MODULES) == 6 and "hired.families.adapter" in FRAMEWORK_MODULES
+    assert len(FAMILY_PACKAGES) == 6 and "hired.families.adapter" in FRAMEWORK_MODULES
+    assert "hired.families.llava_next.transformers" in FAMILY_MODULES
     for name in FRAMEWORK_MODULES:
         assert not GRAPH[name] & FAMILY_MODULES, f"{name} imports {sorted(GRAPH[name] & FAMILY_MODULES)}"
+    for package in FAMILY_PACKAGES:
+        modules = {name for name in FAMILY_MODULES if _family_of_module(name) == package}
+        assert set().union(*(GRAPH[name] for name in modules)) & FRAMEWORK_MODULES, f"{package} imports none of the framework"
+
+
+def test_a_family_uses_another_only_through_its_package():
+    """A family that builds on another (LLaVA-1.5 on LLaVA-NeXT) imports that family's package, its public names,
+    and not the modules inside it; its tiny test model may build on the other's tiny one."""
     for name in FAMILY_MODULES:
-        assert GRAPH[name] & FRAMEWORK_MODULES, f"{name} imports none of the framework"
+        for imported in GRAPH[name] & FAMILY_MODULES:
+            other = _family_of_module(imported)
+            if other != _family_of_module(name):
+                assert imported == other or (name.endswith(".tiny") and imported == other + ".tiny"), (
+                    f"{name} imports {imported}")
 
 
 def test_a_cycle_is_detected():

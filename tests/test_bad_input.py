@@ -13,9 +13,10 @@ from transformers import (
 
 import hired
 from hired.cli import main
+from hired.families.llava.tiny import tiny_llava
+from hired.families.llava_next.tiny import tiny_llava_next
 from hired.images import open_image
 from hired.loading import resolve_device
-from hired.testing import tiny_llava, tiny_llava_next
 
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
 

@@ -7,14 +7,16 @@ import torch
 import hired
 from hired.adaptive import prepare_inputs
 from hired.algorithm import top_k_indices
-from hired.geometry import LLAVA_NEXT_PINPOINTS, AnyresGeometry
+from hired.families.llava.tiny import tiny_llava
+from hired.families.llava_next import LLAVA_NEXT_PINPOINTS
+from hired.families.llava_next.tiny import tiny_llava_next
+from hired.geometry import AnyresGeometry
 from hired.methods import VisionEvidence, get_method, vision_methods
 from hired.methods.common import candidate_positions, lattice_indices
 from hired.methods.divprune import max_min_diverse
 from hired.methods.prumerge import iqr_outliers, merge_neighbours
 from hired.methods.random import random_rows
 from hired.methods.visionzip import contextual_tokens
-from hired.testing import tiny_llava, tiny_llava_next
 
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
 MIXED_SIZES = [(672, 672), (500, 1000), (1000, 500), (336, 1008), (800, 600)]  # (width, height)

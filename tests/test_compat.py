@@ -11,7 +11,8 @@ from transformers.generation.utils import GenerationMixin
 
 import hired
 from hired import compat
-from hired.testing import tiny_llava, tiny_llava_next
+from hired.families.llava.tiny import tiny_llava
+from hired.families.llava_next.tiny import tiny_llava_next
 from hired.versions import differences, package_versions, read_constraints
 
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"

@@ -4,7 +4,8 @@ For each pair: the exact token count for several image sizes (placeholders = fea
 budget), identity with the stock model at full budget, a batch equal to its images run alone, a
 ``save_pretrained`` / ``from_pretrained`` round trip, and ``remove``. For each family: videos pass
 through stock where its model takes them, and are refused by its processor where it does not. A new method or family is
-covered here by registering it (and, for a family, adding its tiny model to ``hired.testing.TINY_MODELS``).
+covered here by registering it (and, for a family, naming its tiny model in its adapter's ``tiny_model``,
+which ``hired.testing.TINY_MODELS`` lists).
 """
 
 import inspect

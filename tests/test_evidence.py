@@ -9,8 +9,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 import hired
 from hired.cli import main
-from hired.geometry import LLAVA_NEXT_PINPOINTS, AnyresGeometry
-from hired.testing import tiny_llava_next
+from hired.families.llava_next import LLAVA_NEXT_PINPOINTS
+from hired.families.llava_next.tiny import tiny_llava_next
+from hired.geometry import AnyresGeometry
 from hired_testbed import evidence
 from hired_testbed.documents import generate_documents
 from hired_testbed.evidence import ImageResult, Setting, box_coverage, kept_coverage

@@ -12,8 +12,10 @@ from transformers import InternVLModel, LlavaOnevisionModel
 
 import hired
 from hired.algorithm import allocate, tile_content_scores
-from hired.geometry import OnevisionGeometry, TiledGeometry
-from hired.testing import tiny_internvl, tiny_llava_onevision
+from hired.families.internvl.tiny import tiny_internvl
+from hired.families.llava_onevision import OnevisionGeometry
+from hired.families.llava_onevision.tiny import tiny_llava_onevision
+from hired.geometry import TiledGeometry
 
 INTERNVL_SIZES = [(448, 448), (800, 600), (300, 1000), (1920, 1080), (2000, 200), (90, 60)]  # (width, height)
 ONEVISION_SIZES = [(384, 384), (800, 600), (1000, 300), (1920, 1080), (2304, 2304), (500, 2000), (90, 60)]
@@ -321,7 +323,7 @@ sys.modules["torchvision"] = None
 import torch, hired
 from PIL import Image
 from hired.cli import main
-from hired.testing import tiny_llava_next
+from hired.families.llava_next.tiny import tiny_llava_next
 model, processor = tiny_llava_next()
 hired.apply(model, processor, budget=0.2)
 inputs = processor(images=[Image.open({str(tmp_path / "image.png")!r})], text=["USER: <image> what ? ASSISTANT:"],

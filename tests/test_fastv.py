@@ -9,8 +9,10 @@ from transformers.masking_utils import create_causal_mask
 
 import hired
 from hired import compat
-from hired.geometry import LLAVA_NEXT_PINPOINTS, AnyresGeometry
-from hired.testing import tiny_llava, tiny_llava_next
+from hired.families.llava.tiny import tiny_llava
+from hired.families.llava_next import LLAVA_NEXT_PINPOINTS
+from hired.families.llava_next.tiny import tiny_llava_next
+from hired.geometry import AnyresGeometry
 
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
 LAYERS = 4

@@ -5,8 +5,8 @@ tile, where grids change), each registered family's tiny model of ``hired.testin
 asked what the stock processor does with an image of that size: how many placeholder tokens it
 expands ``<image>`` into, how many ViT inputs it makes, and the tile grid or token raster where its
 outputs say (``image_sizes`` read by the stock model's own grid rule, ``image_grid_thw``). hired's
-geometry of the same size must agree. A new family is covered by adding its tiny model to
-``TINY_MODELS``.
+geometry of the same size must agree. A new family is covered by naming its tiny model in its
+adapter's ``tiny_model``, which ``TINY_MODELS`` lists.
 """
 
 import importlib

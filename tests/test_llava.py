@@ -9,8 +9,9 @@ from transformers import (
 )
 
 import hired
-from hired.geometry import LLAVA_NEXT_PINPOINTS
-from hired.testing import tiny_llava, tiny_llava_next
+from hired.families.llava.tiny import tiny_llava
+from hired.families.llava_next import LLAVA_NEXT_PINPOINTS
+from hired.families.llava_next.tiny import tiny_llava_next
 
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
 GRID_SIZES = {  # (width, height) -> grid

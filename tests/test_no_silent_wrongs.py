@@ -26,10 +26,11 @@ from PIL import Image, ImageOps
 
 import hired
 from hired.cli import describe, main
+from hired.families.llava.tiny import tiny_llava
+from hired.families.llava_next.tiny import tiny_llava_next
 from hired.images import open_image
 from hired.methods import registered_methods
 from hired.report import markdown_table
-from hired.testing import tiny_llava, tiny_llava_next
 from hired.visualize import show
 
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"

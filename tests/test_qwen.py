@@ -15,7 +15,8 @@ from PIL import Image
 
 import hired
 from hired.families.qwen2_5_vl import token_grid
-from hired.testing import tiny_qwen2_5_vl, tiny_qwen3_vl
+from hired.families.qwen2_5_vl.tiny import tiny_qwen2_5_vl
+from hired.families.qwen3_vl.tiny import tiny_qwen3_vl
 
 FACTORIES = {"qwen2.5-vl": tiny_qwen2_5_vl, "qwen3-vl": tiny_qwen3_vl}
 

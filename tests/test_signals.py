@@ -11,8 +11,8 @@ from torch import nn
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, SiglipVisionConfig
 
 import hired
+from hired.families.llava_next.tiny import tiny_llava_next
 from hired.signals import VisionProbe
-from hired.testing import tiny_llava_next
 
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
 

@@ -6,7 +6,8 @@ from PIL import Image
 
 from hired.cli import main
 from hired.config import HiredConfig
-from hired.testing import TINY_MODELS, tiny_llava
+from hired.families.llava.tiny import tiny_llava
+from hired.testing import TINY_MODELS
 from hired.visualize import DROPPED_BRIGHTNESS, figure_size, select_tokens, selection_figure, show
 
 

@@ -3,7 +3,9 @@
 The shape covers the tiled towers of LLaVA-1.5 / LLaVA-NeXT (CLIP), LLaVA-OneVision (SigLIP, no CLS
 token) and InternVL (InternViT with CLS, 2x2 patches merged into one LLM token before the
 projector), and the native-resolution tower of Qwen2.5-VL (one sequence of patches per image,
-window attention except in a few full-attention layers, gated MLP, 2x2 merger).
+window attention except in a few full-attention layers, gated MLP, 2x2 merger). Each family reads
+its config into a shape in its own folder (``hired/families/<family>/cost.py``) where it is more
+than a tiled tower of patches (:meth:`ModelShape.tiled`).
 
 FLOPs count the matrix products only (two FLOPs per multiply-add); norms, activations, softmax
 and rotary embeddings are left out (under 1% of the total at these widths).
@@ -11,8 +13,11 @@ and rotary embeddings are left out (under 1% of the total at these widths).
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from ..geometry import NativeGeometry, PartitionGeometry, square_side
 
@@ -59,39 +64,21 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
-        """Read a transformers ``LlavaNextConfig``, ``LlavaConfig``, ``LlavaOnevisionConfig``, ``InternVLConfig``
-        or ``Qwen2_5_VLConfig``."""
-        vision, text = config.vision_config, config.text_config
-        decoder = dict(
-            text_width=text.hidden_size,
-            text_mlp=text.intermediate_size,
-            text_layers=text.num_hidden_layers,
-            heads=text.num_attention_heads,
-            kv_heads=text.num_key_value_heads or text.num_attention_heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-            vocab=text.vocab_size,
-        )
-        if config.model_type == "qwen2_5_vl":
-            merge = vision.spatial_merge_size
-            return cls(
-                vision_width=vision.hidden_size,
-                vision_mlp=vision.intermediate_size,
-                vision_layers=vision.depth,
-                vision_layers_used=vision.depth,  # the merger reads the last block
-                vision_heads=vision.num_heads,
-                tile=0,
-                patch=vision.patch_size,
-                **decoder,
-                newline=False,
-                cls=False,
-                merge=merge * merge,
-                projector_hidden=merge * merge * vision.hidden_size,
-                temporal_patch=vision.temporal_patch_size,
-                window=vision.window_size // (vision.patch_size * merge),
-                full_attention_layers=tuple(vision.fullatt_block_indexes),
-                gated_mlp=True,
-            )
-        ratio = getattr(config, "downsample_ratio", None)
+        """Read the transformers config of a model of a registered family.
+
+        A family whose shape is more than a tiled tower of patches reads it in its folder's ``cost.py``
+        (``model_shape(config)``: LLaVA-NeXT's newline token, SigLIP's missing CLS token, InternVL's
+        merged patches, Qwen2.5-VL's native-resolution tower); the others are read by :meth:`tiled`.
+        """
+        family_shape = _family_model_shape(config.model_type)
+        return cls.tiled(config) if family_shape is None else family_shape(config)
+
+    @classmethod
+    def tiled(cls, config, newline: bool = False, has_cls: bool = True, merge: int = 1) -> "ModelShape":
+        """Read a config of a tiled tower of patches (``vision_config`` with ``image_size``, ``patch_size``,
+        ``num_hidden_layers``; ``vision_feature_layer``) over a decoder; ``newline``, ``has_cls`` and
+        ``merge`` as the fields ``newline``, ``cls`` and ``merge``."""
+        vision = config.vision_config
         return cls(
             vision_width=vision.hidden_size,
             vision_mlp=vision.intermediate_size,
@@ -100,10 +87,10 @@ class ModelShape:
             vision_heads=vision.num_attention_heads,
             tile=square_side(vision.image_size),
             patch=square_side(vision.patch_size),
-            **decoder,
-            newline=config.model_type in ("llava_next", "llava_onevision"),
-            cls="siglip" not in vision.model_type,
-            merge=1 if ratio is None else round(1 / ratio**2),
+            **decoder_shape(config.text_config),
+            newline=newline,
+            cls=has_cls,
+            merge=merge,
         )
 
     @property
@@ -123,6 +110,30 @@ class ModelShape:
     def tower_tokens(self) -> int:
         """Tokens in the tower's sequence for one tile (the patches, and the CLS token where there is one)."""
         return self.patches_per_tile + (1 if self.cls else 0)
+
+
+def decoder_shape(text) -> dict[str, int]:
+    """The decoder fields of a :class:`ModelShape`, read from a transformers ``text_config``."""
+    return dict(
+        text_width=text.hidden_size,
+        text_mlp=text.intermediate_size,
+        text_layers=text.num_hidden_layers,
+        heads=text.num_attention_heads,
+        kv_heads=text.num_key_value_heads or text.num_attention_heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        vocab=text.vocab_size,
+    )
+
+
+def _family_model_shape(model_type: str) -> Callable[[Any], ModelShape] | None:
+    """The ``model_shape`` of the ``cost.py`` of the registered family whose models have ``model_type``, if it has one."""
+    from ..families import registered_families
+
+    for family in registered_families():
+        if family.outer_class.config_class.model_type == model_type:
+            module = type(family).__module__.rpartition(".")[0] + ".cost"
+            return importlib.import_module(module).model_shape if importlib.util.find_spec(module) else None
+    return None
 
 
 def parameter_count(shape: ModelShape) -> int:

@@ -88,7 +88,8 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _llava_next_layout(tile: int, patch: int):
-    from ..geometry import LLAVA_NEXT_PINPOINTS, AnyresGeometry
+    from ..families.llava_next import scaled_pinpoints
+    from ..geometry import AnyresGeometry
 
     if tile % patch:
         raise CliError(f"--tile {tile} is not a multiple of --patch {patch}; a tile holds whole patches")
@@ -96,8 +97,7 @@ def _llava_next_layout(tile: int, patch: int):
         raise CliError(f"--tile {tile} over --patch {patch} makes {tile // patch} patches per tile "
                        f"side; vision towers use far fewer (LLaVA-NeXT: 24), and inspect allows at most "
                        f"{MAX_PATCHES_PER_SIDE}")
-    # The llava-hf grids (1x1 .. 3x1 and 1x3 tiles), in tiles of the size asked for.
-    pinpoints = [(h * tile // 336, w * tile // 336) for h, w in LLAVA_NEXT_PINPOINTS]
+    pinpoints = scaled_pinpoints(tile)
     return lambda size: AnyresGeometry.create(size, tile, patch, pinpoints)
 
 

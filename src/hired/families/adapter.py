@@ -25,7 +25,7 @@ REQUIRED_ATTRIBUTES = ("name", "outer_class", "inner_class", "hired_inner_class"
 
 
 class FamilyAdapter(ABC):
-    """What one model family declares; subclass it in one file and register an instance.
+    """What one model family declares; subclass it in the family's folder and register an instance.
 
     Required hooks (abstract): :meth:`geometry`, :meth:`released_geometry`, :meth:`vision_probe`,
     :meth:`pack_stock`; the swapped classes must write ``get_image_features`` (model) and
@@ -50,6 +50,9 @@ class FamilyAdapter(ABC):
         released_has_cls: whether the vision tower of the family's released checkpoints has a CLS
             token; ``hired inspect``, which loads no model, checks methods against it (``apply`` reads
             the loaded tower instead).
+        tiny_model: where the builder of the family's tiny random test model is, as ``"module:function"``
+            with the module relative to the adapter's package (``".tiny:tiny_llava_next"``); it is
+            imported on first use only, and :data:`hired.testing.TINY_MODELS` lists it. ``None``: none.
     """
 
     name: ClassVar[str]
@@ -62,6 +65,7 @@ class FamilyAdapter(ABC):
     processor_internals: ClassVar[tuple[str, ...]] = ()
     selects_projected: ClassVar[bool] = False
     released_has_cls: ClassVar[bool] = True
+    tiny_model: ClassVar[str | None] = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> FamilyAdapter:
         # Before Python's own refusal of an abstract class, which names neither the family nor its attributes.

@@ -26,7 +26,9 @@ import torch
 from PIL import Image
 
 import hired
-from hired.testing import tiny_llava, tiny_llava_next, tiny_qwen2_5_vl
+from hired.families.llava.tiny import tiny_llava
+from hired.families.llava_next.tiny import tiny_llava_next
+from hired.families.qwen2_5_vl.tiny import tiny_qwen2_5_vl
 
 PROMPT = "USER : <image> what is in the image ? ASSISTANT :"
 NEW_TOKENS = 6

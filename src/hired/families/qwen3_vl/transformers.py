@@ -1,6 +1,6 @@
 """Qwen3-VL (``Qwen3VLForConditionalGeneration``): Qwen2.5-VL's native-resolution raster, with DeepStack.
 
-As Qwen2.5-VL (:mod:`.qwen2_5_vl`: one raster of merged tokens per image, scores summed over each
+As Qwen2.5-VL (:mod:`hired.families.qwen2_5_vl`: one raster of merged tokens per image, scores summed over each
 2x2 group, kept tokens at their stock M-RoPE positions), with 16 px patches, global attention in
 every block, and DeepStack: the mergers of a few intermediate blocks give one more plane of
 features per token, which the first decoder layers add to the image tokens' hidden states. Those
@@ -14,13 +14,9 @@ import torch
 from transformers import Qwen3VLForConditionalGeneration, Qwen3VLModel, Qwen3VLProcessor
 from transformers.models.qwen3_vl import modeling_qwen3_vl
 
-from ..signals import TowerRun
-from .qwen2_5_vl import NativeResolutionModel, NativeResolutionProcessor, Qwen2_5_VLAdapter
-from .registry import register_family
-
-# The released checkpoints' image processor (recalled from their preprocessor_config.json): 16 px
-# patches merged 2x2, 65,536 to 16,777,216 pixels.
-RELEASED = {"patch": 16, "merge": 2, "min_pixels": 65536, "max_pixels": 16777216}
+from ...signals import TowerRun
+from ..qwen2_5_vl import NativeResolutionModel, NativeResolutionProcessor, Qwen2_5_VLAdapter
+from .geometry import RELEASED
 
 
 class HiredQwen3VLModel(NativeResolutionModel, Qwen3VLModel):
@@ -39,6 +35,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     """Qwen2.5-VL's adapter with Qwen3-VL's classes, its rotary function and its DeepStack planes."""
 
     name = "qwen3-vl"
+    tiny_model = ".tiny:tiny_qwen3_vl"
     outer_class = Qwen3VLForConditionalGeneration
     inner_class = Qwen3VLModel
     hired_inner_class = HiredQwen3VLModel
@@ -59,5 +56,3 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
             deepstack_features=[tuple(image[:, layer] for image in planes) for layer in range(layers)],
         )
 
-
-QWEN3_VL = register_family(Qwen3VLAdapter())

@@ -6,11 +6,10 @@ import torch
 from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaProcessor
 from transformers.image_utils import make_flat_list_of_images
 
-from ..geometry import AnyresGeometry
-from ..images import image_size_of
-from .mixins import HiredModel, HiredProcessor, ImageCall
-from .llava_next import LlavaNextAdapter, as_pair, tile_size
-from .registry import register_family
+from ...geometry import AnyresGeometry
+from ...images import image_size_of
+from ..llava_next import LlavaNextAdapter, as_pair, tile_size
+from ..mixins import HiredModel, HiredProcessor, ImageCall
 
 
 class HiredLlavaModel(HiredModel, LlavaModel):
@@ -26,7 +25,7 @@ class HiredLlavaModel(HiredModel, LlavaModel):
     ):
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-        geometries = [LLAVA.geometry(self.config) for _ in range(pixel_values.shape[0])]
+        geometries = [self._hired.family.geometry(self.config) for _ in range(pixel_values.shape[0])]
         # The processor returned by hired.apply passes the original sizes (for the records only: the
         # tower sees one square view whatever the size); a stock processor does not.
         sizes = [as_pair(size) for size in image_sizes] if image_sizes is not None else [None] * len(geometries)
@@ -78,6 +77,7 @@ class LlavaAdapter(LlavaNextAdapter):
     """As LLaVA-NeXT (same tower, projector and processor settings), with one partition and no packing."""
 
     name = "llava"
+    tiny_model = ".tiny:tiny_llava"
     outer_class = LlavaForConditionalGeneration
     inner_class = LlavaModel
     hired_inner_class = HiredLlavaModel
@@ -99,5 +99,3 @@ class LlavaAdapter(LlavaNextAdapter):
     def check_grid(self, inner, processor) -> None:
         """One partition: no grid to match."""
 
-
-LLAVA = register_family(LlavaAdapter())

@@ -15,22 +15,11 @@ from typing import Sequence
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel, LlavaOnevisionProcessor
 
-from ..geometry import ONEVISION_PINPOINTS, OnevisionGeometry
-from ..signals import TowerRun
-from .mixins import HiredModel, HiredProcessor, ImageCall
-from .records import check_counts
-from .llava_next import LlavaNextAdapter, as_pair, tile_size
-from .registry import register_family
-
-ASPECT_PREFIX = "anyres_max_"
-
-
-def max_tiles(vision_aspect_ratio: str) -> int:
-    """The ``N`` of ``"anyres_max_N"``: tiles' worth of tokens above which the mosaic is downsampled."""
-    suffix = str(vision_aspect_ratio).removeprefix(ASPECT_PREFIX)
-    if not str(vision_aspect_ratio).startswith(ASPECT_PREFIX) or not suffix.isdigit() or int(suffix) < 1:
-        raise ValueError(f"hired supports vision_aspect_ratio='anyres_max_N' (N >= 1), got {vision_aspect_ratio!r}")
-    return int(suffix)
+from ...signals import TowerRun
+from ..llava_next import LlavaNextAdapter, as_pair, tile_size
+from ..mixins import HiredModel, HiredProcessor, ImageCall
+from ..records import check_counts
+from .geometry import ASPECT_PREFIX, ONEVISION_PINPOINTS, OnevisionGeometry, max_tiles
 
 
 def multi_image_flags(batch_num_images, count: int) -> list[bool]:
@@ -60,7 +49,7 @@ class HiredLlavaOnevisionModel(HiredModel, LlavaOnevisionModel):
         multi = multi_image_flags(batch_num_images, len(sizes))
         if len(multi) != len(sizes):
             raise ValueError(f"batch_num_images counts {len(multi)} images but image_sizes holds {len(sizes)}")
-        geometries = [LLAVA_ONEVISION.geometry(self.config, s, multi_image=m, vision_aspect_ratio=aspect)
+        geometries = [self._hired.family.geometry(self.config, s, multi_image=m, vision_aspect_ratio=aspect)
                       for s, m in zip(sizes, multi)]
         counts = [g.num_partitions for g in geometries]
         if pixel_values.dim() == 5:
@@ -129,6 +118,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     """As LLaVA-NeXT (AnyRes tiles, unpadding, newlines), with SigLIP, downsampling and selection after projection."""
 
     name = "llava-onevision"
+    tiny_model = ".tiny:tiny_llava_onevision"
     outer_class = LlavaOnevisionForConditionalGeneration
     inner_class = LlavaOnevisionModel
     hired_inner_class = HiredLlavaOnevisionModel
@@ -187,5 +177,3 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                              f"model's {inner.config.vision_aspect_ratio!r}; use the processor saved with this model")
         self.check_grid(inner, processor)
 
-
-LLAVA_ONEVISION = register_family(LlavaOnevisionAdapter())

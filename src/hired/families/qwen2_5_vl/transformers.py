@@ -27,54 +27,18 @@ from typing import Any, ClassVar, Sequence
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel, Qwen2_5_VLProcessor
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from ..algorithm import token_scores
-from ..geometry import NativeGeometry
-from ..signals import TowerRun, VisionProbe
-from ..state import ModelState
-from .adapter import FamilyAdapter
-from .mixins import HiredModel, HiredProcessor, ImageCall
-from .records import check_counts
-from .registry import register_family
+from ...algorithm import token_scores
+from ...geometry import NativeGeometry
+from ...signals import TowerRun, VisionProbe
+from ...state import ModelState
+from ..adapter import FamilyAdapter
+from ..mixins import HiredModel, HiredProcessor, ImageCall
+from ..records import check_counts
+from .geometry import RELEASED, image_geometry, pixel_limits, token_grid
 
-# The released checkpoints' image processor (their preprocessor_config.json): 14 px patches merged 2x2,
-# 3,136 to 12,845,056 pixels. transformers' own default caps images at 1,003,520 pixels instead.
-RELEASED = {"patch": 14, "merge": 2, "min_pixels": 56 * 56, "max_pixels": 12_845_056}
 # ModelState.call_data keys: this call's image geometries, and where its image tokens sit in the prompt.
 GEOMETRIES, SLOTS = "geometries", "image_slots"
-
-
-def token_grid(image_size: Sequence[int], patch: int, merge: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """``(rows, cols)`` of LLM tokens for an image of ``(height, width)``, by the processor's own resize rule.
-
-    Raises:
-        ValueError: the processor refuses the image (an aspect ratio above 200).
-    """
-    try:
-        height, width = smart_resize(int(image_size[0]), int(image_size[1]), factor=patch * merge,
-                                     min_pixels=min_pixels, max_pixels=max_pixels)
-    except ValueError as error:
-        raise ValueError(f"a Qwen-VL processor refuses an image of {int(image_size[1])}x{int(image_size[0])} px "
-                         f"({error}); crop or pad it first") from None
-    return height // (patch * merge), width // (patch * merge)
-
-
-def _pixel_limits(image_processor) -> tuple[int, int]:
-    size = getattr(image_processor, "size", None) or {}
-    low = size.get("shortest_edge", getattr(image_processor, "min_pixels", None))
-    high = size.get("longest_edge", getattr(image_processor, "max_pixels", None))
-    if low is None or high is None:
-        raise ValueError("the image processor gives no min/max pixels (size shortest_edge/longest_edge); use the "
-                         "processor saved with this model")
-    return int(low), int(high)
-
-
-def image_geometry(image_processor, image_size: Sequence[int]) -> NativeGeometry:
-    """The geometry an image of ``(height, width)`` gets from a Qwen-VL image processor's settings."""
-    grid = token_grid(image_size, image_processor.patch_size, image_processor.merge_size,
-                      *_pixel_limits(image_processor))
-    return NativeGeometry.create(image_size, grid)
 
 
 class NativeResolutionModel(HiredModel):
@@ -317,6 +281,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
     """One raster of merged patches per image, M-RoPE positions kept (see the module doc)."""
 
     name = "qwen2.5-vl"
+    tiny_model = ".tiny:tiny_qwen2_5_vl"
     outer_class = Qwen2_5_VLForConditionalGeneration
     inner_class = Qwen2_5_VLModel
     hired_inner_class = HiredQwen2_5_VLModel
@@ -462,7 +427,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
             raise ValueError(f"the processor's patch_size {image.patch_size} and merge_size {image.merge_size} differ from "
                              f"the vision tower's {vision.patch_size} and {vision.spatial_merge_size}; use the processor "
                              "saved with this model")
-        _pixel_limits(image)
+        pixel_limits(image)
 
 
 def _lattice(values: torch.Tensor, geometry: NativeGeometry) -> torch.Tensor:
@@ -471,5 +436,3 @@ def _lattice(values: torch.Tensor, geometry: NativeGeometry) -> torch.Tensor:
     out[geometry.candidates[0]] = values
     return out[None]
 
-
-QWEN2_5_VL = register_family(Qwen2_5_VLAdapter())

@@ -15,25 +15,14 @@ from torch import nn
 from transformers import InternVLForConditionalGeneration, InternVLModel, InternVLProcessor
 from transformers.image_utils import make_flat_list_of_images
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-# The PIL backend's module: the torchvision one imports torchvision, which hired never needs.
-from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
-from ..geometry import TiledGeometry, square_side
-from ..images import image_size_of
-from ..signals import TowerRun, VisionProbe
-from .adapter import FamilyAdapter
-from .mixins import HiredModel, HiredProcessor, ImageCall
-from .patching import positional_names
-from .registry import register_family
-
-
-def tile_grid(image_size: Sequence[int], tile: int = 448, min_tiles: int = 1, max_tiles: int = 12) -> tuple[int, int]:
-    """``(rows, cols)`` of the tiles InternVL's image processor cuts an image of ``(height, width)`` into.
-
-    transformers' own rule (the grid of ``min_tiles..max_tiles`` tiles closest in aspect ratio).
-    """
-    cols, rows = get_optimal_tiled_canvas(tuple(int(v) for v in image_size), (tile, tile), min_tiles, max_tiles)
-    return rows, cols
+from ...geometry import TiledGeometry, square_side
+from ...images import image_size_of
+from ...signals import TowerRun, VisionProbe
+from ..adapter import FamilyAdapter
+from ..mixins import HiredModel, HiredProcessor, ImageCall
+from ..patching import positional_names
+from .geometry import tile_grid
 
 
 class HiredInternVLModel(HiredModel, InternVLModel):
@@ -87,7 +76,7 @@ class HiredInternVLModel(HiredModel, InternVLModel):
             # Stock callers (the stock processor, transformers' own tests) pass no layout. No image of this call
             # can feed more than all of its tiles' tokens, so a configuration that keeps that many keeps everything
             # and needs none; there is then no per-image record to make either.
-            every_tile = pixel_values.shape[0] * INTERNVL.geometry(self.config, (1, 1)).stock_tokens
+            every_tile = pixel_values.shape[0] * self._hired.family.geometry(self.config, (1, 1)).stock_tokens
             if self._hired.config.keeps_every_token(every_tile):
                 return stock()
         rows = [] if image_sizes is None else [[int(v) for v in row] for row in image_sizes]
@@ -97,7 +86,7 @@ class HiredInternVLModel(HiredModel, InternVLModel):
                 "image: prepare them with the processor returned by hired.apply(model, processor)"
             )
         sizes, grids = [tuple(row[:2]) for row in rows], [tuple(row[2:]) for row in rows]
-        geometries = [INTERNVL.geometry(self.config, size, grid) for size, grid in zip(sizes, grids)]
+        geometries = [self._hired.family.geometry(self.config, size, grid) for size, grid in zip(sizes, grids)]
         counts = [g.num_partitions for g in geometries]
         if pixel_values.dim() != 4 or sum(counts) != pixel_values.shape[0]:
             raise ValueError(
@@ -157,6 +146,7 @@ class HiredInternVLProcessor(HiredProcessor, InternVLProcessor):
 
 class InternVLAdapter(FamilyAdapter):
     name = "internvl"
+    tiny_model = ".tiny:tiny_internvl"
     outer_class = InternVLForConditionalGeneration
     inner_class = InternVLModel
     hired_inner_class = HiredInternVLModel
@@ -226,5 +216,3 @@ class InternVLAdapter(FamilyAdapter):
             raise ValueError(f"processor.image_seq_length={processor.image_seq_length} differs from the {expected} "
                              "tokens per tile this model feeds; use the processor saved with this model")
 
-
-INTERNVL = register_family(InternVLAdapter())

@@ -7,27 +7,11 @@ from typing import Sequence
 import torch
 from transformers import LlavaNextForConditionalGeneration, LlavaNextModel, LlavaNextProcessor
 
-from ..geometry import LLAVA_NEXT_PINPOINTS, AnyresGeometry
-from ..signals import VisionProbe
-from .adapter import FamilyAdapter
-from .mixins import HiredModel, HiredProcessor, ImageCall
-from .registry import register_family
-
-
-def tile_size(image_processor) -> int:
-    """The square tile side a LLaVA image processor produces."""
-    crop = getattr(image_processor, "crop_size", None)
-    crop = dict(crop) if crop is not None and not isinstance(crop, dict) else crop
-    if crop and crop.get("height"):
-        return int(crop["height"])
-    size = image_processor.size
-    size = dict(size) if not isinstance(size, dict) else size
-    return int(size.get("shortest_edge") or size["height"])
-
-
-def as_pair(size) -> tuple[int, int]:
-    values = size.tolist() if hasattr(size, "tolist") else list(size)
-    return int(values[0]), int(values[1])
+from ...geometry import AnyresGeometry
+from ...signals import VisionProbe
+from ..adapter import FamilyAdapter
+from ..mixins import HiredModel, HiredProcessor, ImageCall
+from .geometry import LLAVA_NEXT_PINPOINTS, as_pair, tile_size
 
 
 class HiredLlavaNextModel(HiredModel, LlavaNextModel):
@@ -44,7 +28,7 @@ class HiredLlavaNextModel(HiredModel, LlavaNextModel):
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         sizes = [as_pair(s) for s in image_sizes]
-        geometries = [LLAVA_NEXT.geometry(self.config, s) for s in sizes]
+        geometries = [self._hired.family.geometry(self.config, s) for s in sizes]
         if pixel_values.dim() == 5:
             if len(pixel_values) != len(geometries):
                 raise ValueError(f"pixel_values holds {len(pixel_values)} images but image_sizes {len(geometries)}")
@@ -94,6 +78,7 @@ class HiredLlavaNextProcessor(HiredProcessor, LlavaNextProcessor):
 
 class LlavaNextAdapter(FamilyAdapter):
     name = "llava-next"
+    tiny_model = ".tiny:tiny_llava_next"
     outer_class = LlavaNextForConditionalGeneration
     inner_class = LlavaNextModel
     hired_inner_class = HiredLlavaNextModel
@@ -144,5 +129,3 @@ class LlavaNextAdapter(FamilyAdapter):
             raise ValueError(f"the processor's grid pinpoints {ours} differ from the model's {theirs}; use the processor "
                              "saved with this model")
 
-
-LLAVA_NEXT = register_family(LlavaNextAdapter())
