@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from .deprecation import warn_renamed
+
 if TYPE_CHECKING:
     from .geometry import PartitionGeometry
 
@@ -322,8 +324,6 @@ def hired_select(
 
 def __getattr__(name: str):
     if name == "token_budget":
-        from .deprecation import warn_renamed
-
         warn_renamed("hired.algorithm.token_budget", "hired.algorithm.token_count")
         return token_count
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,15 +13,15 @@ family (its grid pinpoints, LLaVA-OneVision's downsampled mosaics) lives in that
 
 from __future__ import annotations
 
-import importlib
 import math
-import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 from transformers.image_processing_utils import select_best_resolution
+
+from .deprecation import moved_attribute
 
 
 def square_side(value) -> int:
@@ -569,8 +569,4 @@ _MOVED = {
 
 
 def __getattr__(name: str):
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(f"{__name__}.{name} moved to {_MOVED[name]}; import it from there (this alias will be removed)",
-                  DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module(_MOVED[name]), name)
+    return moved_attribute(__name__, name, _MOVED)

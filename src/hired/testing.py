@@ -12,11 +12,12 @@ they share: the tokenizer, the small vision and text configs, the generation tok
 from __future__ import annotations
 
 import importlib
-import warnings
 from typing import Any, Callable, Sequence
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
+
+from .deprecation import moved_attribute
 
 IMAGE_TOKEN = "<image>"
 WORDS = (
@@ -123,8 +124,4 @@ def __getattr__(name: str) -> Any:
     if name == "TINY_MODELS":
         globals()[name] = tiny_models()
         return globals()[name]
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(f"{__name__}.{name} moved to {_MOVED[name]}; import it from there (this alias will be removed)",
-                  DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module(_MOVED[name]), name)
+    return moved_attribute(__name__, name, _MOVED)
