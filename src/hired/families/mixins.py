@@ -1,9 +1,12 @@
-"""The classes mixed into the swapped model and processor: the generic selection path and the placeholder count.
+"""The classes mixed into the swapped model and processor: transformers' side of the selection path, and
+the placeholder count.
 
 A family's swapped inner model subclasses :class:`HiredModel` and its stock inner class, and writes
 ``get_image_features``: it normalises the call into an :class:`ImageCall` and hands it to
-:meth:`HiredModel._hired_features`. The records of the previous call are forgotten before that
-method runs, whatever it does, so that a call that fails leaves none behind.
+:meth:`HiredModel._hired_features`, which runs the tower through the family's hooks and hands the
+runs to the selection path every engine shares (:func:`hired.selecting.select_images`). The records
+of the previous call are forgotten before that method runs, whatever it does, so that a call that
+fails leaves none behind.
 """
 
 from __future__ import annotations
