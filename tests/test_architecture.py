@@ -8,9 +8,11 @@ import hired
 
 PACKAGE = Path(hired.__file__).parent
 # What an engine integration may import of hired: the public API and the pure modules.
-# hired.compat declares the transformers internals an engine checks too; hired.state names the config.json key.
+# hired.compat declares the transformers internals an engine checks too; hired.state names the config.json key;
+# hired.selecting (the selection path every engine shares) and hired.signals (tower runs from captured
+# queries and keys) know no model class.
 ENGINE_ALLOWED = ("hired", "hired.algorithm", "hired.compat", "hired.geometry", "hired.loading", "hired.methods",
-                  "hired.state", "hired.engines")
+                  "hired.selecting", "hired.signals", "hired.state", "hired.engines")
 
 
 def _module_name(path: Path) -> str:
@@ -114,6 +116,13 @@ def test_the_algorithm_and_the_methods_know_no_model_class():
         imported = _imports(name, MODULES[name])
         assert not any(m.startswith(("hired.families", "hired.state", "hired.signals")) for m in imported), name
         assert not any(m.startswith("transformers") and not m.startswith("transformers.image_processing_utils") for m in imported), name
+
+
+def test_the_shared_selection_path_knows_no_family_nor_model_class():
+    """Both engines call it: it may not reach into transformers' model classes or a family."""
+    for name in ("hired.selecting", "hired.signals"):
+        imported = _imports(name, MODULES[name])
+        assert not any(m.startswith(("hired.families", "hired.engines", "transformers")) for m in imported), name
 
 
 # A family is a folder of hired.families: a package whose __init__ registers the family. Its modules are the

@@ -104,3 +104,30 @@ def test_below_full_budget_a_call_without_the_layout_names_what_to_pass():
     hired.apply(model, budget=0.5)
     with pytest.raises(ValueError, match="image_sizes with one \\(height, width, tile_rows, tile_cols\\) row"):
         model.get_image_features(pixel_values=inputs["pixel_values"])
+
+
+@pytest.mark.parametrize("settings, stock_tokens, expected", [
+    ({"budget": 1.0}, 576, None),
+    ({"tokens": 576}, 576, None),
+    ({"tokens": 100_000}, 576, None),
+    ({"method": "full"}, 576, None),
+    ({"method": "fastv", "budget": 0.2}, 576, None),  # prunes inside the LLM: the vision side keeps all
+    ({"tokens": 575}, 576, 575),
+    ({"budget": 0.25}, 576, 144),
+])
+def test_one_marker_says_every_token(settings, stock_tokens, expected):
+    """HiredConfig.kept_count is the one place that says an image keeps every token (None); the processors
+    of both engines read it."""
+    from hired.engines.vllm.settings import EVERY_TOKEN as FIELD_EVERY_TOKEN
+    from hired.engines.vllm.settings import field_count, kept_field
+
+    config = hired.HiredConfig.create(**settings)
+    assert config.kept_count(stock_tokens) == expected
+    # vLLM's per-image tensor field carries None as one named value, and reads it back.
+    assert (kept_field(expected) == FIELD_EVERY_TOKEN) == (expected is None)
+    assert field_count(kept_field(expected)) == expected
+
+
+def test_an_adaptive_method_has_no_count_before_it_runs():
+    with pytest.raises(ValueError, match="adaptive mode"):
+        hired.HiredConfig(method="prumerge", method_options={"adaptive": True}).kept_count(576)

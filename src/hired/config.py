@@ -134,6 +134,18 @@ class HiredConfig:
         warn_renamed("HiredConfig.budget_for", "HiredConfig.fed_tokens")
         return self.fed_tokens(stock_tokens)
 
+    def kept_count(self, stock_tokens: int) -> int | None:
+        """Visual tokens an image whose stock count is given keeps on the vision side; ``None`` when it keeps
+        every token and is fed as the stock model feeds it (a budget of the whole image, a method that feeds
+        every token, or one that prunes inside the LLM). Every engine reads "every token" from this ``None``.
+
+        Raises:
+            ValueError: the method is in adaptive mode, so the count is not known before the model runs.
+        """
+        self.require_fixed_count()
+        fed = self.fed_tokens(stock_tokens)
+        return None if fed >= stock_tokens else fed
+
     def keeps_every_token(self, most_stock_tokens: int) -> bool:
         """Whether every image whose stock count is at most ``most_stock_tokens`` keeps all its tokens,
         before the LLM and inside it: the model is then the stock model for such images."""

@@ -69,9 +69,52 @@ class _Projection:
     def split(self, captured: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
         if self.key is not None:
             return captured[f"{prefix}_q"], captured[f"{prefix}_k"]
-        fused = captured[f"{prefix}_q"]
-        query, key, _ = fused.chunk(3, dim=-1)
-        return query, key
+        return split_fused(captured[f"{prefix}_q"])
+
+
+def split_fused(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The queries and keys of a fused q/k/v projection's output (its last dimension: queries, keys, values)."""
+    query, key, _ = qkv.chunk(3, dim=-1)
+    return query, key
+
+
+def run_from_attention(
+    features: torch.Tensor,
+    hidden: torch.Tensor,
+    distribution: tuple[torch.Tensor, torch.Tensor],
+    selection: tuple[torch.Tensor, torch.Tensor],
+    *,
+    score: str,
+    num_heads: int,
+    aggregation: str,
+    skip: int,
+) -> TowerRun:
+    """The :class:`TowerRun` of one tower call from what it captured; every engine reads its tower through this.
+
+    The scores of the patch tokens in the distribution and selection layers
+    (:func:`hired.algorithm.token_scores`) and the selection layer's keys, each without the ``skip``
+    leading tokens that are no patch (a CLS token).
+
+    Args:
+        features: ``(B, N, D)`` the feature layer's patch tokens.
+        hidden: the feature layer's output as the tower returned it.
+        distribution: ``(query, key)``, ``(B, skip + N, heads * head_dim)`` each, of the distribution layer.
+        selection: the same of the selection layer.
+        score: a resolved score (one of :data:`hired.algorithm.SCORES` but ``"auto"``).
+        num_heads: attention heads in ``query`` and ``key``.
+        aggregation: how the heads' scores combine.
+        skip: leading tokens that are no patch.
+    """
+    distribution_scores = token_scores(score, *distribution, num_heads, aggregation, skip=skip)
+    selection_scores = token_scores(score, *selection, num_heads, aggregation, skip=skip)
+    return TowerRun(
+        features=features,
+        distribution_scores=distribution_scores,
+        selection_scores=selection_scores,
+        keys=selection[1][:, skip:],
+        hidden=hidden,
+        score=score,
+    )
 
 
 def _output(value):
@@ -224,18 +267,10 @@ class VisionProbe:
             for handle in handles:
                 handle.remove()
         first = 1 if self.has_cls else 0
-        scores = {}
-        for prefix, layer in (("distribution", distribution_layer), ("selection", selection_layer)):
-            query, key = self.projections[layer].split(captured, prefix)
-            scores[prefix] = token_scores(score, query, key, self.num_heads, aggregation, skip=first)
-            if prefix == "selection":
-                keys = key[:, first:]
         hidden = captured["features"]
-        return TowerRun(
-            features=hidden[:, first:],
-            distribution_scores=scores["distribution"],
-            selection_scores=scores["selection"],
-            keys=keys,
-            hidden=hidden,
-            score=score,
+        return run_from_attention(
+            hidden[:, first:], hidden,
+            self.projections[distribution_layer].split(captured, "distribution"),
+            self.projections[selection_layer].split(captured, "selection"),
+            score=score, num_heads=self.num_heads, aggregation=aggregation, skip=first,
         )

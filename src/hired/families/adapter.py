@@ -15,6 +15,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..geometry import PartitionGeometry
+from ..selecting import runs_per_image
 from ..signals import TowerRun, VisionProbe
 from ..state import ModelState
 from .mixins import HiredModel, HiredProcessor, ImageCall
@@ -127,12 +128,7 @@ class FamilyAdapter(ABC):
         whose tower takes whole images of different sizes (Qwen2.5-VL) runs its own.
         ``settings``: the keywords of :meth:`VisionProbe.run`.
         """
-        run = probe.run(torch.cat(call.tiles), **settings)
-        runs, start = [], 0
-        for geometry in call.geometries:
-            runs.append(run[start:start + geometry.num_partitions])
-            start += geometry.num_partitions
-        return runs
+        return runs_per_image(probe.run(torch.cat(call.tiles), **settings), call.geometries)
 
     def image_output(self, inner, output: BaseModelOutputWithPooling, runs: list[TowerRun],
                      kept: list[torch.Tensor]) -> BaseModelOutputWithPooling:

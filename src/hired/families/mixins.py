@@ -1,9 +1,12 @@
-"""The classes mixed into the swapped model and processor: the generic selection path and the placeholder count.
+"""The classes mixed into the swapped model and processor: transformers' side of the selection path, and
+the placeholder count.
 
 A family's swapped inner model subclasses :class:`HiredModel` and its stock inner class, and writes
 ``get_image_features``: it normalises the call into an :class:`ImageCall` and hands it to
-:meth:`HiredModel._hired_features`. The records of the previous call are forgotten before that
-method runs, whatever it does, so that a call that fails leaves none behind.
+:meth:`HiredModel._hired_features`, which runs the tower through the family's hooks and hands the
+runs to the selection path every engine shares (:func:`hired.selecting.select_images`). The records
+of the previous call are forgotten before that method runs, whatever it does, so that a call that
+fails leaves none behind.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..config import HiredConfig
 from ..geometry import PartitionGeometry
-from ..methods import VisionEvidence, get_method
+from ..selecting import all_fed_whole, full_record, kept_counts, select_images
 from ..state import ModelState
-from .records import check_counts, full_record, selection_record
+from .records import check_counts
 
 
 @dataclass
@@ -83,12 +86,11 @@ class HiredModel:
         state = self._hired
         config = state.config
         family = state.family
-        method = get_method(config.method)
-        budgets = [config.fed_tokens(g.stock_tokens) for g in call.geometries]
+        counts = kept_counts(config, call.geometries)
 
-        if not method.selects_before_llm or all(_keeps_all(b, g) for b, g in zip(budgets, call.geometries)):
+        if all_fed_whole(counts):
             output = call.stock()
-            state.records = [full_record(g, size, method.name, g.stock_tokens + g.newline_tokens)
+            state.records = [full_record(g, size, config.method, g.stock_tokens + g.newline_tokens)
                              for g, size in zip(call.geometries, call.image_sizes)]
             return output
 
@@ -106,29 +108,16 @@ class HiredModel:
         )
         if call.feature_norm is not None:  # runs may be shared: no edits in place
             runs = [dataclasses.replace(run, features=call.feature_norm(run.features)) for run in runs]
-        outputs, records, kept_rows = [], [], []
-        for run, geometry, budget, image_size in zip(runs, call.geometries, budgets, call.image_sizes):
-            if _keeps_all(budget, geometry):
-                packed = family.pack_stock(self, run, geometry, image_size)
-                outputs.append(packed)
-                records.append(full_record(geometry, image_size, method.name, len(packed)))
-                kept_rows.append(geometry.stock_order([row.nonzero().flatten() for row in geometry.candidates]))
-                continue
-            tokens = family.candidate_tokens(self, run, geometry, image_size)
-            evidence = VisionEvidence(
-                geometry=geometry,
-                features=tokens.features,
-                distribution_scores=tokens.distribution_scores,
-                selection_scores=tokens.selection_scores,
-                keys=tokens.keys,
-            )
-            selection, chosen = method.choose(evidence, budget, config.method_options)
-            outputs.append(chosen if family.selects_projected else family.project(self, chosen))
-            records.append(selection_record(evidence, image_size, selection, method.name, chosen.shape[0], run.score))
-            kept_rows.append(geometry.stock_order(selection.kept))
-        state.records = records
-        output = BaseModelOutputWithPooling(last_hidden_state=torch.cat([run.hidden for run in runs]), pooler_output=outputs)
-        return family.image_output(self, output, runs, kept_rows)
+        selected = select_images(
+            runs, call.geometries, call.image_sizes, counts, config,
+            pack_stock=functools.partial(family.pack_stock, self),
+            project=None if family.selects_projected else functools.partial(family.project, self),
+            candidate_tokens=functools.partial(family.candidate_tokens, self),
+        )
+        state.records = selected.records
+        output = BaseModelOutputWithPooling(last_hidden_state=torch.cat([run.hidden for run in runs]),
+                                            pooler_output=selected.features)
+        return family.image_output(self, output, runs, selected.kept_rows)
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
         if input_ids is None:
@@ -140,10 +129,6 @@ class HiredModel:
             mask = input_ids == self.config.image_token_id
         check_counts(self._hired.records, int(mask.sum()), image_features.shape[:-1].numel())  # InternVL's are per tile
         return mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
-
-
-def _keeps_all(budget: int | None, geometry: PartitionGeometry) -> bool:
-    return budget is not None and budget >= geometry.stock_tokens
 
 
 class HiredProcessor:
@@ -175,9 +160,8 @@ class HiredProcessor:
 
     def kept_tokens(self, geometry: PartitionGeometry) -> int | None:
         """Placeholders needed for an image of this geometry; ``None`` for the stock count."""
-        self.hired_config.require_fixed_count()  # hired.apply checks this; a config set by hand is caught here
-        budget = self.hired_config.fed_tokens(geometry.stock_tokens)
-        return None if budget >= geometry.stock_tokens else budget
+        # Refuses adaptive mode: hired.apply checks this already; a config set by hand is caught here.
+        return self.hired_config.kept_count(geometry.stock_tokens)
 
     def __call__(self, images=None, text=None, videos=None, **kwargs):
         if videos is None:

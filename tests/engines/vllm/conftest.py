@@ -102,17 +102,17 @@ def engine_generate(llm, requests):
     return results
 
 
-def engine_selections(llm) -> list[dict]:
-    """The selections of the images the engine encoded since the last call (from every worker: the first's)."""
+def engine_selections(llm) -> list[hired.SelectionRecord]:
+    """The records of the images the engine encoded since the last call (from every worker: the first's)."""
     return workers_selections(llm)[0]
 
 
-def workers_selections(llm) -> list[list[dict]]:
-    """Per worker (tensor-parallel rank), the selections of the images it encoded since the last call."""
+def workers_selections(llm) -> list[list[hired.SelectionRecord]]:
+    """Per worker (tensor-parallel rank), the records of the images it encoded since the last call."""
     return llm.apply_model(_take_selections)
 
 
-def _take_selections(model) -> list[dict]:
+def _take_selections(model) -> list[hired.SelectionRecord]:
     taken = list(model.hired_selections)
     model.hired_selections.clear()
     return taken

@@ -52,15 +52,23 @@ def prompt_length(model, size, config) -> int:
     return len(PROMPT.split()) - 1 + config.fed_tokens(geometry.stock_tokens)
 
 
+def chosen(record: hired.SelectionRecord) -> dict:
+    """What a record says was chosen: the tokens of each partition and the kept indices."""
+    return {"partition_tokens": record.partition_tokens.tolist(), "kept": [indices.tolist() for indices in record.kept]}
+
+
 def reference_selection(model) -> dict:
-    record = hired.selections(model)[0]
-    return {"budgets": record.partition_tokens.tolist(), "kept": [indices.tolist() for indices in record.kept]}
+    return chosen(hired.selections(model)[0])
+
+
+def engine_record(llm) -> hired.SelectionRecord:
+    selections = engine_selections(llm)
+    assert len(selections) == 1, selections
+    return selections[0]
 
 
 def engine_selection(llm) -> dict:
-    selections = engine_selections(llm)
-    assert len(selections) == 1, selections
-    return {"budgets": selections[0]["budgets"], "kept": selections[0]["kept"]}
+    return chosen(engine_record(llm))
 
 
 # ---- a folder saved after hired.apply: the configuration comes from its config.json
@@ -88,7 +96,9 @@ def test_llava_next_saved_folder_matches_transformers(next_engine, next_referenc
     kept = reference_selection(model)
     [result] = engine_generate(next_engine, [(image, None)])
     assert_same_generation(result, reference)
-    assert engine_selection(next_engine) == kept
+    record = engine_record(next_engine)
+    assert chosen(record) == kept
+    assert record.to_dict() == hired.selections(model)[0].to_dict()  # the same record as transformers'
     assert result[2] == prompt_length(model, size, hired.HiredConfig(budget=0.2))
 
 
@@ -270,6 +280,36 @@ def test_a_missing_vllm_internal_stops_the_engine_by_name(folders, monkeypatch, 
         LLM(model=folders["next"], dtype="float32", enforce_eager=True)
 
 
+def test_a_missing_internal_that_a_served_class_declares_stops_the_engine_by_name(folders, monkeypatch):
+    from vllm import LLM
+    from vllm.model_executor.models import llava_next
+
+    from hired.engines.vllm import ARCHITECTURES, models
+
+    served = {f"{models.__name__}:{cls.__name__}" for cls in models.SERVED_CLASSES}
+    assert set(ARCHITECTURES.values()) <= served
+    assert all(cls.__dict__.get("vllm_internals") for cls in models.SERVED_CLASSES)
+    # Declared by HiredLlavaNextForConditionalGeneration alone: packing an image kept whole beside pruned ones.
+    monkeypatch.delattr(llava_next.LlavaNextForConditionalGeneration, "_merge_image_patch_embeddings")
+    message = (r"LlavaNextForConditionalGeneration._merge_image_patch_embeddings is missing from the installed vLLM "
+               r"0.32.0; hired's vLLM plugin needs it for packing an image fed whole beside pruned ones")
+    with pytest.raises(internals.IncompatibleVllm, match=message):
+        LLM(model=folders["next"], dtype="float32", enforce_eager=True)
+
+
+def test_a_missing_vllm_class_that_the_plugin_subclasses_is_named(monkeypatch):
+    from vllm.model_executor.models import llava_next
+
+    from hired.engines.vllm import guard
+
+    monkeypatch.delattr(llava_next, "LlavaNextProcessingInfo")
+    monkeypatch.delitem(sys.modules, "hired.engines.vllm.models", raising=False)  # imported again, without it
+    message = (r"vllm.model_executor.models.llava_next.LlavaNextProcessingInfo is missing from the installed vLLM "
+               r"0.32.0; hired's vLLM plugin needs it for defining the plugin's classes")
+    with pytest.raises(internals.IncompatibleVllm, match=message):
+        guard.check_served_classes()
+
+
 def test_a_tower_without_the_modules_read_is_named():
     import torch
 
@@ -287,7 +327,7 @@ def test_tensor_parallel_matches_transformers(folders, monkeypatch):
     with running_engine(folders["next-hired"], tensor_parallel_size=2, distributed_executor_backend="mp") as llm:
         engine_selections(llm)
         [result] = engine_generate(llm, [(image, None)])
-        kept = [[selection["kept"] for selection in worker] for worker in workers_selections(llm)]
+        kept = [[chosen(record)["kept"] for record in worker] for worker in workers_selections(llm)]
     hired.apply(model, processor, budget=0.2)
     assert_same_generation(result, reference_generate(model, processor, image))
     expected = reference_selection(model)["kept"]

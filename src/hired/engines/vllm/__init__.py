@@ -9,7 +9,8 @@ with subclasses that behave exactly as the stock ones unless the model's configu
 budget (``mm_processor_kwargs={"budget": 0.1}``), and makes every other model refuse a ``hired``
 entry or hired's request keys rather than ignore them (:mod:`hired.engines.vllm.guard`). vLLM itself
 is imported only inside :func:`register`; :mod:`hired.engines.vllm.settings` holds the rules, which
-need no vLLM, and :mod:`hired.engines.vllm.internals` the vLLM internals the plugin relies on.
+need no vLLM, and :mod:`hired.engines.vllm.internals` the checks of the vLLM internals the plugin
+relies on (those ``register`` uses, declared there; each served class declares its own beside it).
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ vLLM's global registries:
 - ``ModelRegistry.inspect_model_cls``, which every engine calls when it builds its model
   configuration, for every architecture: it refuses a ``hired`` entry on an architecture the plugin
   does not serve (before vLLM probes a multimodal processor, whose ``ValueError`` would mean
-  "text-only"), and checks the plugin's model internals before vLLM imports the plugin's classes
-  (vLLM logs and hides an error raised while importing them);
+  "text-only"), and, for an architecture it serves, checks the vLLM internals each of the plugin's
+  classes declares (:func:`check_served_classes`) before vLLM uses them (vLLM logs and hides an
+  error raised while importing them);
 - ``MULTIMODAL_REGISTRY.create_processor``: a processor that is not the plugin's refuses, per
   request, hired's keys.
 """
@@ -18,6 +19,7 @@ vLLM's global registries:
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Any, Callable
 
 from ...state import CONFIG_KEY
@@ -40,12 +42,36 @@ def install() -> None:
         MULTIMODAL_REGISTRY.create_processor = _guard_processors(MULTIMODAL_REGISTRY.create_processor)
 
 
+def check_served_classes() -> None:
+    """Check the vLLM internals that each class the plugin serves declares (its ``vllm_internals``).
+
+    Importing the classes already needs the vLLM classes they subclass and the names they import;
+    one of those missing is reported the same way.
+
+    Raises:
+        hired.engines.vllm.internals.IncompatibleVllm: the first internal the installed vLLM lacks.
+    """
+    try:
+        models = importlib.import_module(f"{__package__}.models")
+    except AttributeError as error:  # a vLLM module without a class the plugin subclasses or names
+        module = getattr(getattr(error, "obj", None), "__name__", "")
+        if not module.startswith("vllm"):
+            raise
+        raise internals.incompatible(f"{module}.{error.name}", "defining the plugin's classes") from error
+    except ImportError as error:  # a name the plugin imports from vLLM
+        if not (error.name or "").startswith("vllm"):
+            raise
+        raise internals.incompatible(f"a name the plugin imports ({error})", "defining the plugin's classes") from error
+    for served in models.SERVED_CLASSES:
+        internals.check(served.vllm_internals)
+
+
 def _guard_inspection(inspect_model_cls: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(inspect_model_cls)
     def guarded(architectures, model_config):
         names = [architectures] if isinstance(architectures, str) else list(architectures)
         if any(name in SERVED_ARCHITECTURES for name in names):
-            internals.check(internals.MODELS)
+            check_served_classes()
         model_info, architecture = inspect_model_cls(architectures, model_config)
         if architecture not in SERVED_ARCHITECTURES and getattr(model_config.hf_config, CONFIG_KEY, None) is not None:
             raise UnservableConfig(unserved_config(architecture))

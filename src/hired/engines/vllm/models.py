@@ -5,8 +5,10 @@ configuration, or the request's own budget, applied to the image's geometry. The
 with the image as one more field (``settings.KEPT_FIELD``), so requests with different budgets
 share a batch. The model side reads the queries and keys of two layers of vLLM's own CLIP tower
 (its fused ``qkv_proj``, gathered across tensor-parallel ranks, which hold a share of the heads
-each), scores and selects with :mod:`hired.algorithm` and the registered methods, and projects the
-kept features. An image with no count is encoded exactly as stock vLLM encodes it.
+each) into a :class:`hired.signals.TowerRun` per image, and hands the runs to the selection path
+transformers runs too (:func:`hired.selecting.select_images`): the registered method chooses, vLLM's
+projector projects, and each image leaves a :class:`hired.SelectionRecord` in ``hired_selections``.
+An image that keeps every token is encoded exactly as stock vLLM encodes it.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement
 
 from ... import FamilyAdapter, HiredConfig, registered_families
-from ...algorithm import token_scores
-from ...methods import VisionEvidence, get_method
-from ...state import CONFIG_KEY
+from ...geometry import PartitionGeometry
+from ...selecting import all_fed_whole, runs_per_image, select_images
+from ...signals import TowerRun, run_from_attention, split_fused
+from ...state import CONFIG_KEY, SelectionRecord
 from . import internals
+from .internals import Internal
 from .settings import (
     KEPT_FIELD,
     ProcessorKeys,
@@ -36,6 +40,8 @@ from .settings import (
     UnservableConfig,
     check_request_keys,
     engine_config,
+    field_count,
+    kept_field,
     kept_tokens,
     processor_keys,
     request_config,
@@ -46,7 +52,10 @@ from .settings import (
 
 FAMILIES = {family.name: family for family in registered_families()}
 LLAVA_NEXT, LLAVA = FAMILIES["llava-next"], FAMILIES["llava"]
-# Selections of the last images encoded, per worker, for inspection (LLM.apply_model) and tests.
+# What the plugin's overrides and calls are for, as an IncompatibleVllm error names it.
+COUNTING = "giving each image its kept count"
+ENCODING = "encoding the kept tokens"
+# Records (hired.SelectionRecord) of the last images encoded, per worker, for inspection (LLM.apply_model) and tests.
 SELECTIONS_KEPT = 256
 
 
@@ -54,6 +63,13 @@ class HiredProcessingInfo:
     """Mixed into vLLM's processing info: the engine's configuration, validated when the engine starts."""
 
     family: ClassVar[FamilyAdapter]
+    vllm_internals: ClassVar[tuple[Internal, ...]]
+
+    @staticmethod
+    def internals_of(info: type) -> tuple[Internal, ...]:
+        """What this mixin overrides or calls on ``info``, the vLLM processing info class under it."""
+        return (Internal.of(info, "get_hf_config", "reading the model's 'hired' entry"),
+                Internal.of(info, "get_hf_processor", "checking request keys", ("kwargs",)))
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
@@ -93,6 +109,21 @@ class HiredMultiModalProcessor:
 
     # guard.GUARD_MARK: checks its requests itself, so the guard leaves it alone.
     hired_guard: ClassVar[bool] = True
+    vllm_internals: ClassVar[tuple[Internal, ...]]
+
+    @staticmethod
+    def internals_of(processor: type) -> tuple[Internal, ...]:
+        """What this mixin overrides or calls on ``processor``, the vLLM multimodal processor class under it,
+        and on the classes it builds the kept count's field and placeholders with."""
+        return (
+            Internal.of(processor, "_call_hf_processor", COUNTING, ("hf_data", "hf_kwargs")),
+            Internal.of(processor, "_get_mm_fields_config", COUNTING, ("hf_inputs", "hf_processor_mm_kwargs")),
+            Internal.of(processor, "_get_prompt_updates", COUNTING,
+                        ("mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs")),
+            Internal.of(PromptReplacement, "replacement", COUNTING),
+            Internal.of(MultiModalFieldConfig, "batched", "carrying each image's kept count",
+                        ("modality", "keep_on_cpu")),
+        )
 
     def apply(self, inputs, *args, **kwargs):
         # Every request passes here, also when its images' processing comes from vLLM's cache.
@@ -107,7 +138,8 @@ class HiredMultiModalProcessor:
             family, hf_config = self.info.family, self.info.get_hf_config()
             sizes = outputs.get("image_sizes")
             sizes = [None] * len(outputs["pixel_values"]) if sizes is None else [tuple(map(int, s)) for s in sizes]
-            outputs[KEPT_FIELD] = torch.tensor([kept_tokens(config, family.geometry(hf_config, size)) for size in sizes])
+            outputs[KEPT_FIELD] = torch.tensor([kept_field(kept_tokens(config, family.geometry(hf_config, size)))
+                                                for size in sizes])
         return outputs
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
@@ -120,19 +152,20 @@ class HiredMultiModalProcessor:
         items = out_mm_kwargs.get("image", [])
         token = self.info.get_hf_config().image_token_index
 
-        def kept(index: int) -> int:
+        def kept(index: int) -> int | None:
             element = items[index].get(KEPT_FIELD) if index < len(items) and items[index] is not None else None
-            return 0 if element is None else int(element.data)
+            return field_count(None if element is None else int(element.data))
 
         return [PromptReplacement(modality=update.modality, target=update.target,
                                   replacement=_kept_replacement(update.replacement, kept, token))
                 if update.modality == "image" else update for update in updates]
 
 
-def _kept_replacement(stock: Callable[[int], Any], kept: Callable[[int], int], token: int) -> Callable[[int], Any]:
+def _kept_replacement(stock: Callable[[int], Any], kept: Callable[[int], int | None],
+                      token: int) -> Callable[[int], Any]:
     def replacement(index: int):
         count = kept(index)
-        return stock(index) if count == 0 else [token] * count
+        return stock(index) if count is None else [token] * count
 
     return replacement
 
@@ -141,6 +174,27 @@ class HiredVisionModel:
     """Mixed into vLLM's model class: images with a kept count are encoded through the method."""
 
     hired_family: ClassVar[FamilyAdapter]
+    vllm_internals: ClassVar[tuple[Internal, ...]]
+
+    @staticmethod
+    def internals_of(model: type, image_inputs: type, image_fields: tuple[str, ...]) -> tuple[Internal, ...]:
+        """What this mixin overrides or calls on ``model``, the vLLM model class under it, reads of its
+        ``image_inputs`` (the fields ``image_fields``), and uses of vLLM's tensor parallelism."""
+        return (
+            Internal.of(model, "__init__", ENCODING, ("vllm_config", "prefix")),
+            Internal.of(model, "embed_multimodal", ENCODING),
+            Internal.of(model, "_parse_and_validate_image_input", ENCODING),
+            Internal.of(model, "_process_image_input", ENCODING, ("image_input",)),
+            Internal.of(model, "_image_pixels_to_features", ENCODING, ("vision_tower", "pixel_values")),
+            Internal.of(model, "load_weights", "loading checkpoints saved by transformers 5", ("weights",)),
+            *(Internal.of(image_inputs, field, ENCODING) for field in image_fields),
+            Internal("vllm.distributed", "tensor_model_parallel_all_gather", "gathering the heads of tensor-parallel "
+                     "ranks", ("input_", "dim")),
+            Internal("vllm.multimodal:MULTIMODAL_REGISTRY", "register_processor", "binding the plugin's processors",
+                     ("processor", "info", "dummy_inputs")),
+            Internal.of(llava.LlavaDummyInputsBuilder, "get_dummy_mm_data", "profiling memory with vLLM's own dummy "
+                        "images"),
+        )
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -154,42 +208,32 @@ class HiredVisionModel:
             if config is not None:
                 raise
             self.hired_plan = None  # the processor refuses budgets for this model
-        self.hired_selections: collections.deque = collections.deque(maxlen=SELECTIONS_KEPT)
+        self.hired_selections: collections.deque[SelectionRecord] = collections.deque(maxlen=SELECTIONS_KEPT)
 
     def embed_multimodal(self, **kwargs: object):
         kept = kwargs.pop(KEPT_FIELD, None)
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []
-        counts = [] if kept is None else [int(count) for count in kept]
-        if image_input["type"] != "pixel_values" or not any(counts):
+        counts = [] if kept is None else [field_count(int(value)) for value in kept]
+        if image_input["type"] != "pixel_values" or all_fed_whole(counts):
             return self._process_image_input(image_input)
         if self.hired_plan is None:
             raise RuntimeError("this model's vision tower cannot be pruned, but an image came with a kept count")
         return self._hired_embed(image_input, counts)
 
-    def _hired_embed(self, image_input, counts: list[int]) -> list[torch.Tensor]:
+    def _hired_embed(self, image_input, counts: list[int | None]) -> list[torch.Tensor]:
+        """The LLM embeddings of each image: its kept tokens, or every token where its count is ``None``."""
         tiles, sizes = self._hired_tiles(image_input)
         geometries = [self.hired_family.geometry(self.config, size) for size in sizes]
         tiles = [pixels[: geometry.num_partitions] for pixels, geometry in zip(tiles, geometries)]
         with self._hired_capture() as captured:
             features = self._image_pixels_to_features(self.vision_tower, torch.cat(tiles))
-        signals = self._hired_signals(captured)
-        method, options = get_method(self.hired_config.method), self.hired_config.method_options
-        outputs, start = [], 0
-        for geometry, size, count in zip(geometries, sizes, counts):
-            rows = slice(start, start + geometry.num_partitions)
-            start = rows.stop
-            if count == 0:
-                outputs.append(self._hired_pack_stock(features[rows], size))
-                continue
-            evidence = VisionEvidence(geometry, features[rows], signals["distribution"][rows],
-                                      signals["selection"][rows], signals["keys"][rows])
-            selection, chosen = method.choose(evidence, count, options)
-            outputs.append(self.multi_modal_projector(chosen))
-            self.hired_selections.append({"image_size": size, "tokens": count, "budgets": selection.partition_tokens.tolist(),
-                                          "kept": [indices.tolist() for indices in selection.kept]})
-        return outputs
+        runs = runs_per_image(self._hired_run(features, captured), geometries)
+        selected = select_images(runs, geometries, sizes, counts, self.hired_config,
+                                 pack_stock=self._hired_pack_stock, project=self.multi_modal_projector)
+        self.hired_selections.extend(selected.records)
+        return selected.features
 
     def _hired_layers(self):
         return self.vision_tower.vision_model.encoder.layers
@@ -211,19 +255,21 @@ class HiredVisionModel:
             for handle in handles:
                 handle.remove()
 
-    def _hired_signals(self, captured: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _hired_run(self, features: torch.Tensor, captured: dict[str, torch.Tensor]) -> TowerRun:
+        """The tower run of one call: its patch features, and the scores and keys of the captured layers."""
         attention = self._hired_layers()[0].self_attn
         heads, plan = attention.num_heads, self.hired_plan
-        signals = {}
+        layers = {}
         for name in ("distribution", "selection"):
-            query, key, _ = captured[name].chunk(3, dim=-1)
+            query, key = split_fused(captured[name])
             if attention.num_heads_per_partition != heads:  # this rank holds a share of the heads
                 query = tensor_model_parallel_all_gather(query.contiguous(), dim=-1)
                 key = tensor_model_parallel_all_gather(key.contiguous(), dim=-1)
-            signals[name] = token_scores(plan.score, query, key, heads, plan.aggregation, skip=1)
-            if name == "selection":
-                signals["keys"] = key[:, 1:]
-        return signals
+            layers[name] = query, key
+        # vLLM's tower call returns the feature layer's patch tokens alone (the 'default' strategy drops CLS),
+        # while the captured queries and keys still hold the CLS token first.
+        return run_from_attention(features, features, layers["distribution"], layers["selection"], score=plan.score,
+                                  num_heads=heads, aggregation=plan.aggregation, skip=1)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # transformers 5 saves the CLIP tower without its `vision_model.` level; vLLM's modules keep it.
@@ -242,10 +288,11 @@ def _tower_weight_name(name: str) -> str:
 
 class HiredLlavaNextProcessingInfo(HiredProcessingInfo, llava_next.LlavaNextProcessingInfo):
     family = LLAVA_NEXT
+    vllm_internals = HiredProcessingInfo.internals_of(llava_next.LlavaNextProcessingInfo)
 
 
 class HiredLlavaNextMultiModalProcessor(HiredMultiModalProcessor, llava_next.LlavaNextMultiModalProcessor):
-    pass
+    vllm_internals = HiredMultiModalProcessor.internals_of(llava_next.LlavaNextMultiModalProcessor)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -255,13 +302,19 @@ class HiredLlavaNextForConditionalGeneration(HiredVisionModel, llava_next.LlavaN
     """vLLM's ``LlavaNextForConditionalGeneration``, keeping the tokens hired's method selects."""
 
     hired_family = LLAVA_NEXT
+    vllm_internals = (
+        *HiredVisionModel.internals_of(llava_next.LlavaNextForConditionalGeneration,
+                                       llava_next.LlavaNextImagePixelInputs, ("type", "pixel_values", "image_sizes")),
+        Internal.of(llava_next.LlavaNextForConditionalGeneration, "_merge_image_patch_embeddings",
+                    "packing an image fed whole beside pruned ones", ("image_size", "patch_embeddings", "strategy")),
+    )
 
     def _hired_tiles(self, image_input):
         sizes = [tuple(int(v) for v in size) for size in image_input["image_sizes"]]
         return list(image_input["pixel_values"]), sizes
 
-    def _hired_pack_stock(self, features: torch.Tensor, size) -> torch.Tensor:
-        return self._merge_image_patch_embeddings(torch.as_tensor(size), self.multi_modal_projector(features),
+    def _hired_pack_stock(self, run: TowerRun, geometry: PartitionGeometry, size) -> torch.Tensor:
+        return self._merge_image_patch_embeddings(torch.as_tensor(size), self.multi_modal_projector(run.features),
                                                   strategy="spatial_unpad")
 
 
@@ -270,10 +323,11 @@ class HiredLlavaNextForConditionalGeneration(HiredVisionModel, llava_next.LlavaN
 
 class HiredLlavaProcessingInfo(HiredProcessingInfo, llava.LlavaProcessingInfo):
     family = LLAVA
+    vllm_internals = HiredProcessingInfo.internals_of(llava.LlavaProcessingInfo)
 
 
 class HiredLlavaMultiModalProcessor(HiredMultiModalProcessor, llava.LlavaMultiModalProcessor):
-    pass
+    vllm_internals = HiredMultiModalProcessor.internals_of(llava.LlavaMultiModalProcessor)
 
 
 def _llava_info(ctx):
@@ -296,10 +350,24 @@ class HiredLlavaForConditionalGeneration(HiredVisionModel, llava.LlavaForConditi
     """vLLM's ``LlavaForConditionalGeneration``, keeping the tokens hired's method selects."""
 
     hired_family = LLAVA
+    vllm_internals = (
+        *HiredVisionModel.internals_of(llava.LlavaForConditionalGeneration, llava.LlavaImagePixelInputs,
+                                       ("type", "pixel_values")),
+        # _llava_info and _llava_processor, bound with this class, leave Pixtral to vLLM's own processing.
+        Internal.of(llava.PixtralHFProcessingInfo, "get_hf_config", "leaving Pixtral to vLLM's own processing"),
+        Internal.of(llava.PixtralHFMultiModalProcessor, "apply", "leaving Pixtral to vLLM's own processing"),
+    )
 
     def _hired_tiles(self, image_input):
         pixels = image_input["pixel_values"]
         return [image.unsqueeze(0) for image in pixels], [None] * len(pixels)
 
-    def _hired_pack_stock(self, features: torch.Tensor, size) -> torch.Tensor:
-        return self.multi_modal_projector(features)[0]
+    def _hired_pack_stock(self, run: TowerRun, geometry: PartitionGeometry, size) -> torch.Tensor:
+        return self.multi_modal_projector(run.features)[0]
+
+
+# The classes that replace vLLM's, each with the vLLM internals it declares (checked by guard.check_served_classes).
+SERVED_CLASSES = (
+    HiredLlavaNextProcessingInfo, HiredLlavaNextMultiModalProcessor, HiredLlavaNextForConditionalGeneration,
+    HiredLlavaProcessingInfo, HiredLlavaMultiModalProcessor, HiredLlavaForConditionalGeneration,
+)

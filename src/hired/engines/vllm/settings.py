@@ -31,8 +31,11 @@ SERVED_ARCHITECTURES = {
 REQUEST_KEYS = ("budget", "tokens")
 # The scopes of a Hugging Face processor call that vLLM routes a LLaVA request's keys to (text and images).
 PROCESSOR_SCOPES = ("text_kwargs", "images_kwargs")
-# The per-image field the processor adds for the model: tokens to keep, 0 for every token (stock).
+# The per-image field the processor adds for the model: the tokens it keeps, or EVERY_TOKEN.
 KEPT_FIELD = "hired_kept_tokens"
+# KEPT_FIELD's value for an image that keeps every token (HiredConfig.kept_count's None): a tensor field
+# holds no None, and no image keeps 0 tokens. Only kept_field and field_count read or write it.
+EVERY_TOKEN = 0
 
 
 class UnservableConfig(RuntimeError):
@@ -208,12 +211,20 @@ def split_request_kwargs(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dic
     return ours, {key: value for key, value in kwargs.items() if key not in REQUEST_KEYS}
 
 
-def kept_tokens(config: HiredConfig | None, geometry: PartitionGeometry) -> int:
-    """Tokens an image of this geometry keeps under ``config``; 0 when it is fed whole (stock)."""
-    if config is None:
-        return 0
-    budget = config.fed_tokens(geometry.stock_tokens)
-    return 0 if budget >= geometry.stock_tokens else budget
+def kept_tokens(config: HiredConfig | None, geometry: PartitionGeometry) -> int | None:
+    """Tokens an image of this geometry keeps under ``config``; ``None`` when it is fed whole (stock), as
+    without a configuration."""
+    return None if config is None else config.kept_count(geometry.stock_tokens)
+
+
+def kept_field(count: int | None) -> int:
+    """An image's kept count as :data:`KEPT_FIELD` carries it."""
+    return EVERY_TOKEN if count is None else count
+
+
+def field_count(value: int | None) -> int | None:
+    """An image's kept count from its :data:`KEPT_FIELD` value (``None`` when the image carries none)."""
+    return None if value is None or value == EVERY_TOKEN else value
 
 
 @dataclass(frozen=True)
