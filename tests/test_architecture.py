@@ -159,6 +159,14 @@ def test_a_family_uses_another_only_through_its_package():
                     f"{name} imports {imported}")
 
 
+def test_a_familys_vllm_classes_are_imported_by_vllm_alone():
+    """A family's vllm.py needs vLLM: no module of hired imports it (the plugin names it for vLLM to import)."""
+    vllm_modules = {name for name in FAMILY_MODULES if name.endswith(".vllm")}
+    assert {"hired.families.llava_next.vllm", "hired.families.llava.vllm"} <= vllm_modules
+    for name, imported in GRAPH.items():
+        assert not imported & vllm_modules, f"{name} imports {sorted(imported & vllm_modules)}"
+
+
 def test_a_cycle_is_detected():
     """The detector itself can fail: a made-up circle is found, a chain is not."""
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]

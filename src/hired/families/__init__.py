@@ -10,6 +10,7 @@ framework::
       transformers.py  its swapped model and processor classes and its FamilyAdapter subclass
       tiny.py          its tiny random test model (hired.testing.TINY_MODELS lists it)
       cost.py          where it needs one, model_shape(config): its shape for the benchmark's cost model
+      vllm.py          where the vLLM plugin serves it: its vLLM classes (imported by vLLM only)
 
 A family that builds on another imports that family's package (LLaVA-1.5 and LLaVA-OneVision build
 on LLaVA-NeXT, Qwen3-VL on Qwen2.5-VL). Adding a family is adding its folder and its import below.

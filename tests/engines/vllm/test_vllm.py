@@ -7,6 +7,7 @@ asks for greedy tokens: identical ids, log-probabilities within 1e-5, identical 
 from __future__ import annotations
 
 import base64
+import importlib
 import io
 import json
 import os
@@ -284,11 +285,13 @@ def test_a_missing_internal_that_a_served_class_declares_stops_the_engine_by_nam
     from vllm import LLM
     from vllm.model_executor.models import llava_next
 
-    from hired.engines.vllm import ARCHITECTURES, models
+    from hired.engines.vllm import ARCHITECTURES
+    from hired.engines.vllm.settings import SERVED_FAMILIES
 
-    served = {f"{models.__name__}:{cls.__name__}" for cls in models.SERVED_CLASSES}
-    assert set(ARCHITECTURES.values()) <= served
-    assert all(cls.__dict__.get("vllm_internals") for cls in models.SERVED_CLASSES)
+    classes = [cls for served in SERVED_FAMILIES.values() for cls in importlib.import_module(served.module).SERVED_CLASSES]
+    assert set(ARCHITECTURES.values()) <= {f"{cls.__module__}:{cls.__name__}" for cls in classes}
+    assert all(cls.__module__.startswith("hired.families.") for cls in classes)  # each in its family's folder
+    assert all(cls.__dict__.get("vllm_internals") for cls in classes)
     # Declared by HiredLlavaNextForConditionalGeneration alone: packing an image kept whole beside pruned ones.
     monkeypatch.delattr(llava_next.LlavaNextForConditionalGeneration, "_merge_image_patch_embeddings")
     message = (r"LlavaNextForConditionalGeneration._merge_image_patch_embeddings is missing from the installed vLLM "
@@ -303,7 +306,7 @@ def test_a_missing_vllm_class_that_the_plugin_subclasses_is_named(monkeypatch):
     from hired.engines.vllm import guard
 
     monkeypatch.delattr(llava_next, "LlavaNextProcessingInfo")
-    monkeypatch.delitem(sys.modules, "hired.engines.vllm.models", raising=False)  # imported again, without it
+    monkeypatch.delitem(sys.modules, "hired.families.llava_next.vllm", raising=False)  # imported again, without it
     message = (r"vllm.model_executor.models.llava_next.LlavaNextProcessingInfo is missing from the installed vLLM "
                r"0.32.0; hired's vLLM plugin needs it for defining the plugin's classes")
     with pytest.raises(internals.IncompatibleVllm, match=message):

@@ -7,18 +7,21 @@ It replaces vLLM's own ``LlavaNextForConditionalGeneration`` and ``LlavaForCondi
 with subclasses that behave exactly as the stock ones unless the model's configuration holds a
 ``hired`` entry (a folder saved after ``hired.apply``, or ``hf_overrides``) or a request asks for a
 budget (``mm_processor_kwargs={"budget": 0.1}``), and makes every other model refuse a ``hired``
-entry or hired's request keys rather than ignore them (:mod:`hired.engines.vllm.guard`). vLLM itself
-is imported only inside :func:`register`; :mod:`hired.engines.vllm.settings` holds the rules, which
+entry or hired's request keys rather than ignore them (:mod:`hired.engines.vllm.guard`). The subclasses
+live in each served family's folder (``hired/families/<family>/vllm.py``, one line of
+``settings.SERVED_FAMILIES`` each) over the mixins of :mod:`hired.engines.vllm.mixins`, and vLLM
+imports them only when it loads such a model. vLLM itself is imported only inside :func:`register`;
+:mod:`hired.engines.vllm.settings` holds the rules, which
 need no vLLM, and :mod:`hired.engines.vllm.internals` the checks of the vLLM internals the plugin
 relies on (those ``register`` uses, declared there; each served class declares its own beside it).
 """
 
 from __future__ import annotations
 
-from .settings import SERVED_ARCHITECTURES
+from .settings import SERVED_FAMILIES
 
 # The classes that replace vLLM's, by architecture.
-ARCHITECTURES = {architecture: f"hired.engines.vllm.models:Hired{architecture}" for architecture in SERVED_ARCHITECTURES}
+ARCHITECTURES = {architecture: f"{served.module}:Hired{architecture}" for architecture, served in SERVED_FAMILIES.items()}
 
 
 def register() -> None:

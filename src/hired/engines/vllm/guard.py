@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from ...state import CONFIG_KEY
 from . import internals
-from .settings import SERVED_ARCHITECTURES, UnservableConfig, check_unserved_request, unserved_config
+from .settings import SERVED_ARCHITECTURES, SERVED_FAMILIES, UnservableConfig, check_unserved_request, unserved_config
 
 # Marks the plugin's wrappers (register may run more than once in a process) and its own processors,
 # which check requests themselves.
@@ -52,7 +52,7 @@ def check_served_classes() -> None:
         hired.engines.vllm.internals.IncompatibleVllm: the first internal the installed vLLM lacks.
     """
     try:
-        models = importlib.import_module(f"{__package__}.models")
+        modules = [importlib.import_module(served.module) for served in SERVED_FAMILIES.values()]
     except AttributeError as error:  # a vLLM module without a class the plugin subclasses or names
         module = getattr(getattr(error, "obj", None), "__name__", "")
         if not module.startswith("vllm"):
@@ -62,8 +62,9 @@ def check_served_classes() -> None:
         if not (error.name or "").startswith("vllm"):
             raise
         raise internals.incompatible(f"a name the plugin imports ({error})", "defining the plugin's classes") from error
-    for served in models.SERVED_CLASSES:
-        internals.check(served.vllm_internals)
+    for module in modules:
+        for served in module.SERVED_CLASSES:
+            internals.check(served.vllm_internals)
 
 
 def _guard_inspection(inspect_model_cls: Callable[..., Any]) -> Callable[..., Any]:

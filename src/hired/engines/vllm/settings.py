@@ -21,12 +21,27 @@ from ...geometry import PartitionGeometry
 from ...methods import available_methods, get_method
 from ...state import CONFIG_KEY
 
-# The architectures the plugin serves (vLLM's names), as a refusal names them (LlavaForConditionalGeneration
-# also serves Pixtral, which the plugin leaves to vLLM).
-SERVED_ARCHITECTURES = {
-    "LlavaNextForConditionalGeneration": "LLaVA-NeXT (LlavaNextForConditionalGeneration)",
-    "LlavaForConditionalGeneration": "LLaVA-1.5 (LlavaForConditionalGeneration with a CLIP tower)",
+
+
+@dataclass(frozen=True)
+class ServedFamily:
+    """A family the plugin serves: what a refusal calls it, and the module in the family's folder that holds its
+    vLLM classes (each named ``Hired<architecture>``, listed in the module's ``SERVED_CLASSES``)."""
+
+    description: str
+    module: str
+
+
+# The families the plugin serves, by vLLM's architecture name: one line each, pointing into the family's folder.
+# (LlavaForConditionalGeneration also serves Pixtral, which the plugin leaves to vLLM.)
+SERVED_FAMILIES = {
+    "LlavaNextForConditionalGeneration": ServedFamily("LLaVA-NeXT (LlavaNextForConditionalGeneration)",
+                                                      "hired.families.llava_next.vllm"),
+    "LlavaForConditionalGeneration": ServedFamily("LLaVA-1.5 (LlavaForConditionalGeneration with a CLIP tower)",
+                                                  "hired.families.llava.vllm"),
 }
+# The architectures the plugin serves, as a refusal names them.
+SERVED_ARCHITECTURES = {architecture: served.description for architecture, served in SERVED_FAMILIES.items()}
 # What a request may set through ``mm_processor_kwargs`` (``extra_body`` of the OpenAI server).
 REQUEST_KEYS = ("budget", "tokens")
 # The scopes of a Hugging Face processor call that vLLM routes a LLaVA request's keys to (text and images).

@@ -1,4 +1,7 @@
-"""vLLM's LLaVA-NeXT and LLaVA-1.5, with the tokens a hired method keeps (imported by vLLM when it loads one).
+"""The classes mixed into vLLM's processing info, processor and model of every family the plugin serves.
+
+Each served family's vLLM classes live in its folder (``hired/families/<family>/vllm.py``), each one of
+vLLM's classes with one of these mixed in; vLLM imports them when it loads such a model.
 
 The processor side gives every image its token count before the model runs: the engine's
 configuration, or the request's own budget, applied to the image's geometry. The count travels
@@ -19,18 +22,14 @@ import functools
 from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
-from transformers import LlavaConfig, PixtralVisionConfig
 from vllm.distributed import tensor_model_parallel_all_gather
-from vllm.model_executor.models import llava, llava_next
-from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement
 
-from ... import FamilyAdapter, HiredConfig, registered_families
-from ...geometry import PartitionGeometry
+from ... import FamilyAdapter, HiredConfig
 from ...selecting import all_fed_whole, runs_per_image, select_images
 from ...signals import TowerRun, run_from_attention, split_fused
-from ...state import CONFIG_KEY, SelectionRecord
+from ...state import SelectionRecord
 from . import internals
 from .internals import Internal
 from .settings import (
@@ -47,11 +46,8 @@ from .settings import (
     request_config,
     split_request_kwargs,
     tower_plan,
-    unserved_config,
 )
 
-FAMILIES = {family.name: family for family in registered_families()}
-LLAVA_NEXT, LLAVA = FAMILIES["llava-next"], FAMILIES["llava"]
 # What the plugin's overrides and calls are for, as an IncompatibleVllm error names it.
 COUNTING = "giving each image its kept count"
 ENCODING = "encoding the kept tokens"
@@ -192,8 +188,6 @@ class HiredVisionModel:
                      "ranks", ("input_", "dim")),
             Internal("vllm.multimodal:MULTIMODAL_REGISTRY", "register_processor", "binding the plugin's processors",
                      ("processor", "info", "dummy_inputs")),
-            Internal.of(llava.LlavaDummyInputsBuilder, "get_dummy_mm_data", "profiling memory with vLLM's own dummy "
-                        "images"),
         )
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
@@ -281,93 +275,3 @@ def _tower_weight_name(name: str) -> str:
         if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
             return prefix + "vision_model." + name[len(prefix):]
     return name
-
-
-# ---- LLaVA-NeXT
-
-
-class HiredLlavaNextProcessingInfo(HiredProcessingInfo, llava_next.LlavaNextProcessingInfo):
-    family = LLAVA_NEXT
-    vllm_internals = HiredProcessingInfo.internals_of(llava_next.LlavaNextProcessingInfo)
-
-
-class HiredLlavaNextMultiModalProcessor(HiredMultiModalProcessor, llava_next.LlavaNextMultiModalProcessor):
-    vllm_internals = HiredMultiModalProcessor.internals_of(llava_next.LlavaNextMultiModalProcessor)
-
-
-@MULTIMODAL_REGISTRY.register_processor(
-    HiredLlavaNextMultiModalProcessor, info=HiredLlavaNextProcessingInfo, dummy_inputs=llava.LlavaDummyInputsBuilder
-)
-class HiredLlavaNextForConditionalGeneration(HiredVisionModel, llava_next.LlavaNextForConditionalGeneration):
-    """vLLM's ``LlavaNextForConditionalGeneration``, keeping the tokens hired's method selects."""
-
-    hired_family = LLAVA_NEXT
-    vllm_internals = (
-        *HiredVisionModel.internals_of(llava_next.LlavaNextForConditionalGeneration,
-                                       llava_next.LlavaNextImagePixelInputs, ("type", "pixel_values", "image_sizes")),
-        Internal.of(llava_next.LlavaNextForConditionalGeneration, "_merge_image_patch_embeddings",
-                    "packing an image fed whole beside pruned ones", ("image_size", "patch_embeddings", "strategy")),
-    )
-
-    def _hired_tiles(self, image_input):
-        sizes = [tuple(int(v) for v in size) for size in image_input["image_sizes"]]
-        return list(image_input["pixel_values"]), sizes
-
-    def _hired_pack_stock(self, run: TowerRun, geometry: PartitionGeometry, size) -> torch.Tensor:
-        return self._merge_image_patch_embeddings(torch.as_tensor(size), self.multi_modal_projector(run.features),
-                                                  strategy="spatial_unpad")
-
-
-# ---- LLaVA-1.5 (the LLaVA architecture also serves Pixtral, which keeps vLLM's own processing)
-
-
-class HiredLlavaProcessingInfo(HiredProcessingInfo, llava.LlavaProcessingInfo):
-    family = LLAVA
-    vllm_internals = HiredProcessingInfo.internals_of(llava.LlavaProcessingInfo)
-
-
-class HiredLlavaMultiModalProcessor(HiredMultiModalProcessor, llava.LlavaMultiModalProcessor):
-    vllm_internals = HiredMultiModalProcessor.internals_of(llava.LlavaMultiModalProcessor)
-
-
-def _llava_info(ctx):
-    hf_config = ctx.get_hf_config(LlavaConfig)
-    if isinstance(hf_config.vision_config, PixtralVisionConfig):
-        if getattr(hf_config, CONFIG_KEY, None) is not None:
-            raise UnservableConfig(unserved_config("LlavaForConditionalGeneration with a Pixtral vision tower"))
-        return llava.PixtralHFProcessingInfo(ctx)
-    return HiredLlavaProcessingInfo(ctx)
-
-
-def _llava_processor(info, dummy_inputs):
-    if isinstance(info, HiredLlavaProcessingInfo):
-        return HiredLlavaMultiModalProcessor(info, dummy_inputs)
-    return llava.PixtralHFMultiModalProcessor(info, dummy_inputs)
-
-
-@MULTIMODAL_REGISTRY.register_processor(_llava_processor, info=_llava_info, dummy_inputs=llava.LlavaDummyInputsBuilder)
-class HiredLlavaForConditionalGeneration(HiredVisionModel, llava.LlavaForConditionalGeneration):
-    """vLLM's ``LlavaForConditionalGeneration``, keeping the tokens hired's method selects."""
-
-    hired_family = LLAVA
-    vllm_internals = (
-        *HiredVisionModel.internals_of(llava.LlavaForConditionalGeneration, llava.LlavaImagePixelInputs,
-                                       ("type", "pixel_values")),
-        # _llava_info and _llava_processor, bound with this class, leave Pixtral to vLLM's own processing.
-        Internal.of(llava.PixtralHFProcessingInfo, "get_hf_config", "leaving Pixtral to vLLM's own processing"),
-        Internal.of(llava.PixtralHFMultiModalProcessor, "apply", "leaving Pixtral to vLLM's own processing"),
-    )
-
-    def _hired_tiles(self, image_input):
-        pixels = image_input["pixel_values"]
-        return [image.unsqueeze(0) for image in pixels], [None] * len(pixels)
-
-    def _hired_pack_stock(self, run: TowerRun, geometry: PartitionGeometry, size) -> torch.Tensor:
-        return self.multi_modal_projector(run.features)[0]
-
-
-# The classes that replace vLLM's, each with the vLLM internals it declares (checked by guard.check_served_classes).
-SERVED_CLASSES = (
-    HiredLlavaNextProcessingInfo, HiredLlavaNextMultiModalProcessor, HiredLlavaNextForConditionalGeneration,
-    HiredLlavaProcessingInfo, HiredLlavaMultiModalProcessor, HiredLlavaForConditionalGeneration,
-)
