@@ -117,6 +117,80 @@ def run_from_attention(
     )
 
 
+def merged_runs(
+    merged: torch.Tensor,
+    planes: torch.Tensor | None,
+    distribution: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    selection: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    geometries: list,
+    *,
+    unit: int,
+    order: torch.Tensor | None,
+    score: str,
+    num_heads: int,
+    aggregation: str,
+) -> list[TowerRun]:
+    """The :class:`TowerRun` of each image of one call to a tower that merges ``unit`` patches into one LLM token
+    (Qwen-VL's ViT); both engines read such a tower through this.
+
+    A merged token's score is the sum of its patches' scores, its key their mean; runs lie on each
+    image's lattice (:class:`hired.geometry.NativeGeometry`), zeros past its raster.
+
+    Args:
+        merged: ``(tokens, D)`` the merger's output, every image's tokens in raster order, one image after another.
+        planes: ``(tokens, L, D)`` features of other layers the LLM also reads (Qwen3-VL's DeepStack), or ``None``.
+        distribution: ``(query, key, raw_key)`` of the distribution layer, ``(patches, heads * head_dim)`` each,
+            the queries and keys rotated, ``raw_key`` not; in the tower's order of merge groups.
+        selection: the same of the selection layer.
+        geometries: each image's :class:`hired.geometry.NativeGeometry`.
+        unit: patches per merged token.
+        order: the tower's merge groups in raster order (the inverse of a windowed tower's permutation), or
+            ``None`` when the tower keeps raster order.
+        score: a resolved score (not ``"auto"``).
+        num_heads: attention heads in the queries and keys.
+        aggregation: how the heads' scores combine.
+    """
+
+    def raster(values: torch.Tensor) -> torch.Tensor:
+        if order is None:
+            return values
+        return values.reshape(-1, unit, *values.shape[1:])[order].reshape(values.shape)
+
+    layers = {name: [raster(value) for value in values]
+              for name, values in (("distribution", distribution), ("selection", selection))}
+    runs, patch_start, token_start = [], 0, 0
+    for geometry in geometries:
+        rows, cols = geometry.tokens
+        tokens = rows * cols
+        patches = slice(patch_start, patch_start + tokens * unit)
+        picked = {}
+        for name, (query, key, raw_key) in layers.items():
+            patch_scores = token_scores(score, query[patches][None], key[patches][None], num_heads, aggregation,
+                                        raw_key=raw_key[patches][None])
+            picked[name] = patch_scores.reshape(tokens, unit).sum(-1)
+        features = merged[token_start:token_start + tokens]
+        runs.append(TowerRun(
+            features=lattice(features, geometry),
+            distribution_scores=lattice(picked["distribution"], geometry),
+            selection_scores=lattice(picked["selection"], geometry),
+            keys=lattice(layers["selection"][2][patches].reshape(tokens, unit, -1).mean(1), geometry),
+            hidden=features,  # (tokens, D): images of different sizes concatenate along the tokens
+            score=score,
+            planes=None if planes is None else lattice(planes[token_start:token_start + tokens], geometry),
+        ))
+        patch_start += tokens * unit
+        token_start += tokens
+    return runs
+
+
+def lattice(values: torch.Tensor, geometry) -> torch.Tensor:
+    """``(rows*cols, ...)`` raster values -> ``(1, side*side, ...)`` on a native geometry's lattice, zeros past the
+    raster."""
+    out = values.new_zeros(geometry.side * geometry.side, *values.shape[1:])
+    out[geometry.candidates[0]] = values
+    return out[None]
+
+
 def _output(value):
     return value[0] if isinstance(value, tuple) else value
 

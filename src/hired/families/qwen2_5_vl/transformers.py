@@ -28,9 +28,8 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel, Qwen2_5_VLProcessor
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 
-from ...algorithm import token_scores
 from ...geometry import NativeGeometry
-from ...signals import TowerRun, VisionProbe
+from ...signals import TowerRun, VisionProbe, merged_runs
 from ...state import ModelState
 from ..adapter import FamilyAdapter
 from ..mixins import HiredModel, HiredProcessor, ImageCall
@@ -354,50 +353,17 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
                 del visual.permute_input_for_window_attn
             for handle in handles:
                 handle.remove()
-        merged = output.pooler_output
         planes = getattr(output, "deepstack_features", None)  # Qwen3-VL: (tokens, D) per layer, raster order
-        planes = torch.stack(planes, dim=1) if planes else None
-        order = torch.argsort(captured["window"]) if windowed else torch.arange(merged.shape[0], device=merged.device)
-
-        def raster(values: torch.Tensor) -> torch.Tensor:  # window order -> raster order of merge groups
-            return values.reshape(-1, unit, *values.shape[1:])[order].reshape(values.shape)
-
-        scores, keys = {}, None
-        for prefix, layer in layers.items():
+        layers_read = {}
+        for name, layer in layers.items():
             qkv = captured[f"qkv{layer}"]
             query, key, _ = qkv.reshape(qkv.shape[0], 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
-            cos, sin = captured[f"rotary{layer}"]
-            rotated_query, rotated_key = self.rotate(query, key, cos, sin)
-            values = {"query": raster(rotated_query.flatten(1)), "key": raster(rotated_key.flatten(1)),
-                      "raw_key": raster(key.flatten(1))}
-            scores[prefix] = values
-            if prefix == "selection":
-                keys = values["raw_key"]
-        runs, patch_start, token_start = [], 0, 0
-        for geometry in call.geometries:
-            rows, cols = geometry.tokens
-            patches, tokens = rows * cols * unit, rows * cols
-            picked = {}
-            for prefix, values in scores.items():
-                query = values["query"][patch_start:patch_start + patches][None]
-                key = values["key"][patch_start:patch_start + patches][None]
-                raw = values["raw_key"][patch_start:patch_start + patches][None]
-                patch_scores = token_scores(score, query, key, heads, aggregation, raw_key=raw)
-                picked[prefix] = patch_scores.reshape(1, tokens, unit).sum(-1)
-            group_keys = keys[patch_start:patch_start + patches].reshape(tokens, unit, -1).mean(1)
-            features = merged[token_start:token_start + tokens]
-            runs.append(TowerRun(
-                features=_lattice(features, geometry),
-                distribution_scores=_lattice(picked["distribution"][0, :, None], geometry)[..., 0],
-                selection_scores=_lattice(picked["selection"][0, :, None], geometry)[..., 0],
-                keys=_lattice(group_keys, geometry),
-                hidden=features,  # (tokens, D): images of different sizes concatenate along the tokens
-                score=score,
-                planes=None if planes is None else _lattice(planes[token_start:token_start + tokens], geometry),
-            ))
-            patch_start += patches
-            token_start += tokens
-        return runs
+            rotated_query, rotated_key = self.rotate(query, key, *captured[f"rotary{layer}"])
+            layers_read[name] = rotated_query.flatten(1), rotated_key.flatten(1), key.flatten(1)
+        return merged_runs(output.pooler_output, torch.stack(planes, dim=1) if planes else None,
+                           layers_read["distribution"], layers_read["selection"], call.geometries, unit=unit,
+                           order=torch.argsort(captured["window"]) if windowed else None, score=score,
+                           num_heads=heads, aggregation=aggregation)
 
     @staticmethod
     def rotate(query, key, cos, sin):
@@ -428,11 +394,4 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
                              f"the vision tower's {vision.patch_size} and {vision.spatial_merge_size}; use the processor "
                              "saved with this model")
         pixel_limits(image)
-
-
-def _lattice(values: torch.Tensor, geometry: NativeGeometry) -> torch.Tensor:
-    """``(rows*cols, ...)`` raster values -> ``(1, s*s, ...)`` on the geometry's lattice, zeros past the raster."""
-    out = values.new_zeros(geometry.side * geometry.side, *values.shape[1:])
-    out[geometry.candidates[0]] = values
-    return out[None]
 
