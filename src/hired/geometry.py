@@ -497,6 +497,13 @@ class NativeGeometry:
             raise ValueError(f"image size and token grid must be positive, got size {(height, width)}, grid {(rows, cols)}")
         return cls((height, width), (rows, cols))
 
+    @classmethod
+    def from_patch_grid(cls, grid_thw: Sequence[int], patch: int, merge: int) -> "NativeGeometry":
+        """The geometry of an image the processor gave the patch grid ``(t, h, w)``: its ``(h / merge, w / merge)``
+        tokens, in the resized image's pixels (the model sees only those)."""
+        _, height, width = (int(v) for v in grid_thw)
+        return cls.create((height * patch, width * patch), (height // merge, width // merge))
+
     @property
     def side(self) -> int:
         return max(self.tokens)

@@ -28,6 +28,7 @@ from PIL import Image
 import hired
 from hired.families.llava.tiny import tiny_llava
 from hired.families.llava_next.tiny import tiny_llava_next
+from hired.families.llava_onevision.tiny import tiny_llava_onevision
 from hired.families.qwen2_5_vl.tiny import tiny_qwen2_5_vl
 
 PROMPT = "USER : <image> what is in the image ? ASSISTANT :"
@@ -51,11 +52,22 @@ def save_tiny(folder, family: str, seed: int = 0, **settings) -> str:
     return str(folder)
 
 
-def save_tiny_qwen2_5_vl(folder) -> str:
-    """A tiny random Qwen2.5-VL (an architecture the plugin does not serve) saved to ``folder``, stock."""
+def save_tiny_qwen2_5_vl(folder, **settings) -> str:
+    """A tiny random Qwen2.5-VL saved to ``folder``, after ``hired.apply(**settings)`` if given."""
     model, processor = tiny_qwen2_5_vl(seed=0, **SIZES)
     # M-RoPE's sections must fill the rotary half of the wider decoder's head size (32 / 2).
     model.config.text_config.rope_parameters["mrope_section"] = [4, 6, 6]
+    if settings:
+        hired.apply(model, processor, **settings)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+def save_tiny_onevision(folder) -> str:
+    """A tiny random LLaVA-OneVision (an architecture the plugin does not serve) saved to ``folder``, stock; serve it
+    with ``load_format="dummy"`` (vLLM names its tower's weights otherwise)."""
+    model, processor = tiny_llava_onevision(seed=0, **SIZES)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return str(folder)
@@ -82,14 +94,15 @@ def reference_generate(model, processor, image, prompt: str = PROMPT, new_tokens
     return ids, logprobs, int(inputs["input_ids"].shape[1])
 
 
-def engine_generate(llm, requests):
-    """``[(ids, logprobs, prompt length)]`` of greedy requests ``[(image, mm_processor_kwargs or None)]`` in one batch."""
+def engine_generate(llm, requests, prompt_text: str = PROMPT):
+    """``[(ids, logprobs, prompt length)]`` of greedy requests ``[(image or images, mm_processor_kwargs or None)]`` in
+    one batch."""
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=0)
     prompts = []
     for image, kwargs in requests:
-        prompt = {"prompt": PROMPT, "multi_modal_data": {"image": image}}
+        prompt = {"prompt": prompt_text, "multi_modal_data": {"image": image}}
         if kwargs:
             prompt["mm_processor_kwargs"] = kwargs
         prompts.append(prompt)

@@ -31,7 +31,7 @@ from conftest import (
     noise_image,
     reference_generate,
     running_engine,
-    save_tiny_qwen2_5_vl,
+    save_tiny_onevision,
     workers_selections,
 )
 
@@ -205,41 +205,43 @@ def test_unservable_configurations_are_refused_at_start(folders, settings, messa
         LLM(model=folders["llava"], dtype="float32", enforce_eager=True, hf_overrides={"hired": settings})
 
 
-# ---- an architecture the plugin does not serve (Qwen2.5-VL): hired's settings are refused, not ignored
+# ---- an architecture the plugin does not serve (LLaVA-OneVision): hired's settings are refused, not ignored
 
-QWEN_PROMPT = "<|vision_start|><|image_pad|><|vision_end|> what is in the image ?"
+ONEVISION_PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
 
 
 @pytest.fixture(scope="module")
-def qwen_folder(tmp_path_factory):
-    return save_tiny_qwen2_5_vl(tmp_path_factory.mktemp("vllm-qwen"))
+def onevision_folder(tmp_path_factory):
+    return save_tiny_onevision(tmp_path_factory.mktemp("vllm-onevision"))
 
 
 @pytest.mark.parametrize("source", ["hf_overrides", "config.json"])
-def test_hired_entry_on_an_unserved_architecture_is_refused_at_start(qwen_folder, tmp_path, source):
+def test_hired_entry_on_an_unserved_architecture_is_refused_at_start(onevision_folder, tmp_path, source):
     from vllm import LLM
 
     options = {}
+    folder = onevision_folder
     if source == "hf_overrides":
         options["hf_overrides"] = {"hired": {"budget": 0.25}}
     else:
-        shutil.copytree(qwen_folder, tmp_path / "qwen", dirs_exist_ok=True)
-        config = json.loads((tmp_path / "qwen" / "config.json").read_text())
-        (tmp_path / "qwen" / "config.json").write_text(json.dumps({**config, "hired": {"budget": 0.25}}))
-        qwen_folder = str(tmp_path / "qwen")
-    with pytest.raises(UnservableConfig, match=r"vLLM serves it as Qwen2_5_VLForConditionalGeneration, which hired's vLLM "
-                                               r"plugin does not prune.*serves LLaVA-NeXT \(LlavaNextForConditionalGeneration\)"):
-        LLM(model=qwen_folder, dtype="float32", enforce_eager=True, **options)
+        shutil.copytree(folder, tmp_path / "onevision", dirs_exist_ok=True)
+        config = json.loads((tmp_path / "onevision" / "config.json").read_text())
+        (tmp_path / "onevision" / "config.json").write_text(json.dumps({**config, "hired": {"budget": 0.25}}))
+        folder = str(tmp_path / "onevision")
+    with pytest.raises(UnservableConfig, match=r"vLLM serves it as LlavaOnevisionForConditionalGeneration, which hired's "
+                                               r"vLLM plugin does not prune.*serves LLaVA-NeXT "
+                                               r"\(LlavaNextForConditionalGeneration\)"):
+        LLM(model=folder, dtype="float32", enforce_eager=True, load_format="dummy", **options)
 
 
-def test_hired_request_keys_on_an_unserved_architecture_are_refused(qwen_folder):
+def test_hired_request_keys_on_an_unserved_architecture_are_refused(onevision_folder):
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-    prompt = {"prompt": QWEN_PROMPT, "multi_modal_data": {"image": noise_image(336, 336)}}
-    with running_engine(qwen_folder) as llm:
+    prompt = {"prompt": ONEVISION_PROMPT, "multi_modal_data": {"image": noise_image(336, 336)}}
+    with running_engine(onevision_folder, load_format="dummy") as llm:
         with pytest.raises(ValueError, match=r"mm_processor_kwargs \['budget'\]: this engine serves "
-                                             r"Qwen2_5_VLForConditionalGeneration .*does not prune"):
+                                             r"LlavaOnevisionForConditionalGeneration .*does not prune"):
             llm.generate([{**prompt, "mm_processor_kwargs": {"budget": 7.5}}], params, use_tqdm=False)
         [output] = llm.generate([prompt], params, use_tqdm=False)
     assert len(output.outputs[0].token_ids) == 2

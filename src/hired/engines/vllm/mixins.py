@@ -60,6 +60,8 @@ class HiredProcessingInfo:
 
     family: ClassVar[FamilyAdapter]
     vllm_internals: ClassVar[tuple[Internal, ...]]
+    # (configuration, hf_config) -> what the model reads from its tower; raises ValueError where it cannot.
+    tower_plan: ClassVar[Callable[[HiredConfig, Any], TowerPlan]] = staticmethod(tower_plan)
 
     @staticmethod
     def internals_of(info: type) -> tuple[Internal, ...]:
@@ -76,11 +78,19 @@ class HiredProcessingInfo:
         except ValueError as error:
             raise UnservableConfig(str(error)) from None
         try:
-            tower_plan(self.hired_config or HiredConfig(), hf_config)
+            self.tower_plan(self.hired_config or HiredConfig(), hf_config)
+            self.check_engine()
         except ValueError as error:
             if self.hired_config is not None:
                 raise UnservableConfig(str(error)) from None
             self.hired_refusal = str(error)
+
+    def check_engine(self) -> None:
+        """Refuse engine settings under which this family cannot prune (none by default).
+
+        Raises:
+            ValueError: why not, and what to change.
+        """
 
     def get_hf_processor(self, **kwargs: object):
         _, rest = split_request_kwargs(kwargs)
@@ -131,12 +141,20 @@ class HiredMultiModalProcessor:
         outputs = super()._call_hf_processor(hf_data, rest)
         if "pixel_values" in outputs:
             config = self.info.hired_config_for(request)
-            family, hf_config = self.info.family, self.info.get_hf_config()
-            sizes = outputs.get("image_sizes")
-            sizes = [None] * len(outputs["pixel_values"]) if sizes is None else [tuple(map(int, s)) for s in sizes]
-            outputs[KEPT_FIELD] = torch.tensor([kept_field(kept_tokens(config, family.geometry(hf_config, size)))
-                                                for size in sizes])
+            outputs[KEPT_FIELD] = torch.tensor([kept_field(kept_tokens(config, geometry))
+                                                for geometry in self.hired_geometries(outputs)])
         return outputs
+
+    def hired_geometries(self, outputs: Mapping[str, Any]) -> list:
+        """Each image's geometry, from the Hugging Face processor's ``outputs`` (LLaVA: its ``image_sizes``)."""
+        family, hf_config = self.info.family, self.info.get_hf_config()
+        sizes = outputs.get("image_sizes")
+        sizes = [None] * len(outputs["pixel_values"]) if sizes is None else [tuple(map(int, s)) for s in sizes]
+        return [family.geometry(hf_config, size) for size in sizes]
+
+    def hired_image_token(self) -> int:
+        """The id of the image placeholder token."""
+        return self.info.get_hf_config().image_token_index
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
@@ -146,7 +164,7 @@ class HiredMultiModalProcessor:
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         items = out_mm_kwargs.get("image", [])
-        token = self.info.get_hf_config().image_token_index
+        token = self.hired_image_token()
 
         def kept(index: int) -> int | None:
             element = items[index].get(KEPT_FIELD) if index < len(items) and items[index] is not None else None
@@ -171,6 +189,7 @@ class HiredVisionModel:
 
     hired_family: ClassVar[FamilyAdapter]
     vllm_internals: ClassVar[tuple[Internal, ...]]
+    tower_plan: ClassVar[Callable[[HiredConfig, Any], TowerPlan]] = staticmethod(tower_plan)
 
     @staticmethod
     def internals_of(model: type, image_inputs: type, image_fields: tuple[str, ...]) -> tuple[Internal, ...]:
@@ -197,7 +216,7 @@ class HiredVisionModel:
         config = engine_config(hf_config)
         self.hired_config = config or HiredConfig()  # a request's budget on an engine without one runs HiRED
         try:
-            self.hired_plan: TowerPlan | None = tower_plan(self.hired_config, hf_config)
+            self.hired_plan: TowerPlan | None = self.tower_plan(self.hired_config, hf_config)
         except ValueError:
             if config is not None:
                 raise

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from ... import HiredConfig, stored_config
 from ...compat import require_attribute
 from ...geometry import PartitionGeometry
+from ...algorithm import CLS_FREE_SCORE
 from ...methods import available_methods, get_method
 from ...state import CONFIG_KEY
 
@@ -39,6 +40,8 @@ SERVED_FAMILIES = {
                                                       "hired.families.llava_next.vllm"),
     "LlavaForConditionalGeneration": ServedFamily("LLaVA-1.5 (LlavaForConditionalGeneration with a CLIP tower)",
                                                   "hired.families.llava.vllm"),
+    "Qwen2_5_VLForConditionalGeneration": ServedFamily("Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",
+                                                       "hired.families.qwen2_5_vl.vllm"),
 }
 # The architectures the plugin serves, as a refusal names them.
 SERVED_ARCHITECTURES = {architecture: served.description for architecture, served in SERVED_FAMILIES.items()}
@@ -290,3 +293,30 @@ def tower_plan(config: HiredConfig, hf_config) -> TowerPlan:
         indices.append(value % depth)
     score = "cls" if layers.score == "auto" else layers.score  # a CLIP tower has a CLS token
     return TowerPlan(indices[0], indices[1], score, layers.aggregation)
+
+
+def native_tower_plan(config: HiredConfig, hf_config) -> TowerPlan:
+    """The method's layers as block indices of a native-resolution tower (Qwen-VL's ViT: no CLS token, the merger
+    reads the last block, which vLLM builds in full), and the CLS-free score it reads there.
+
+    Raises:
+        ValueError: a method that needs a CLS token, or a layer the tower lacks.
+    """
+    vision = hf_config.vision_config
+    depth = int(vision.depth)
+    get_method(config.method).check_tower(False, f"the vision tower of this {hf_config.model_type} model")
+    layers = config.method_options.signal_layers()
+    indices = []
+    for name, value in (("distribution_layer", layers.distribution), ("selection_layer", layers.selection)):
+        if value is None:
+            indices.append(depth - 1)
+            continue
+        if not -depth <= value < depth:
+            raise ValueError(f"{name}={value} is out of range for a vision tower of {depth} blocks "
+                             f"(valid: {-depth}..{depth - 1})")
+        indices.append(value % depth)
+    score = layers.score
+    if score == "cls":
+        raise ValueError(f"score='cls' reads CLS attention, but the vision tower of this {hf_config.model_type} model "
+                         f"has no CLS token; use score='auto' (here {CLS_FREE_SCORE!r}) or another CLS-free score")
+    return TowerPlan(indices[0], indices[1], CLS_FREE_SCORE if score == "auto" else score, layers.aggregation)

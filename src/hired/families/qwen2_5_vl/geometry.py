@@ -52,3 +52,4 @@ def image_geometry(image_processor, image_size: Sequence[int]) -> NativeGeometry
     grid = token_grid(image_size, image_processor.patch_size, image_processor.merge_size,
                       *pixel_limits(image_processor))
     return NativeGeometry.create(image_size, grid)
+

@@ -70,8 +70,7 @@ class NativeResolutionModel(HiredModel):
             raise ValueError("hired prunes still images (one temporal patch each); pass a video as pixel_values_videos "
                              "and video_grid_thw, which the patched model encodes as the stock model does")
         # The model sees the resized image only: its geometry is in the resized image's pixels.
-        geometries = [NativeGeometry.create((h * patch, w * patch), (h // merge, w // merge))
-                      for _, h, w in image_grid_thw.tolist()]
+        geometries = [NativeGeometry.from_patch_grid(grid, patch, merge) for grid in image_grid_thw.tolist()]
         counts = (image_grid_thw.prod(-1)).tolist()
         if sum(counts) != pixel_values.shape[0]:
             raise ValueError(f"pixel_values holds {pixel_values.shape[0]} patches, image_grid_thw {sum(counts)}; pass "
@@ -253,10 +252,8 @@ class NativeResolutionProcessor(HiredProcessor):
         return image_geometry(self.image_processor, image_size)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        _, height, width = (int(v) for v in image_inputs["image_grid_thw"][image_idx])
-        merge = self.image_processor.merge_size
-        patch = self.image_processor.patch_size
-        geometry = NativeGeometry.create((height * patch, width * patch), (height // merge, width // merge))
+        geometry = NativeGeometry.from_patch_grid(image_inputs["image_grid_thw"][image_idx].tolist(),
+                                                  self.image_processor.patch_size, self.image_processor.merge_size)
         count = self.kept_tokens(geometry)
         if count is None:
             return super().replace_image_token(image_inputs, image_idx, **kwargs)

@@ -1,0 +1,289 @@
+"""The mixins for vLLM's native-resolution families (Qwen2.5-VL): one raster of merged tokens per image, placed
+in the prompt with M-RoPE positions.
+
+The processor gives each image its kept count from its patch grid (``image_grid_thw``), as for LLaVA
+(:mod:`hired.engines.vllm.mixins`). The model runs vLLM's own vision tower once, reads the queries and
+keys of two blocks (the fused ``qkv`` projection, and the same queries and keys after the block's
+rotary embedding), and hands them to the path transformers runs too (:func:`hired.signals.merged_runs`,
+then :func:`hired.selecting.select_images`).
+
+Positions: a kept token keeps the (t, row, col) position stock vLLM gives it, and the text after an
+image continues where stock vLLM continues it. vLLM fixes a request's positions when the request is
+admitted, before the tower has chosen which tokens an image keeps:
+
+1. At admission, :meth:`HiredNativeModel.get_mrope_input_positions` runs vLLM's own
+   ``get_mrope_input_positions`` on the prompt with each pruned image grown back to all its tokens,
+   and keeps the positions of the tokens present: the text keeps its stock positions, and an image's
+   K tokens take, for now, the positions of its first K tokens in raster order (all of them the
+   image's stock time and origin).
+2. The model returns a pruned image's embeddings with :data:`OFFSET_CHANNELS` more channels: each kept
+   token's row and column in the image's raster, in base-256 digits so that they stay exact in any
+   float dtype.
+3. ``embed_input_ids`` (the runner calls it with the step's embeddings just before ``forward``) strips
+   those channels and notes, for each such token of the step, its row and column; ``forward`` then
+   sets the token's row and column positions to the image's origin (its time position) plus its own
+   row and column, in the runner's position buffer, before the language model runs.
+
+vLLM's own pruning hook for positions (``SupportsMultiModalPruning.recompute_mrope_positions``) is
+not used: the runner calls it only when ``video_pruning_rate`` is set (and never on CPU), and its
+function (``vllm.multimodal.video_prune.evs.recompute_mrope_positions``) moves the text after a tall
+image to where stock vLLM does not put it (``docs/vllm.md``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+from typing import Any, ClassVar, Mapping
+
+import torch
+from vllm.distributed import tensor_model_parallel_all_gather
+
+from ... import FamilyAdapter, HiredConfig
+from ...geometry import NativeGeometry
+from ...selecting import all_fed_whole, select_images
+from ...signals import merged_runs
+from ...state import SelectionRecord
+from .internals import Internal
+from .mixins import COUNTING, ENCODING, SELECTIONS_KEPT, HiredMultiModalProcessor, HiredProcessingInfo
+from .settings import KEPT_FIELD, TowerPlan, UnservableConfig, engine_config, field_count, native_tower_plan
+
+# A pruned image's embeddings carry each token's (row, col) in its raster as base-256 digits
+# (row // 256, row % 256, col // 256, col % 256): integers up to 256 are exact even in bfloat16.
+OFFSET_CHANNELS = 4
+DIGIT = 256
+POSITIONS = "placing each kept token at its stock M-RoPE position"
+
+
+def grid_geometries(grids, vision_config) -> list[NativeGeometry]:
+    """Each image's geometry from its patch grid ``(t, h, w)``."""
+    return [NativeGeometry.from_patch_grid(grid, vision_config.patch_size, vision_config.spatial_merge_size)
+            for grid in grids]
+
+
+class HiredNativeProcessingInfo(HiredProcessingInfo):
+    """Mixed into a native-resolution family's processing info: its tower plan, and the engine settings it
+    refuses."""
+
+    tower_plan = staticmethod(native_tower_plan)
+
+    def check_engine(self) -> None:
+        multimodal = self.ctx.get_mm_config()
+        if getattr(multimodal, "mm_encoder_tp_mode", "weights") == "data":
+            raise ValueError("hired reads the vision tower's attention on every tensor-parallel rank, but "
+                             "mm_encoder_tp_mode='data' shards the images across ranks instead; serve with the "
+                             "default mm_encoder_tp_mode='weights'")
+        if (getattr(multimodal, "video_pruning_rate", None) or 0) > 0:
+            raise ValueError("vLLM's video pruning (video_pruning_rate) rewrites the positions of every image of a "
+                             "prompt after it is encoded, which would undo the positions of hired's kept tokens; serve "
+                             "hired's images without video_pruning_rate, or video pruning without hired")
+
+
+class HiredNativeProcessor(HiredMultiModalProcessor):
+    """Mixed into a native-resolution family's multimodal processor: counts from each image's patch grid."""
+
+    def hired_geometries(self, outputs: Mapping[str, Any]) -> list:
+        return grid_geometries(outputs["image_grid_thw"].tolist(), self.info.get_hf_config().vision_config)
+
+    def hired_image_token(self) -> int:
+        return self.info.get_hf_config().image_token_id
+
+
+class HiredNativeModel:
+    """Mixed into a native-resolution family's vLLM model: images with a kept count are encoded through the method,
+    and their kept tokens placed at their stock positions (see the module doc)."""
+
+    hired_family: ClassVar[FamilyAdapter]
+    vllm_internals: ClassVar[tuple[Internal, ...]]
+
+    @staticmethod
+    def internals_of(model: type, image_inputs: type) -> tuple[Internal, ...]:
+        """What this mixin overrides or calls on ``model``, the vLLM model class under it, and reads of its
+        ``image_inputs``."""
+        return (
+            Internal.of(model, "__init__", ENCODING, ("vllm_config", "prefix")),
+            Internal.of(model, "embed_multimodal", ENCODING),
+            Internal.of(model, "_process_image_input", ENCODING, ("image_input",)),
+            Internal.of(model, "get_mrope_input_positions", POSITIONS, ("input_tokens", "mm_features")),
+            Internal.of(model, "embed_input_ids", POSITIONS, ("input_ids", "multimodal_embeddings", "is_multimodal")),
+            Internal.of(model, "forward", POSITIONS, ("input_ids", "positions", "intermediate_tensors",
+                                                      "inputs_embeds")),
+            *(Internal.of(image_inputs, field, ENCODING) for field in ("type", "pixel_values", "image_grid_thw")),
+            Internal("vllm.multimodal.inputs:MultiModalFeatureSpec", "mm_position", POSITIONS),
+            Internal("vllm.multimodal.inputs:PlaceholderRange", "offset", POSITIONS),
+            Internal("vllm.distributed", "tensor_model_parallel_all_gather", "gathering the heads of tensor-parallel "
+                     "ranks", ("input_", "dim")),
+        )
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        hf_config = vllm_config.model_config.hf_config
+        config = engine_config(hf_config)
+        self.hired_config = config or HiredConfig()  # a request's budget on an engine without one runs HiRED
+        compiled = [name for name in ("compile_mm_encoder", "cudagraph_mm_encoder")
+                    if getattr(vllm_config.compilation_config, name, False)]
+        try:
+            if compiled:
+                raise ValueError(f"hired reads the vision tower's attention through hooks that a compiled or graphed "
+                                 f"tower skips; serve without {' and '.join(compiled)}")
+            self.hired_plan: TowerPlan | None = native_tower_plan(self.hired_config, hf_config)
+        except ValueError as error:
+            if config is not None:
+                raise UnservableConfig(str(error)) from None
+            self.hired_plan = None
+        self.hired_selections: collections.deque[SelectionRecord] = collections.deque(maxlen=SELECTIONS_KEPT)
+        self.hired_width = hf_config.text_config.hidden_size
+        self.hired_counts: list[int | None] | None = None  # the kept counts of the images being encoded
+        self.hired_moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # for the next forward
+
+    # Encoding
+
+    def embed_multimodal(self, **kwargs: object):
+        kept = kwargs.pop(KEPT_FIELD, None)
+        self.hired_counts = None if kept is None else [field_count(int(value)) for value in kept]
+        try:
+            return super().embed_multimodal(**kwargs)
+        finally:
+            self.hired_counts = None
+
+    def _process_image_input(self, image_input):
+        counts = self.hired_counts
+        if image_input["type"] != "pixel_values" or not counts or all_fed_whole(counts):
+            return super()._process_image_input(image_input)
+        if self.hired_plan is None:
+            raise RuntimeError("this engine cannot prune, but an image came with a kept count; this is a bug in hired")
+        return tuple(self._hired_encode(image_input, counts))
+
+    def _hired_encode(self, image_input, counts: list[int | None]) -> list[torch.Tensor]:
+        """Each image's embeddings: its kept tokens with their offsets, or every token where its count is ``None``."""
+        visual, plan = self.visual, self.hired_plan
+        grids = image_input["image_grid_thw"].tolist()
+        geometries = grid_geometries(grids, self.config.vision_config)
+        metadata = visual.prepare_encoder_metadata(grids)
+        with self._hired_capture() as captured:
+            merged = visual(image_input["pixel_values"], grid_thw=grids, encoder_metadata=metadata)
+        runs = merged_runs(merged, None, captured["distribution"], captured["selection"], geometries,
+                           unit=visual.spatial_merge_size ** 2, order=metadata["reverse_indices"], score=plan.score,
+                           num_heads=self._hired_heads(), aggregation=plan.aggregation)
+        # As in transformers, the model sees only the resized image: its records give no original size.
+        selected = select_images(runs, geometries, [None] * len(geometries), counts, self.hired_config,
+                                 pack_stock=lambda run, geometry, size: run.features[0][geometry.candidates[0]],
+                                 project=None)
+        self.hired_selections.extend(selected.records)
+        embeddings = []
+        for features, rows, geometry, count in zip(selected.features, selected.kept_rows, geometries, counts):
+            if count is None:
+                embeddings.append(features)
+                continue
+            index = rows[:, 1].to(features.device)
+            offsets = torch.stack([index // geometry.side // DIGIT, index // geometry.side % DIGIT,
+                                   index % geometry.side // DIGIT, index % geometry.side % DIGIT], dim=1)
+            embeddings.append(torch.cat([features, offsets.to(features.dtype)], dim=1))
+        return embeddings
+
+    def _hired_heads(self) -> int:
+        return self.config.vision_config.num_heads
+
+    @contextlib.contextmanager
+    def _hired_capture(self):
+        """Keep, per layer the method reads, ``(query, key, raw_key)`` of every patch, ``(patches, heads * head_dim)``
+        each, in the tower's order (gathered across tensor-parallel ranks)."""
+        plan = self.hired_plan
+        raw: dict[int, torch.Tensor] = {}
+        rotated: dict[int, torch.Tensor] = {}
+        handles = []
+
+        def keep_qkv(layer, module, inputs, output):
+            raw[layer] = output[0] if isinstance(output, tuple) else output
+
+        def keep_rotated(layer, module, inputs, output):
+            rotated[layer] = output
+
+        for layer in {plan.distribution, plan.selection}:
+            attention = self.visual.blocks[layer].attn
+            handles.append(attention.qkv.register_forward_hook(functools.partial(keep_qkv, layer)))
+            handles.append(attention.apply_rotary_emb.register_forward_hook(functools.partial(keep_rotated, layer)))
+        captured: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+        attention = self.visual.blocks[plan.selection].attn
+        local_heads = attention.num_attention_heads_per_partition
+        for name, layer in (("distribution", plan.distribution), ("selection", plan.selection)):
+            fused = raw[layer].reshape(raw[layer].shape[0], 3, local_heads, -1)  # (patches, q/k/v, heads, head_dim)
+            both = rotated[layer]  # (2, patches, heads, head_dim): the rotated queries, then keys
+            parts = [both[0].flatten(1), both[1].flatten(1), fused[:, 1].flatten(1)]
+            if local_heads != self._hired_heads():  # this rank holds a share of the heads
+                parts = [tensor_model_parallel_all_gather(part.contiguous(), dim=-1) for part in parts]
+            captured[name] = tuple(parts)
+
+    # Positions
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+        """vLLM's positions of the prompt with each pruned image grown back to all its tokens, for the tokens
+        present: the text at its stock positions, a pruned image's tokens for now at its first ones."""
+        merge = self.config.vision_config.spatial_merge_size
+        grown: list[int] = []  # the prompt's tokens with every image whole
+        present: list[int] = []  # where each token of the prompt is in it
+        features, cursor = [], 0
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            position = feature.mm_position
+            kept = field_count(_field_value(feature.data, KEPT_FIELD)) if feature.modality == "image" else None
+            full = position.length if kept is None else int(feature.data["image_grid_thw"].data.prod()) // merge ** 2
+            present.extend(range(len(grown), len(grown) + position.offset - cursor))
+            grown.extend(input_tokens[cursor:position.offset])
+            features.append(dataclasses.replace(
+                feature, mm_position=dataclasses.replace(position, offset=len(grown), length=full)))
+            present.extend(range(len(grown), len(grown) + position.length))  # for now, its first tokens' positions
+            end = position.offset + position.length
+            grown.extend(input_tokens[position.offset:end])
+            grown.extend(input_tokens[position.offset:position.offset + 1] * (full - position.length))
+            cursor = end
+        added = len(grown) - cursor
+        if not added:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        present.extend(range(len(grown), len(grown) + len(input_tokens) - cursor))
+        grown.extend(input_tokens[cursor:])
+        positions, delta = super().get_mrope_input_positions(grown, features)
+        return positions[:, torch.as_tensor(present)], delta + added
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
+        self.hired_moves = None
+        if multimodal_embeddings is not None and any(e.shape[-1] != self.hired_width for e in multimodal_embeddings):
+            tokens = is_multimodal.nonzero().flatten()
+            moved, rows, cols, start = [], [], [], 0
+            stripped = []
+            for embedding in multimodal_embeddings:
+                length = embedding.shape[0]
+                if embedding.shape[-1] != self.hired_width:
+                    digits = embedding[:, self.hired_width:].round().long()
+                    moved.append(tokens[start:start + length])
+                    rows.append(digits[:, 0] * DIGIT + digits[:, 1])
+                    cols.append(digits[:, 2] * DIGIT + digits[:, 3])
+                    embedding = embedding[:, :self.hired_width]
+                stripped.append(embedding)
+                start += length
+            multimodal_embeddings = stripped
+            self.hired_moves = torch.cat(moved), torch.cat(rows), torch.cat(cols)
+        return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        moves, self.hired_moves = self.hired_moves, None
+        if moves is not None and positions.dim() == 2:
+            tokens, rows, cols = (part.to(positions.device) for part in moves)
+            origin = positions[0, tokens]  # an image's tokens share its time position, the raster's origin
+            positions[1, tokens] = origin + rows  # in place: the runner's buffer, which the model reads
+            positions[2, tokens] = origin + cols
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+
+def _field_value(data, key: str) -> int | None:
+    element = data.get(key) if data is not None else None
+    return None if element is None else int(element.data)
+
+
+__all__ = ["HiredNativeModel", "HiredNativeProcessingInfo", "HiredNativeProcessor", "OFFSET_CHANNELS"]
