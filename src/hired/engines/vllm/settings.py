@@ -42,6 +42,8 @@ SERVED_FAMILIES = {
                                                   "hired.families.llava.vllm"),
     "Qwen2_5_VLForConditionalGeneration": ServedFamily("Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",
                                                        "hired.families.qwen2_5_vl.vllm"),
+    "Qwen3VLForConditionalGeneration": ServedFamily("Qwen3-VL (Qwen3VLForConditionalGeneration)",
+                                                    "hired.families.qwen3_vl.vllm"),
 }
 # The architectures the plugin serves, as a refusal names them.
 SERVED_ARCHITECTURES = {architecture: served.description for architecture, served in SERVED_FAMILIES.items()}

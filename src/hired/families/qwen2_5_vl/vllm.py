@@ -11,10 +11,9 @@ from vllm.model_executor.models import qwen2_5_vl
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ...engines.vllm.internals import Internal
+from ...engines.vllm.mixins import ENCODING
 from ...engines.vllm.native import HiredNativeModel, HiredNativeProcessingInfo, HiredNativeProcessor
 from . import QWEN2_5_VL
-
-ENCODING = "encoding the kept tokens"
 
 
 class HiredQwen2_5_VLProcessingInfo(HiredNativeProcessingInfo, qwen2_5_vl.Qwen2_5_VLProcessingInfo):

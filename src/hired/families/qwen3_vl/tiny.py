@@ -26,6 +26,8 @@ def tiny_qwen3_vl(seed: int = 0, vision_layers: int = 4, vision_width: int = 32,
         Qwen3VLVideoProcessor,
     )
 
+    head = text_width // 4  # 4 heads; vLLM's CPU attention needs head_dim >= 32 (text_width 128)
+    half = head // 2  # M-RoPE's sections split the rotary half of each head as Qwen2.5-VL's (16: 2, 3, 3)
     tokenizer = tiny_tokenizer(named_tokens=QWEN_TOKENS)
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen3VLConfig(
@@ -36,10 +38,10 @@ def tiny_qwen3_vl(seed: int = 0, vision_layers: int = 4, vision_width: int = 32,
         },
         text_config={
             "vocab_size": len(tokenizer), "hidden_size": text_width, "intermediate_size": 2 * text_width,
-            "num_hidden_layers": text_layers, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "num_hidden_layers": text_layers, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": head,
             "max_position_embeddings": 32768, "pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
-                                "mrope_interleaved": True},
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
+                                "mrope_section": [half // 4, 3 * half // 8, 3 * half // 8]},
         },
         **{f"{role}_id": ids(token) for role, token in QWEN_TOKENS.items()},
     )
