@@ -17,6 +17,7 @@ from conftest import (
     reference_generate,
     running_engine,
     save_tiny_qwen,
+    workers_selections,
 )
 
 import hired
@@ -141,3 +142,18 @@ def test_unservable_configurations_are_refused_at_start(folders, settings, messa
 
     with pytest.raises(UnservableConfig, match=message):
         LLM(model=folders["stock"], dtype="float32", enforce_eager=True, hf_overrides={"hired": settings})
+
+
+def test_tensor_parallel_matches_transformers(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank (the default asks for NUMA nodes)
+    folder = save_tiny_qwen(tmp_path / "qwen", "qwen2.5-vl", budget=0.25)
+    model, processor = load_reference(folder)
+    image = noise_image(300, 180, seed=6)
+    with running_engine(folder, tensor_parallel_size=2, distributed_executor_backend="mp") as llm:
+        workers_selections(llm)
+        [result] = engine_generate(llm, [(image, None)], PROMPT)
+        records = workers_selections(llm)
+    hired.apply(model, processor, budget=0.25)
+    assert_same_generation(result, reference_generate(model, processor, image, PROMPT))
+    expected = hired.selections(model)[0].to_dict()
+    assert [[record.to_dict() for record in worker] for worker in records] == [[expected], [expected]]  # both ranks

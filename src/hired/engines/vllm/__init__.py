@@ -1,19 +1,20 @@
-"""vLLM plugin: LLaVA-NeXT and LLaVA-1.5 served with the visual tokens a hired method keeps.
+"""vLLM plugin: LLaVA-NeXT, LLaVA-1.5, Qwen2.5-VL and Qwen3-VL served with the visual tokens a hired method keeps.
 
-    vllm serve llava-hf/llava-v1.6-mistral-7b-hf --hf-overrides '{"hired": {"budget": 0.2}}'
+    vllm serve Qwen/Qwen2.5-VL-7B-Instruct --hf-overrides '{"hired": {"budget": 0.2}}'
 
 vLLM calls :func:`register` in every process it starts (the ``vllm.general_plugins`` entry point).
-It replaces vLLM's own ``LlavaNextForConditionalGeneration`` and ``LlavaForConditionalGeneration``
+It replaces vLLM's own classes of the architectures listed in ``settings.SERVED_FAMILIES``
 with subclasses that behave exactly as the stock ones unless the model's configuration holds a
 ``hired`` entry (a folder saved after ``hired.apply``, or ``hf_overrides``) or a request asks for a
 budget (``mm_processor_kwargs={"budget": 0.1}``), and makes every other model refuse a ``hired``
 entry or hired's request keys rather than ignore them (:mod:`hired.engines.vllm.guard`). The subclasses
 live in each served family's folder (``hired/families/<family>/vllm.py``, one line of
-``settings.SERVED_FAMILIES`` each) over the mixins of :mod:`hired.engines.vllm.mixins`, and vLLM
-imports them only when it loads such a model. vLLM itself is imported only inside :func:`register`;
-:mod:`hired.engines.vllm.settings` holds the rules, which
-need no vLLM, and :mod:`hired.engines.vllm.internals` the checks of the vLLM internals the plugin
-relies on (those ``register`` uses, declared there; each served class declares its own beside it).
+``settings.SERVED_FAMILIES`` each) over the mixins of :mod:`hired.engines.vllm.mixins` (and, for the
+native-resolution Qwen-VL towers, :mod:`hired.engines.vllm.native`), and vLLM imports them only when it
+loads such a model. vLLM itself is imported only inside :func:`register`; :mod:`hired.engines.vllm.settings`
+holds the rules, which need no vLLM, and :mod:`hired.engines.vllm.internals` the checks of the vLLM
+internals the plugin relies on (those ``register`` uses, declared there; each served class declares its
+own beside it).
 """
 
 from __future__ import annotations
