@@ -18,6 +18,7 @@ import torch
 from .config import HiredConfig
 from .geometry import PartitionGeometry
 from .methods import Selection, VisionEvidence, get_method
+from .methods.common import candidate_positions
 from .signals import TowerRun
 from .state import SelectionRecord
 
@@ -102,7 +103,7 @@ def select_images(
             packed = pack_stock(run, geometry, image_size)
             selected.features.append(packed)
             selected.records.append(full_record(geometry, image_size, method.name, len(packed)))
-            selected.kept_rows.append(geometry.stock_order([row.nonzero().flatten() for row in geometry.candidates]))
+            selected.kept_rows.append(candidate_positions(geometry))
             continue
         tokens = run if candidate_tokens is None else candidate_tokens(run, geometry, image_size)
         evidence = VisionEvidence(

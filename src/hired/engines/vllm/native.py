@@ -1,4 +1,4 @@
-"""The mixins for vLLM's native-resolution families (Qwen2.5-VL): one raster of merged tokens per image, placed
+"""The mixins for vLLM's native-resolution families (Qwen2.5-VL, Qwen3-VL): one raster of merged tokens per image, placed
 in the prompt with M-RoPE positions.
 
 The processor gives each image its kept count from its patch grid (``image_grid_thw``), as for LLaVA
@@ -47,7 +47,7 @@ from ...selecting import all_fed_whole, select_images
 from ...signals import merged_runs
 from ...state import SelectionRecord
 from .internals import Internal
-from .mixins import COUNTING, ENCODING, SELECTIONS_KEPT, HiredMultiModalProcessor, HiredProcessingInfo
+from .mixins import ENCODING, SELECTIONS_KEPT, HiredMultiModalProcessor, HiredProcessingInfo
 from .settings import KEPT_FIELD, TowerPlan, UnservableConfig, engine_config, field_count, native_tower_plan
 
 # A pruned image's embeddings carry each token's (row, col) in its raster as base-256 digits
@@ -122,12 +122,18 @@ class HiredNativeModel:
         hf_config = vllm_config.model_config.hf_config
         config = engine_config(hf_config)
         self.hired_config = config or HiredConfig()  # a request's budget on an engine without one runs HiRED
-        compiled = [name for name in ("compile_mm_encoder", "cudagraph_mm_encoder")
-                    if getattr(vllm_config.compilation_config, name, False)]
+        compilation = vllm_config.compilation_config
+        compiled = [name for name in ("compile_mm_encoder", "cudagraph_mm_encoder") if getattr(compilation, name, False)]
+        graphs = getattr(compilation, "cudagraph_mode", None)
         try:
             if compiled:
                 raise ValueError(f"hired reads the vision tower's attention through hooks that a compiled or graphed "
                                  f"tower skips; serve without {' and '.join(compiled)}")
+            if graphs is not None and graphs.mixed_mode().name == "FULL":
+                # forward places the kept tokens in Python, which a full graph of a prefill batch would skip
+                raise ValueError(f"cudagraph_mode={graphs.name} replays whole CUDA graphs for prefill batches, which "
+                                 "would skip the placing of the kept image tokens; serve with the default "
+                                 "FULL_AND_PIECEWISE (full graphs for decoding only) or PIECEWISE")
             self.hired_plan: TowerPlan | None = native_tower_plan(self.hired_config, hf_config)
         except ValueError as error:
             if config is not None:
@@ -175,8 +181,7 @@ class HiredNativeModel:
                            score=plan.score, num_heads=self._hired_heads(), aggregation=plan.aggregation)
         # As in transformers, the model sees only the resized image: its records give no original size.
         selected = select_images(runs, geometries, [None] * len(geometries), counts, self.hired_config,
-                                 pack_stock=lambda run, geometry, size: run.features[0][geometry.candidates[0]],
-                                 project=None)
+                                 pack_stock=functools.partial(self.hired_family.pack_stock, self), project=None)
         self.hired_selections.extend(selected.records)
         embeddings = []
         for features, rows, run, geometry, count in zip(selected.features, selected.kept_rows, runs, geometries,

@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ...geometry import TiledGeometry, square_side
 from ...images import image_size_of
+from ...methods.common import candidate_positions
 from ...signals import TowerRun, VisionProbe
 from ..adapter import FamilyAdapter
 from ..mixins import HiredModel, HiredProcessor, ImageCall
@@ -199,7 +200,7 @@ class InternVLAdapter(FamilyAdapter):
 
     def pack_stock(self, inner, run: TowerRun, geometry, image_size) -> torch.Tensor:
         projected = self.project(inner, self._shuffle(inner, run.features))
-        order = geometry.stock_order([row.nonzero().flatten() for row in geometry.candidates])
+        order = candidate_positions(geometry)
         return projected[order[:, 0], order[:, 1]]
 
     def partition_pixels(self, inputs) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel, LlavaOnevisionProcessor
 
+from ...methods.common import candidate_positions
 from ...signals import TowerRun
 from ..llava_next import LlavaNextAdapter, as_pair, tile_size
 from ..mixins import HiredModel, HiredProcessor, ImageCall
@@ -149,7 +150,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return packed[0]
 
     def candidate_tokens(self, inner, run: TowerRun, geometry: OnevisionGeometry, image_size) -> TowerRun:
-        slots = geometry.stock_order([row.nonzero().flatten() for row in geometry.candidates])
+        slots = candidate_positions(geometry)
 
         def slotted(values: torch.Tensor) -> torch.Tensor:  # (P, N, C) -> the fed tokens, each in its slot
             out = values.new_zeros(values.shape)
