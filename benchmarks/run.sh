@@ -1,6 +1,5 @@
 #!/usr/bin/env sh
-# The runs behind docs/benchmarks.md: sweep, batch, full, repeats, fastv, shapes, families, qwen, vllm, vllm-qwen
-# (default: all).
+# The runs behind docs/benchmarks.md: sweep, batch, full, repeats, fastv, shapes, families, qwen, vllm (default: all).
 # Each writes bench.json, bench.md and bench.png under
 # benchmarks/results/<name>/. Run from the repository root with the package installed
 # (pip install -e ".[cli]"); HF_HUB_OFFLINE keeps transformers off the network.
@@ -88,10 +87,4 @@ if [ "$which" = all ] || [ "$which" = vllm ]; then
   .venv-vllm/bin/python benchmarks/vllm_serving.py --model llava-1.5-7b-hf --layers 2 \
     --budgets 0.1 0.2 0.4 --image-size 1280x960 --prompts 12 --concurrency 4 --rounds 2 \
     --output benchmarks/results/vllm-llava-1.5
-fi
-if [ "$which" = all ] || [ "$which" = vllm ] || [ "$which" = vllm-qwen ]; then
-  # Qwen2.5-VL's whole 32-block tower runs per image on 2 cores: a 448x448 image (256 tokens) keeps a round short.
-  .venv-vllm/bin/python benchmarks/vllm_serving.py --model qwen2.5-vl-7b-instruct --layers 2 \
-    --budgets 0.1 0.2 0.4 --image-size 448x448 --prompts 4 --concurrency 2 --rounds 2 \
-    --output benchmarks/results/vllm-qwen2.5-vl
 fi
