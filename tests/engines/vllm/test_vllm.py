@@ -252,8 +252,9 @@ def test_hired_request_keys_on_an_unserved_architecture_are_refused(onevision_fo
 
 def test_an_untested_vllm_release_is_warned_about_at_registration(monkeypatch):
     monkeypatch.setattr(internals, "installed_vllm", lambda: "0.34.0")
-    with pytest.warns(UserWarning, match=r"tested on vLLM >=0.32,<0.33, found 0.34.0; the vLLM internals it needs "
-                                         r"match in the sources of 0.33.0 and 0.34.0 \(compared, not run\)"):
+    with pytest.warns(UserWarning, match=r"tested on vLLM >=0.32,<0.33, found 0.34.0; the vLLM internals its LLaVA "
+                                         r"classes need match in the sources of 0.33.0 and 0.34.0 \(compared, not run; "
+                                         r"those of its Qwen-VL classes were checked on >=0.32,<0.33 only"):
         register()
     monkeypatch.setattr(internals, "installed_vllm", lambda: "0.32.0")
     with warnings.catch_warnings():

@@ -157,8 +157,9 @@ def warn_if_untested() -> None:
         checked = SUPPORTED_VLLM.contains(version, prereleases=True)
         warnings.warn(
             f"hired's vLLM plugin is tested on vLLM {TESTED_RANGE}, found {version}; "
-            + (f"the vLLM internals it needs match in the sources of {' and '.join(COMPARED_VLLM)} (compared, not run), "
-               "but serving on this release is not tested" if checked else
+            + (f"the vLLM internals its LLaVA classes need match in the sources of {' and '.join(COMPARED_VLLM)} "
+               f"(compared, not run; those of its Qwen-VL classes were checked on {TESTED_RANGE} only, and are checked "
+               "again when such an engine starts), but serving on this release is not tested" if checked else
                f"the internals it needs are present, but only the sources of {' and '.join(COMPARED_VLLM)} were compared"),
             stacklevel=2,
         )
