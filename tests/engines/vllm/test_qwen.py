@@ -134,17 +134,18 @@ def test_every_cls_free_fixed_budget_method(folders, method):
         records_match(llm, model, 1)
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"method": "fastervlm"}, "scores tokens by CLS attention"),
-    ({"method": "fastv"}, "prunes inside the language model"),
-    ({"budget": 0.2, "method_options": {"score": "cls"}}, "has no CLS token"),
-    ({"budget": 0.2, "method_options": {"selection_layer": 9}}, "out of range for a vision tower of 4 blocks"),
+@pytest.mark.parametrize("settings, options, message", [
+    ({"method": "fastervlm"}, {}, "scores tokens by CLS attention"),
+    ({"method": "fastv"}, {}, "prunes inside the language model"),
+    ({"budget": 0.2, "method_options": {"score": "cls"}}, {}, "has no CLS token"),
+    ({"budget": 0.2, "method_options": {"selection_layer": 9}}, {}, "out of range for a vision tower of 4 blocks"),
+    ({"budget": 0.2}, {"video_pruning_rate": 0.5}, r"vLLM's video pruning \(video_pruning_rate\)"),
 ])
-def test_unservable_configurations_are_refused_at_start(folders, settings, message):
+def test_unservable_configurations_are_refused_at_start(folders, settings, options, message):
     from vllm import LLM
 
     with pytest.raises(UnservableConfig, match=message):
-        LLM(model=folders["stock"], dtype="float32", enforce_eager=True, hf_overrides={"hired": settings})
+        LLM(model=folders["stock"], dtype="float32", enforce_eager=True, hf_overrides={"hired": settings}, **options)
 
 
 def test_tensor_parallel_matches_transformers(tmp_path, monkeypatch):

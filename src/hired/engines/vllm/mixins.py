@@ -193,7 +193,6 @@ class HiredVisionModel:
 
     hired_family: ClassVar[FamilyAdapter]
     vllm_internals: ClassVar[tuple[Internal, ...]]
-    tower_plan: ClassVar[Callable[[HiredConfig, Any], TowerPlan]] = staticmethod(tower_plan)
 
     @staticmethod
     def internals_of(model: type, image_inputs: type, image_fields: tuple[str, ...]) -> tuple[Internal, ...]:
@@ -220,7 +219,7 @@ class HiredVisionModel:
         config = engine_config(hf_config)
         self.hired_config = config or HiredConfig()  # a request's budget on an engine without one runs HiRED
         try:
-            self.hired_plan: TowerPlan | None = self.tower_plan(self.hired_config, hf_config)
+            self.hired_plan: TowerPlan | None = tower_plan(self.hired_config, hf_config)
         except ValueError:
             if config is not None:
                 raise

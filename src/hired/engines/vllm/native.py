@@ -129,6 +129,9 @@ class HiredNativeModel:
             if compiled:
                 raise ValueError(f"hired reads the vision tower's attention through hooks that a compiled or graphed "
                                  f"tower skips; serve without {' and '.join(compiled)}")
+            if getattr(self, "is_multimodal_pruning_enabled", False):
+                raise ValueError("vLLM's video pruning (video_pruning_rate) adds position channels to every image's "
+                                 "embeddings and rewrites their positions; serve hired without video_pruning_rate")
             if graphs is not None and graphs.mixed_mode().name == "FULL":
                 # forward places the kept tokens in Python, which a full graph of a prefill batch would skip
                 raise ValueError(f"cudagraph_mode={graphs.name} replays whole CUDA graphs for prefill batches, which "
@@ -139,6 +142,7 @@ class HiredNativeModel:
             if config is not None:
                 raise UnservableConfig(str(error)) from None
             self.hired_plan = None
+            self.hired_refusal = str(error)  # the processor checks what it can see; these settings it cannot
         self.hired_selections: collections.deque[SelectionRecord] = collections.deque(maxlen=SELECTIONS_KEPT)
         vision = hf_config.vision_config
         # A stock image embedding: the merger's output, then one plane per DeepStack merger (Qwen3-VL).
@@ -162,7 +166,7 @@ class HiredNativeModel:
         if image_input["type"] != "pixel_values" or not counts or all_fed_whole(counts):
             return super()._process_image_input(image_input)
         if self.hired_plan is None:
-            raise RuntimeError("this engine cannot prune, but an image came with a kept count; this is a bug in hired")
+            raise RuntimeError(f"a request asked for a budget, but this engine cannot prune: {self.hired_refusal}")
         return tuple(self._hired_encode(image_input, counts))
 
     def _hired_encode(self, image_input, counts: list[int | None]) -> list[torch.Tensor]:
@@ -267,7 +271,9 @@ class HiredNativeModel:
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
         self.hired_moves = None
-        if multimodal_embeddings is not None and any(e.shape[-1] != self.hired_width for e in multimodal_embeddings):
+        # Only embeddings this model made carry the offsets (with video pruning on it makes none: hired_plan is None).
+        if (self.hired_plan is not None and multimodal_embeddings is not None
+                and any(e.shape[-1] != self.hired_width for e in multimodal_embeddings)):
             tokens = is_multimodal.nonzero().flatten()
             moved, rows, cols, start = [], [], [], 0
             stripped = []
