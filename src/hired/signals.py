@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -219,13 +220,17 @@ class VisionProbe:
         tower: the vision tower module, called as ``tower(pixel_values=...)``.
         num_heads: attention heads per layer (default: the tower config's ``num_attention_heads``).
         has_cls: whether token 0 of every layer is a CLS token (default: read off the embeddings).
+        call: runs the tower on pixel values (default: as a transformers model is called; vLLM's towers take
+            other arguments).
 
     Raises:
         ValueError: the tower's layers or their query/key projections cannot be found.
     """
 
-    def __init__(self, tower: nn.Module, num_heads: int | None = None, has_cls: bool | None = None) -> None:
+    def __init__(self, tower: nn.Module, num_heads: int | None = None, has_cls: bool | None = None,
+                 call: Callable[[torch.Tensor], Any] | None = None) -> None:
         self.tower = tower
+        self.call = call or (lambda pixels: tower(pixel_values=pixels, output_hidden_states=False, return_dict=True))
         self.num_heads = int(tower.config.num_attention_heads if num_heads is None else num_heads)
         self.has_cls = tower_has_cls(tower) if has_cls is None else has_cls
         # Runs reused across settings over the same pixels (see hired.share_tower_runs); None: no reuse.
@@ -336,7 +341,7 @@ class VisionProbe:
                 handles.append(projection.key.register_forward_hook(keep(f"{prefix}_k")))
         try:
             with self._truncated(max(layers) + 1):
-                self.tower(pixel_values=pixel_values, output_hidden_states=False, return_dict=True)
+                self.call(pixel_values)
         finally:
             for handle in handles:
                 handle.remove()

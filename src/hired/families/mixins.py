@@ -21,7 +21,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..config import HiredConfig
 from ..geometry import PartitionGeometry
-from ..selecting import all_fed_whole, full_record, kept_counts, select_images
+from ..selecting import SelectedImages, all_fed_whole, full_record, kept_counts, select_images
+from ..signals import TowerRun
 from ..state import ModelState
 from .records import check_counts
 
@@ -47,6 +48,41 @@ class ImageCall:
     vision_feature_layer: Any
     stock: Callable[[], BaseModelOutputWithPooling]
     feature_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def select_call(family, inner, probe, call: ImageCall, counts: Sequence[int | None] | None,
+                config: HiredConfig) -> tuple[list[TowerRun], SelectedImages]:
+    """Each image's tower run and selection for ``call``: the path from a family's tower to the kept features that
+    both engines take (transformers' :class:`HiredModel`, and vLLM's model of a family whose tower the probe runs).
+
+    Args:
+        family: the family adapter (its tower hooks, packing and projection).
+        inner: the model its hooks read (transformers' inner model, or vLLM's model class).
+        probe: the probe of the model's vision tower.
+        call: the images, normalised.
+        counts: per image, the tokens to keep (``None`` for every token).
+        config: the method and its options.
+    """
+    family.check_call(inner, probe)
+    feature_layer = family.feature_layer(inner, probe, call.vision_feature_layer)
+    layers = config.method_options.signal_layers()
+    runs = family.tower_runs(
+        inner, call, probe,
+        feature_layer=feature_layer,
+        distribution_layer=layers.distribution,
+        selection_layer=feature_layer if layers.selection is None else layers.selection,
+        aggregation=layers.aggregation,
+        score=layers.score,
+    )
+    if call.feature_norm is not None:  # runs may be shared: no edits in place
+        runs = [dataclasses.replace(run, features=call.feature_norm(run.features)) for run in runs]
+    selected = select_images(
+        runs, call.geometries, call.image_sizes, counts, config,
+        pack_stock=functools.partial(family.pack_stock, inner),
+        project=None if family.selects_projected else functools.partial(family.project, inner),
+        candidate_tokens=functools.partial(family.candidate_tokens, inner),
+    )
+    return runs, selected
 
 
 def _beginning_an_image_call(get_image_features: Callable[..., Any]) -> Callable[..., Any]:
@@ -94,26 +130,7 @@ class HiredModel:
                              for g, size in zip(call.geometries, call.image_sizes)]
             return output
 
-        family.check_call(self, state.probe)
-        probe = state.probe
-        feature_layer = family.feature_layer(self, probe, call.vision_feature_layer)
-        layers = config.method_options.signal_layers()
-        runs = family.tower_runs(
-            self, call, probe,
-            feature_layer=feature_layer,
-            distribution_layer=layers.distribution,
-            selection_layer=feature_layer if layers.selection is None else layers.selection,
-            aggregation=layers.aggregation,
-            score=layers.score,
-        )
-        if call.feature_norm is not None:  # runs may be shared: no edits in place
-            runs = [dataclasses.replace(run, features=call.feature_norm(run.features)) for run in runs]
-        selected = select_images(
-            runs, call.geometries, call.image_sizes, counts, config,
-            pack_stock=functools.partial(family.pack_stock, self),
-            project=None if family.selects_projected else functools.partial(family.project, self),
-            candidate_tokens=functools.partial(family.candidate_tokens, self),
-        )
+        runs, selected = select_call(family, self, state.probe, call, counts, config)
         state.records = selected.records
         output = BaseModelOutputWithPooling(last_hidden_state=torch.cat([run.hidden for run in runs]),
                                             pooler_output=selected.features)

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 import hired
+from hired.families.internvl.tiny import tiny_internvl
 from hired.families.llava.tiny import tiny_llava
 from hired.families.llava_next.tiny import tiny_llava_next
 from hired.families.llava_onevision.tiny import tiny_llava_onevision
@@ -66,10 +67,20 @@ def save_tiny_qwen(folder, family: str, **settings) -> str:
     return str(folder)
 
 
-def save_tiny_onevision(folder) -> str:
-    """A tiny random LLaVA-OneVision (an architecture the plugin does not serve) saved to ``folder``, stock; serve it
-    with ``load_format="dummy"`` (vLLM names its tower's weights otherwise)."""
+def save_tiny_onevision(folder, **settings) -> str:
+    """A tiny random LLaVA-OneVision saved to ``folder``, after ``hired.apply(**settings)`` if given."""
     model, processor = tiny_llava_onevision(seed=0, **SIZES)
+    if settings:
+        hired.apply(model, processor, **settings)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+def save_tiny_internvl(folder) -> str:
+    """A tiny random InternVL (an architecture the plugin does not serve) saved to ``folder``, stock; serve it with
+    ``load_format="dummy"``."""
+    model, processor = tiny_internvl(seed=0, **SIZES)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return str(folder)
@@ -85,9 +96,10 @@ def load_reference(folder: str):
     return model, AutoProcessor.from_pretrained(folder)
 
 
-def reference_generate(model, processor, image, prompt: str = PROMPT, new_tokens: int = NEW_TOKENS):
-    """Greedy token ids, their log-probabilities and the prompt length, as transformers computes them."""
-    inputs = processor(images=image, text=prompt, return_tensors="pt")
+def reference_generate(model, processor, image, prompt: str = PROMPT, new_tokens: int = NEW_TOKENS, **inputs):
+    """Greedy token ids, their log-probabilities and the prompt length, as transformers computes them; ``inputs``:
+    more arguments of the processor (videos)."""
+    inputs = processor(images=image, text=prompt, return_tensors="pt", **inputs)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
                                 return_dict_in_generate=True)
@@ -98,13 +110,14 @@ def reference_generate(model, processor, image, prompt: str = PROMPT, new_tokens
 
 def engine_generate(llm, requests, prompt_text: str = PROMPT):
     """``[(ids, logprobs, prompt length)]`` of greedy requests ``[(image or images, mm_processor_kwargs or None)]`` in
-    one batch."""
+    one batch (in place of the image, a ``multi_modal_data`` dict of images and videos)."""
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=0)
     prompts = []
     for image, kwargs in requests:
-        prompt = {"prompt": prompt_text, "multi_modal_data": {"image": image}}
+        data = image if isinstance(image, dict) else {"image": image}
+        prompt = {"prompt": prompt_text, "multi_modal_data": data}
         if kwargs:
             prompt["mm_processor_kwargs"] = kwargs
         prompts.append(prompt)
@@ -120,6 +133,16 @@ def engine_generate(llm, requests, prompt_text: str = PROMPT):
 def engine_selections(llm) -> list[hired.SelectionRecord]:
     """The records of the images the engine encoded since the last call (from every worker: the first's)."""
     return workers_selections(llm)[0]
+
+
+def records_match(llm, model, images: int) -> None:
+    """The engine's records since the last call equal those of transformers' ``model`` (its last call), ``images``
+    of them."""
+    records = engine_selections(llm)
+    expected = hired.selections(model)
+    assert len(records) == len(expected) == images
+    for record, reference in zip(records, expected):
+        assert record.to_dict() == reference.to_dict()
 
 
 def workers_selections(llm) -> list[list[hired.SelectionRecord]]:

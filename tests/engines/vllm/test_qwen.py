@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from conftest import (
-    NEW_TOKENS,
     assert_same_generation,
     engine_generate,
     engine_selections,
     load_reference,
     noise_image,
+    records_match,
     reference_generate,
     running_engine,
     save_tiny_qwen,
@@ -54,14 +53,6 @@ def engine(folders):
 @pytest.fixture(scope="module")
 def reference(folders):
     return load_reference(folders["hired"])
-
-
-def records_match(llm, model, images: int) -> None:
-    records = engine_selections(llm)
-    expected = hired.selections(model)
-    assert len(records) == len(expected) == images
-    for record, reference in zip(records, expected):
-        assert record.to_dict() == reference.to_dict()
 
 
 @pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
@@ -166,7 +157,6 @@ def test_tensor_parallel_matches_transformers(tmp_path, monkeypatch):
 def test_a_video_beside_a_pruned_image_is_fed_whole(tmp_path):
     """The video keeps every token at its stock positions, after an image with fewer tokens than stock."""
     from transformers.video_utils import VideoMetadata
-    from vllm import SamplingParams
 
     folder = save_tiny_qwen(tmp_path / "qwen", "qwen2.5-vl", budget=0.25)
     model, processor = load_reference(folder)
@@ -175,23 +165,13 @@ def test_a_video_beside_a_pruned_image_is_fed_whole(tmp_path):
     image = noise_image(200, 90, seed=1)
     frames = np.random.RandomState(3).randint(0, 256, size=(4, 112, 112, 3), dtype=np.uint8)
     timing = {"fps": 2.0, "duration": 2.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3]}
-    inputs = processor(images=image, videos=[frames], text=prompt, return_tensors="pt", do_sample_frames=False,
-                       video_metadata=[VideoMetadata(**timing)])
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
-                                return_dict_in_generate=True)
-    ids = output.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-    logprobs = [float(torch.log_softmax(logits[0], dim=-1)[token]) for logits, token in zip(output.logits, ids)]
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=0)
+    expected = reference_generate(model, processor, image, prompt, videos=[frames], do_sample_frames=False,
+                                  video_metadata=[VideoMetadata(**timing)])
     video = (frames, {**timing, "video_backend": "opencv", "do_sample_frames": False})
     with running_engine(folder) as llm:
         engine_selections(llm)
-        [result] = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": image, "video": video}}], params,
-                                use_tqdm=False)
+        [result] = engine_generate(llm, [({"image": image, "video": video}, None)], prompt)
         records = engine_selections(llm)
-    completion = result.outputs[0]
-    engine = (list(completion.token_ids), [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)],
-              len(result.prompt_token_ids))
-    assert_same_generation(engine, (ids, logprobs, int(inputs["input_ids"].shape[1])))
+    assert_same_generation(result, expected)
     assert [record.to_dict() for record in records] == [hired.selections(model)[0].to_dict()]  # the image alone
     assert records[0].visual_tokens < records[0].stock_tokens

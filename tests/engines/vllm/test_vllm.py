@@ -31,7 +31,7 @@ from conftest import (
     noise_image,
     reference_generate,
     running_engine,
-    save_tiny_onevision,
+    save_tiny_internvl,
     workers_selections,
 )
 
@@ -205,43 +205,43 @@ def test_unservable_configurations_are_refused_at_start(folders, settings, messa
         LLM(model=folders["llava"], dtype="float32", enforce_eager=True, hf_overrides={"hired": settings})
 
 
-# ---- an architecture the plugin does not serve (LLaVA-OneVision): hired's settings are refused, not ignored
+# ---- an architecture the plugin does not serve (InternVL): hired's settings are refused, not ignored
 
-ONEVISION_PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
+UNSERVED_PROMPT = "USER: <IMG_CONTEXT> what is in the image ? ASSISTANT:"
 
 
 @pytest.fixture(scope="module")
-def onevision_folder(tmp_path_factory):
-    return save_tiny_onevision(tmp_path_factory.mktemp("vllm-onevision"))
+def unserved_folder(tmp_path_factory):
+    return save_tiny_internvl(tmp_path_factory.mktemp("vllm-internvl"))
 
 
 @pytest.mark.parametrize("source", ["hf_overrides", "config.json"])
-def test_hired_entry_on_an_unserved_architecture_is_refused_at_start(onevision_folder, tmp_path, source):
+def test_hired_entry_on_an_unserved_architecture_is_refused_at_start(unserved_folder, tmp_path, source):
     from vllm import LLM
 
     options = {}
-    folder = onevision_folder
+    folder = unserved_folder
     if source == "hf_overrides":
         options["hf_overrides"] = {"hired": {"budget": 0.25}}
     else:
-        shutil.copytree(folder, tmp_path / "onevision", dirs_exist_ok=True)
-        config = json.loads((tmp_path / "onevision" / "config.json").read_text())
-        (tmp_path / "onevision" / "config.json").write_text(json.dumps({**config, "hired": {"budget": 0.25}}))
-        folder = str(tmp_path / "onevision")
-    with pytest.raises(UnservableConfig, match=r"vLLM serves it as LlavaOnevisionForConditionalGeneration, which hired's "
+        shutil.copytree(folder, tmp_path / "internvl", dirs_exist_ok=True)
+        config = json.loads((tmp_path / "internvl" / "config.json").read_text())
+        (tmp_path / "internvl" / "config.json").write_text(json.dumps({**config, "hired": {"budget": 0.25}}))
+        folder = str(tmp_path / "internvl")
+    with pytest.raises(UnservableConfig, match=r"vLLM serves it as InternVLForConditionalGeneration, which hired's "
                                                r"vLLM plugin does not prune.*serves LLaVA-NeXT "
                                                r"\(LlavaNextForConditionalGeneration\)"):
         LLM(model=folder, dtype="float32", enforce_eager=True, load_format="dummy", **options)
 
 
-def test_hired_request_keys_on_an_unserved_architecture_are_refused(onevision_folder):
+def test_hired_request_keys_on_an_unserved_architecture_are_refused(unserved_folder):
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-    prompt = {"prompt": ONEVISION_PROMPT, "multi_modal_data": {"image": noise_image(336, 336)}}
-    with running_engine(onevision_folder, load_format="dummy") as llm:
+    prompt = {"prompt": UNSERVED_PROMPT, "multi_modal_data": {"image": noise_image(336, 336)}}
+    with running_engine(unserved_folder, load_format="dummy") as llm:
         with pytest.raises(ValueError, match=r"mm_processor_kwargs \['budget'\]: this engine serves "
-                                             r"LlavaOnevisionForConditionalGeneration .*does not prune"):
+                                             r"InternVLForConditionalGeneration .*does not prune"):
             llm.generate([{**prompt, "mm_processor_kwargs": {"budget": 7.5}}], params, use_tqdm=False)
         [output] = llm.generate([prompt], params, use_tqdm=False)
     assert len(output.outputs[0].token_ids) == 2
@@ -252,9 +252,10 @@ def test_hired_request_keys_on_an_unserved_architecture_are_refused(onevision_fo
 
 def test_an_untested_vllm_release_is_warned_about_at_registration(monkeypatch):
     monkeypatch.setattr(internals, "installed_vllm", lambda: "0.34.0")
-    with pytest.warns(UserWarning, match=r"tested on vLLM >=0.32,<0.33, found 0.34.0; the vLLM internals its LLaVA "
-                                         r"classes need match in the sources of 0.33.0 and 0.34.0 \(compared, not run; "
-                                         r"those of its Qwen-VL classes were checked on >=0.32,<0.33 only"):
+    with pytest.warns(UserWarning, match=r"tested on vLLM >=0.32,<0.33, found 0.34.0; the vLLM internals its LLaVA-NeXT "
+                                         r"and LLaVA-1.5 classes need match in the sources of 0.33.0 and 0.34.0 "
+                                         r"\(compared, not run; "
+                                         r"those of its LLaVA-OneVision and Qwen-VL classes were checked on >=0.32,<0.33 only"):
         register()
     monkeypatch.setattr(internals, "installed_vllm", lambda: "0.32.0")
     with warnings.catch_warnings():

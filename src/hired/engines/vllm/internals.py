@@ -1,6 +1,6 @@
 """The vLLM internals the plugin relies on: how they are declared, and the checks before they are used.
 
-The plugin subclasses vLLM's LLaVA classes and overrides or calls methods that are not public API;
+The plugin subclasses vLLM's model classes and overrides or calls methods that are not public API;
 each vLLM release may rename or move them. Rather than serving the stock model under hired's name
 (or failing deep inside a request) when one is gone, :func:`check` raises :class:`IncompatibleVllm`
 naming the missing piece, the installed release and the range the plugin was checked against, and
@@ -10,7 +10,7 @@ Where they are declared and checked: :data:`REGISTRATION` (what ``register`` its
 calls the plugin's ``register`` (every vLLM process); each class the plugin serves in place of
 vLLM's declares, next to it, the internals of the vLLM class under it that it overrides, calls or
 reads (its ``vllm_internals``, a tuple of :class:`Internal`), checked by the guard when an engine on
-a LLaVA model starts, before vLLM uses the classes (importing vLLM's LLaVA modules in every process
+a served model starts, before vLLM uses the classes (importing vLLM's model modules in every process
 would slow every engine down; see :func:`hired.engines.vllm.guard.check_served_classes`); and
 :data:`TOWER` on each model built (attributes its modules set in their constructors).
 """
@@ -157,8 +157,9 @@ def warn_if_untested() -> None:
         checked = SUPPORTED_VLLM.contains(version, prereleases=True)
         warnings.warn(
             f"hired's vLLM plugin is tested on vLLM {TESTED_RANGE}, found {version}; "
-            + (f"the vLLM internals its LLaVA classes need match in the sources of {' and '.join(COMPARED_VLLM)} "
-               f"(compared, not run; those of its Qwen-VL classes were checked on {TESTED_RANGE} only, and are checked "
+            + (f"the vLLM internals its LLaVA-NeXT and LLaVA-1.5 classes need match in the sources of "
+               f"{' and '.join(COMPARED_VLLM)} (compared, not run; those of its LLaVA-OneVision and Qwen-VL classes "
+               f"were checked on {TESTED_RANGE} only, and are checked "
                "again when such an engine starts), but serving on this release is not tested" if checked else
                f"the internals it needs are present, but only the sources of {' and '.join(COMPARED_VLLM)} were compared"),
             stacklevel=2,

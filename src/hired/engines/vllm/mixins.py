@@ -6,11 +6,14 @@ vLLM's classes with one of these mixed in; vLLM imports them when it loads such 
 The processor side gives every image its token count before the model runs: the engine's
 configuration, or the request's own budget, applied to the image's geometry. The count travels
 with the image as one more field (``settings.KEPT_FIELD``), so requests with different budgets
-share a batch. The model side reads the queries and keys of two layers of vLLM's own CLIP tower
-(its fused ``qkv_proj``, gathered across tensor-parallel ranks, which hold a share of the heads
-each) into a :class:`hired.signals.TowerRun` per image, and hands the runs to the selection path
-transformers runs too (:func:`hired.selecting.select_images`): the registered method chooses, vLLM's
-projector projects, and each image leaves a :class:`hired.SelectionRecord` in ``hired_selections``.
+share a batch. The model side (:class:`HiredEncoderModel`) diverts the images that carry a count
+from vLLM's image path; for the LLaVA families (:class:`HiredVisionModel`) it reads the queries and
+keys of two layers of vLLM's own CLIP or SigLIP tower (its fused ``qkv_proj``, gathered across
+tensor-parallel ranks, which hold a share of the heads each) into a :class:`hired.signals.TowerRun`
+per image, and hands the runs to the selection path transformers runs too
+(:func:`hired.selecting.select_images`, with the family adapter's packing): the registered method
+chooses, vLLM's projector projects, and each image leaves a :class:`hired.SelectionRecord` in
+``hired_selections``. The native-resolution families' model is in :mod:`hired.engines.vllm.native`.
 An image that keeps every token is encoded exactly as stock vLLM encodes it.
 """
 
@@ -188,11 +191,68 @@ def _kept_replacement(stock: Callable[[int], Any], kept: Callable[[int], int | N
     return replacement
 
 
-class HiredVisionModel:
-    """Mixed into vLLM's model class: images with a kept count are encoded through the method."""
+class HiredEncoderModel:
+    """Mixed into the vLLM model of every served family: the engine's plan, and images with a kept count diverted
+    from vLLM's image path to :meth:`_hired_encode` (each family's kind of tower implements it)."""
 
     hired_family: ClassVar[FamilyAdapter]
     vllm_internals: ClassVar[tuple[Internal, ...]]
+    # (configuration, hf_config) -> what the model reads from its tower; raises ValueError where it cannot.
+    tower_plan: ClassVar[Callable[[HiredConfig, Any], TowerPlan]] = staticmethod(tower_plan)
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        hf_config = vllm_config.model_config.hf_config
+        config = engine_config(hf_config)
+        self.hired_config = config or HiredConfig()  # a request's budget on an engine without one runs HiRED
+        self.hired_refusal: str | None = None  # why this engine cannot prune, when it has no configuration
+        compilation = vllm_config.compilation_config
+        compiled = [name for name in ("compile_mm_encoder", "cudagraph_mm_encoder") if getattr(compilation, name, False)]
+        try:
+            if compiled:
+                raise ValueError(f"hired reads the vision tower's attention through hooks that a compiled or graphed "
+                                 f"tower skips; serve without {' and '.join(compiled)}")
+            self.check_model(vllm_config)
+            self.hired_plan: TowerPlan | None = self.tower_plan(self.hired_config, hf_config)
+        except ValueError as error:
+            if config is not None:
+                raise UnservableConfig(str(error)) from None
+            self.hired_plan = None
+            self.hired_refusal = str(error)  # the processor checks what it can see; these settings it cannot
+        self.hired_selections: collections.deque[SelectionRecord] = collections.deque(maxlen=SELECTIONS_KEPT)
+        self.hired_counts: list[int | None] | None = None  # the kept counts of the images being encoded
+
+    def check_model(self, vllm_config) -> None:
+        """Refuse engine settings under which this model cannot prune, beyond a compiled tower (none by default).
+
+        Raises:
+            ValueError: why not, and what to change.
+        """
+
+    def embed_multimodal(self, **kwargs: object):
+        kept = kwargs.pop(KEPT_FIELD, None)
+        self.hired_counts = None if kept is None else [field_count(int(value)) for value in kept]
+        try:
+            return super().embed_multimodal(**kwargs)
+        finally:
+            self.hired_counts = None
+
+    def _process_image_input(self, image_input):
+        counts = self.hired_counts
+        if image_input["type"] != "pixel_values" or not counts or all_fed_whole(counts):
+            return super()._process_image_input(image_input)
+        if self.hired_plan is None:
+            raise RuntimeError(f"a request asked for a budget, but this engine cannot prune: {self.hired_refusal}")
+        return tuple(self._hired_encode(image_input, counts))
+
+    def _hired_encode(self, image_input, counts: list[int | None]) -> list[torch.Tensor]:
+        """Each image's LLM embeddings: its kept tokens, or every token where its count is ``None``."""
+        raise NotImplementedError
+
+
+class HiredVisionModel(HiredEncoderModel):
+    """Mixed into the vLLM model of a LLaVA family (a CLIP or SigLIP tower over tiles): images with a kept count are
+    encoded through the method."""
 
     @staticmethod
     def internals_of(model: type, image_inputs: type, image_fields: tuple[str, ...]) -> tuple[Internal, ...]:
@@ -201,7 +261,6 @@ class HiredVisionModel:
         return (
             Internal.of(model, "__init__", ENCODING, ("vllm_config", "prefix")),
             Internal.of(model, "embed_multimodal", ENCODING),
-            Internal.of(model, "_parse_and_validate_image_input", ENCODING),
             Internal.of(model, "_process_image_input", ENCODING, ("image_input",)),
             Internal.of(model, "_image_pixels_to_features", ENCODING, ("vision_tower", "pixel_values")),
             Internal.of(model, "load_weights", "loading checkpoints saved by transformers 5", ("weights",)),
@@ -215,41 +274,29 @@ class HiredVisionModel:
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         internals.check_tower(self)
-        hf_config = vllm_config.model_config.hf_config
-        config = engine_config(hf_config)
-        self.hired_config = config or HiredConfig()  # a request's budget on an engine without one runs HiRED
-        try:
-            self.hired_plan: TowerPlan | None = tower_plan(self.hired_config, hf_config)
-        except ValueError:
-            if config is not None:
-                raise
-            self.hired_plan = None  # the processor refuses budgets for this model
-        self.hired_selections: collections.deque[SelectionRecord] = collections.deque(maxlen=SELECTIONS_KEPT)
 
-    def embed_multimodal(self, **kwargs: object):
-        kept = kwargs.pop(KEPT_FIELD, None)
-        image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input is None:
-            return []
-        counts = [] if kept is None else [field_count(int(value)) for value in kept]
-        if image_input["type"] != "pixel_values" or all_fed_whole(counts):
-            return self._process_image_input(image_input)
-        if self.hired_plan is None:
-            raise RuntimeError("this model's vision tower cannot be pruned, but an image came with a kept count")
-        return self._hired_embed(image_input, counts)
-
-    def _hired_embed(self, image_input, counts: list[int | None]) -> list[torch.Tensor]:
-        """The LLM embeddings of each image: its kept tokens, or every token where its count is ``None``."""
+    def _hired_encode(self, image_input, counts: list[int | None]) -> list[torch.Tensor]:
+        family = self.hired_family
         tiles, sizes = self._hired_tiles(image_input)
-        geometries = [self.hired_family.geometry(self.config, size) for size in sizes]
+        geometries = [family.geometry(self.config, size) for size in sizes]
         tiles = [pixels[: geometry.num_partitions] for pixels, geometry in zip(tiles, geometries)]
         with self._hired_capture() as captured:
             features = self._image_pixels_to_features(self.vision_tower, torch.cat(tiles))
         runs = runs_per_image(self._hired_run(features, captured), geometries)
         selected = select_images(runs, geometries, sizes, counts, self.hired_config,
-                                 pack_stock=self._hired_pack_stock, project=self.multi_modal_projector)
+                                 pack_stock=self._hired_pack_stock,
+                                 project=None if family.selects_projected else self.multi_modal_projector,
+                                 candidate_tokens=functools.partial(family.candidate_tokens, self))
         self.hired_selections.extend(selected.records)
         return selected.features
+
+    def _hired_tiles(self, image_input) -> tuple[list[torch.Tensor], list]:
+        """Each image's tiles (padding tiles included) and its ``(height, width)``, ``None`` where vLLM has none."""
+        raise NotImplementedError
+
+    def _hired_pack_stock(self, run: TowerRun, geometry, size) -> torch.Tensor:
+        """An image that keeps every token, as stock vLLM feeds it (by default as the family's adapter packs it)."""
+        return self.hired_family.pack_stock(self, run, geometry, size)
 
     def _hired_layers(self):
         return self.vision_tower.vision_model.encoder.layers
@@ -282,10 +329,10 @@ class HiredVisionModel:
                 query = tensor_model_parallel_all_gather(query.contiguous(), dim=-1)
                 key = tensor_model_parallel_all_gather(key.contiguous(), dim=-1)
             layers[name] = query, key
-        # vLLM's tower call returns the feature layer's patch tokens alone (the 'default' strategy drops CLS),
-        # while the captured queries and keys still hold the CLS token first.
+        # vLLM's tower call returns the feature layer's patch tokens alone (a CLIP tower's 'default' strategy
+        # drops CLS), while the captured queries and keys still hold its CLS token first.
         return run_from_attention(features, features, layers["distribution"], layers["selection"], score=plan.score,
-                                  num_heads=heads, aggregation=plan.aggregation, skip=1)
+                                  num_heads=heads, aggregation=plan.aggregation, skip=plan.skip)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # transformers 5 saves the CLIP tower without its `vision_model.` level; vLLM's modules keep it.

@@ -32,23 +32,20 @@ image to where stock vLLM does not put it (``docs/vllm.md``).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import functools
-from typing import Any, ClassVar, Mapping
+from typing import Any, Mapping
 
 import torch
 from vllm.distributed import tensor_model_parallel_all_gather
 
-from ... import FamilyAdapter, HiredConfig
 from ...geometry import NativeGeometry
-from ...selecting import all_fed_whole, select_images
+from ...selecting import select_images
 from ...signals import merged_runs
-from ...state import SelectionRecord
 from .internals import Internal
-from .mixins import ENCODING, SELECTIONS_KEPT, HiredMultiModalProcessor, HiredProcessingInfo
-from .settings import KEPT_FIELD, TowerPlan, UnservableConfig, engine_config, field_count, native_tower_plan
+from .mixins import ENCODING, HiredEncoderModel, HiredMultiModalProcessor, HiredProcessingInfo
+from .settings import KEPT_FIELD, field_count, native_tower_plan
 
 # A pruned image's embeddings carry each token's (row, col) in its raster as base-256 digits
 # (row // 256, row % 256, col // 256, col % 256): integers up to 256 are exact even in bfloat16.
@@ -91,12 +88,11 @@ class HiredNativeProcessor(HiredMultiModalProcessor):
         return self.info.get_hf_config().image_token_id
 
 
-class HiredNativeModel:
+class HiredNativeModel(HiredEncoderModel):
     """Mixed into a native-resolution family's vLLM model: images with a kept count are encoded through the method,
     and their kept tokens placed at their stock positions (see the module doc)."""
 
-    hired_family: ClassVar[FamilyAdapter]
-    vllm_internals: ClassVar[tuple[Internal, ...]]
+    tower_plan = staticmethod(native_tower_plan)
 
     @staticmethod
     def internals_of(model: type, image_inputs: type) -> tuple[Internal, ...]:
@@ -119,55 +115,24 @@ class HiredNativeModel:
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        hf_config = vllm_config.model_config.hf_config
-        config = engine_config(hf_config)
-        self.hired_config = config or HiredConfig()  # a request's budget on an engine without one runs HiRED
-        compilation = vllm_config.compilation_config
-        compiled = [name for name in ("compile_mm_encoder", "cudagraph_mm_encoder") if getattr(compilation, name, False)]
-        graphs = getattr(compilation, "cudagraph_mode", None)
-        try:
-            if compiled:
-                raise ValueError(f"hired reads the vision tower's attention through hooks that a compiled or graphed "
-                                 f"tower skips; serve without {' and '.join(compiled)}")
-            if getattr(self, "is_multimodal_pruning_enabled", False):
-                raise ValueError("vLLM's video pruning (video_pruning_rate) adds position channels to every image's "
-                                 "embeddings and rewrites their positions; serve hired without video_pruning_rate")
-            if graphs is not None and graphs.mixed_mode().name == "FULL":
-                # forward places the kept tokens in Python, which a full graph of a prefill batch would skip
-                raise ValueError(f"cudagraph_mode={graphs.name} replays whole CUDA graphs for prefill batches, which "
-                                 "would skip the placing of the kept image tokens; serve with the default "
-                                 "FULL_AND_PIECEWISE (full graphs for decoding only) or PIECEWISE")
-            self.hired_plan: TowerPlan | None = native_tower_plan(self.hired_config, hf_config)
-        except ValueError as error:
-            if config is not None:
-                raise UnservableConfig(str(error)) from None
-            self.hired_plan = None
-            self.hired_refusal = str(error)  # the processor checks what it can see; these settings it cannot
-        self.hired_selections: collections.deque[SelectionRecord] = collections.deque(maxlen=SELECTIONS_KEPT)
-        vision = hf_config.vision_config
+        vision = vllm_config.model_config.hf_config.vision_config
         # A stock image embedding: the merger's output, then one plane per DeepStack merger (Qwen3-VL).
         self.hired_planes = len(getattr(vision, "deepstack_visual_indexes", None) or ())
         self.hired_width = vision.out_hidden_size * (1 + self.hired_planes)
-        self.hired_counts: list[int | None] | None = None  # the kept counts of the images being encoded
         self.hired_moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # for the next forward
 
+    def check_model(self, vllm_config) -> None:
+        if getattr(self, "is_multimodal_pruning_enabled", False):
+            raise ValueError("vLLM's video pruning (video_pruning_rate) adds position channels to every image's "
+                             "embeddings and rewrites their positions; serve hired without video_pruning_rate")
+        graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
+        if graphs is not None and graphs.mixed_mode().name == "FULL":
+            # forward places the kept tokens in Python, which a full graph of a prefill batch would skip
+            raise ValueError(f"cudagraph_mode={graphs.name} replays whole CUDA graphs for prefill batches, which "
+                             "would skip the placing of the kept image tokens; serve with the default "
+                             "FULL_AND_PIECEWISE (full graphs for decoding only) or PIECEWISE")
+
     # Encoding
-
-    def embed_multimodal(self, **kwargs: object):
-        kept = kwargs.pop(KEPT_FIELD, None)
-        self.hired_counts = None if kept is None else [field_count(int(value)) for value in kept]
-        try:
-            return super().embed_multimodal(**kwargs)
-        finally:
-            self.hired_counts = None
-
-    def _process_image_input(self, image_input):
-        counts = self.hired_counts
-        if image_input["type"] != "pixel_values" or not counts or all_fed_whole(counts):
-            return super()._process_image_input(image_input)
-        if self.hired_plan is None:
-            raise RuntimeError(f"a request asked for a budget, but this engine cannot prune: {self.hired_refusal}")
-        return tuple(self._hired_encode(image_input, counts))
 
     def _hired_encode(self, image_input, counts: list[int | None]) -> list[torch.Tensor]:
         """Each image's embeddings: its kept tokens with their offsets, or every token where its count is ``None``."""

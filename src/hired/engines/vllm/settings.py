@@ -40,6 +40,8 @@ SERVED_FAMILIES = {
                                                       "hired.families.llava_next.vllm"),
     "LlavaForConditionalGeneration": ServedFamily("LLaVA-1.5 (LlavaForConditionalGeneration with a CLIP tower)",
                                                   "hired.families.llava.vllm"),
+    "LlavaOnevisionForConditionalGeneration": ServedFamily(
+        "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration)", "hired.families.llava_onevision.vllm"),
     "Qwen2_5_VLForConditionalGeneration": ServedFamily("Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",
                                                        "hired.families.qwen2_5_vl.vllm"),
     "Qwen3VLForConditionalGeneration": ServedFamily("Qwen3-VL (Qwen3VLForConditionalGeneration)",
@@ -250,16 +252,24 @@ def field_count(value: int | None) -> int | None:
 @dataclass(frozen=True)
 class TowerPlan:
     """What the model reads from vLLM's vision tower for a method: two layers (indices into the built
-    tower), the score and the head aggregation."""
+    tower), the score, the head aggregation, and ``skip``, the tokens ahead of the patches in the
+    layers' queries and keys (a CLS token)."""
 
     distribution: int
     selection: int
     score: str
     aggregation: str
+    skip: int = 0
+
+
+# The tiled towers vLLM builds for a LLaVA family, by model type: whether it has a CLS token, and the
+# vision_feature_select_strategy under which every patch token, and nothing else, reaches the LLM.
+TILED_TOWERS = {"clip_vision_model": (True, "default"), "siglip_vision_model": (False, "full")}
 
 
 def tower_plan(config: HiredConfig, hf_config) -> TowerPlan:
-    """The method's layers as indices into vLLM's vision tower, and the score it reads there.
+    """The method's layers as indices into vLLM's vision tower of a LLaVA family (CLIP, or SigLIP without a
+    CLS token), and the score it reads there.
 
     vLLM builds the tower only up to the layer the LLM takes its features from, so the method's
     layers must lie at or before it.
@@ -268,17 +278,22 @@ def tower_plan(config: HiredConfig, hf_config) -> TowerPlan:
         ValueError: a model setting the selection cannot honour, or a layer the truncated tower lacks.
     """
     vision = hf_config.vision_config
-    if getattr(vision, "model_type", None) != "clip_vision_model":
-        raise ValueError(f"the vLLM plugin reads vLLM's CLIP vision tower, but this model's tower is "
-                         f"{getattr(vision, 'model_type', type(vision).__name__)!r}; serve it without a 'hired' entry")
+    kind = getattr(vision, "model_type", None)
+    if kind not in TILED_TOWERS:
+        raise ValueError(f"the vLLM plugin reads vLLM's CLIP or SigLIP vision tower, but this model's tower is "
+                         f"{kind or type(vision).__name__!r}; serve it without a 'hired' entry")
+    has_cls, wanted = TILED_TOWERS[kind]
     strategy = hf_config.vision_feature_select_strategy
-    if strategy != "default":
-        raise ValueError(f"hired needs vision_feature_select_strategy='default' for a CLIP tower (every patch "
-                         f"token, no CLS token, reaches the LLM); this model uses {strategy!r}")
+    if strategy != wanted:
+        tokens = "no CLS token, " if has_cls else ""
+        raise ValueError(f"hired needs vision_feature_select_strategy={wanted!r} for a {kind} tower (every patch "
+                         f"token, {tokens}reaches the LLM); this model uses {strategy!r}")
     feature_layer, depth = hf_config.vision_feature_layer, vision.num_hidden_layers
     if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
         raise ValueError(f"hired supports a single vision_feature_layer, got {feature_layer!r}")
     feature = feature_layer % (depth + 1) - 1
+    if not has_cls:
+        get_method(config.method).check_tower(False, f"the {kind} tower of this {hf_config.model_type} model")
     layers = config.method_options.signal_layers()
     indices = []
     for name, value in (("distribution_layer", layers.distribution), ("selection_layer", layers.selection)):
@@ -293,8 +308,22 @@ def tower_plan(config: HiredConfig, hf_config) -> TowerPlan:
                              f"{feature}; vLLM builds the tower only up to the feature layer, so that layer does not "
                              f"exist there: choose a layer up to {feature}")
         indices.append(value % depth)
-    score = "cls" if layers.score == "auto" else layers.score  # a CLIP tower has a CLS token
-    return TowerPlan(indices[0], indices[1], score, layers.aggregation)
+    return TowerPlan(indices[0], indices[1], resolved_score(layers.score, has_cls, hf_config), layers.aggregation,
+                     skip=int(has_cls))
+
+
+def resolved_score(score: str, has_cls: bool, hf_config) -> str:
+    """The score a method's ``score`` option reads on a tower with or without a CLS token.
+
+    Raises:
+        ValueError: ``score="cls"`` on a tower without a CLS token.
+    """
+    if has_cls:
+        return "cls" if score == "auto" else score
+    if score == "cls":
+        raise ValueError(f"score='cls' reads CLS attention, but the vision tower of this {hf_config.model_type} model "
+                         f"has no CLS token; use score='auto' (here {CLS_FREE_SCORE!r}) or another CLS-free score")
+    return CLS_FREE_SCORE if score == "auto" else score
 
 
 def native_tower_plan(config: HiredConfig, hf_config) -> TowerPlan:
@@ -317,8 +346,4 @@ def native_tower_plan(config: HiredConfig, hf_config) -> TowerPlan:
             raise ValueError(f"{name}={value} is out of range for a vision tower of {depth} blocks "
                              f"(valid: {-depth}..{depth - 1})")
         indices.append(value % depth)
-    score = layers.score
-    if score == "cls":
-        raise ValueError(f"score='cls' reads CLS attention, but the vision tower of this {hf_config.model_type} model "
-                         f"has no CLS token; use score='auto' (here {CLS_FREE_SCORE!r}) or another CLS-free score")
-    return TowerPlan(indices[0], indices[1], CLS_FREE_SCORE if score == "auto" else score, layers.aggregation)
+    return TowerPlan(indices[0], indices[1], resolved_score(layers.score, False, hf_config), layers.aggregation)
