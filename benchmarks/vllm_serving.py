@@ -52,7 +52,7 @@ TEXT_TOKENS = 40
 def build_folder(name: str, layers: int, folder: Path):
     """The stored architecture's config (``layers`` decoder layers), processor and tokenizer; no weights.
 
-    Returns the folder, the configuration and the model family."""
+    Returns the folder, the configuration, the processor and the model family."""
     spec = load_model_spec(name)
     processor = build_processor(spec)
     tokenizer = processor.tokenizer
@@ -63,14 +63,15 @@ def build_folder(name: str, layers: int, folder: Path):
     config.save_pretrained(folder)
     tokenizer.chat_template = CHAT_TEMPLATE
     processor.save_pretrained(folder)
-    return folder, config, family
+    return folder, config, processor, family
 
 
-def flop_ideal(config, family, image_size: tuple[int, int], budget: float) -> float:
+def flop_ideal(config, processor, family, image_size: tuple[int, int], budget: float) -> float:
     """Stock prefill FLOPs of one request over HiRED's at ``budget`` (vision tower to the feature layer,
-    projector, decoder), as :mod:`hired.bench.cost` counts them; text tokens as in this benchmark."""
+    projector, decoder), as :mod:`hired.bench.cost` counts them; text tokens as in this benchmark. The image's
+    geometry is the processor's (InternVL's tile grid comes from it)."""
     shape = ModelShape.from_config(config)
-    geometry = family.geometry(config, (image_size[1], image_size[0]))
+    geometry = family.processor_geometry(processor, (image_size[1], image_size[0]))
     stock = geometry.stock_tokens + geometry.newline_tokens
     kept = hired.HiredConfig(budget=budget).fed_tokens(geometry.stock_tokens)
 
@@ -167,7 +168,7 @@ def main() -> None:
 
     args.output.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="hired-vllm-serving-"))
-    args.folder, config, family = build_folder(args.model, args.layers, work / "model")
+    args.folder, config, processor, family = build_folder(args.model, args.layers, work / "model")
     folder = args.folder
     port = free_port()
     log = work / "server.log"  # printed when the server fails
@@ -218,7 +219,7 @@ def main() -> None:
         runs = results[str(budget)]
         ratios = [run["request_throughput"] / base["request_throughput"] for run, base in zip(runs, stock)]
         ideal = tokens["None"] / tokens[str(budget)]
-        flops = 1.0 if budget is None else flop_ideal(config, family, args.image_size, budget)
+        flops = 1.0 if budget is None else flop_ideal(config, processor, family, args.image_size, budget)
         document.setdefault("flop_ideal", {})[str(budget)] = flops
         lines.append(
             f"| {'stock' if budget is None else f'hired {budget:g}'} | {tokens[str(budget)]} | "

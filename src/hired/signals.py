@@ -230,7 +230,7 @@ class VisionProbe:
     def __init__(self, tower: nn.Module, num_heads: int | None = None, has_cls: bool | None = None,
                  call: Callable[[torch.Tensor], Any] | None = None) -> None:
         self.tower = tower
-        self.call = call or (lambda pixels: tower(pixel_values=pixels, output_hidden_states=False, return_dict=True))
+        self.call = call  # None: as a transformers model (kept picklable: a patched model is saved with it)
         self.num_heads = int(tower.config.num_attention_heads if num_heads is None else num_heads)
         self.has_cls = tower_has_cls(tower) if has_cls is None else has_cls
         # Runs reused across settings over the same pixels (see hired.share_tower_runs); None: no reuse.
@@ -341,7 +341,10 @@ class VisionProbe:
                 handles.append(projection.key.register_forward_hook(keep(f"{prefix}_k")))
         try:
             with self._truncated(max(layers) + 1):
-                self.call(pixel_values)
+                if self.call is None:
+                    self.tower(pixel_values=pixel_values, output_hidden_states=False, return_dict=True)
+                else:
+                    self.call(pixel_values)
         finally:
             for handle in handles:
                 handle.remove()

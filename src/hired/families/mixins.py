@@ -37,7 +37,8 @@ class ImageCall:
         image_sizes: per image, its original ``(height, width)``, ``None`` where the model was not told
             (LLaVA-1.5 inputs made by a stock processor); used for the stock packing and the records.
         vision_feature_layer: the layer the call asks features from.
-        stock: runs the stock ``get_image_features`` with the same arguments.
+        stock: runs the stock ``get_image_features`` with the same arguments; ``None`` where the engine serves
+            images kept whole itself (vLLM decides before it builds the call).
         feature_norm: a norm the stock model applies to the feature layer's output (InternViT's final
             norm when it takes the last layer), ``None`` when it takes the output as it is.
     """
@@ -46,7 +47,7 @@ class ImageCall:
     geometries: list[PartitionGeometry]
     image_sizes: list[tuple[int, int] | None]
     vision_feature_layer: Any
-    stock: Callable[[], BaseModelOutputWithPooling]
+    stock: Callable[[], BaseModelOutputWithPooling] | None = None
     feature_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 

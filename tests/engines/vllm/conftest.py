@@ -30,8 +30,9 @@ from hired.families.internvl.tiny import tiny_internvl
 from hired.families.llava.tiny import tiny_llava
 from hired.families.llava_next.tiny import tiny_llava_next
 from hired.families.llava_onevision.tiny import tiny_llava_onevision
-from hired.families.qwen2_5_vl.tiny import tiny_qwen2_5_vl
+from hired.families.qwen2_5_vl.tiny import QWEN_TOKENS, tiny_qwen2_5_vl
 from hired.families.qwen3_vl.tiny import tiny_qwen3_vl
+from hired.testing import tiny_tokenizer
 
 PROMPT = "USER : <image> what is in the image ? ASSISTANT :"
 NEW_TOKENS = 6
@@ -77,12 +78,37 @@ def save_tiny_onevision(folder, **settings) -> str:
     return str(folder)
 
 
-def save_tiny_internvl(folder) -> str:
-    """A tiny random InternVL (an architecture the plugin does not serve) saved to ``folder``, stock; serve it with
-    ``load_format="dummy"``."""
-    model, processor = tiny_internvl(seed=0, **SIZES)
+def save_tiny_internvl(folder, vision: dict | None = None, **settings) -> str:
+    """A tiny random InternVL saved to ``folder`` (``vision``: more vision settings, such as ``use_qk_norm``), after
+    ``hired.apply(**settings)`` if given."""
+    model, processor = tiny_internvl(seed=0, **SIZES, **(vision or {}))
+    if settings:
+        hired.apply(model, processor, **settings)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    return str(folder)
+
+
+def save_tiny_qwen2_vl(folder) -> str:
+    """The configuration and processor of a tiny Qwen2-VL (an architecture the plugin does not serve) saved to
+    ``folder``, without weights: serve it with ``load_format="dummy"``."""
+    from transformers import Qwen2VLConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tokenizer = tiny_tokenizer(named_tokens=QWEN_TOKENS)
+    width = SIZES["text_width"]
+    config = Qwen2VLConfig(
+        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": width, "num_heads": 2, "mlp_ratio": 2,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        text_config={"vocab_size": len(tokenizer), "hidden_size": width, "intermediate_size": 2 * width,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "max_position_embeddings": 32768, "pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}},
+        **{f"{role}_id": tokenizer.convert_tokens_to_ids(token) for role, token in QWEN_TOKENS.items()},
+    )
+    config.architectures = ["Qwen2VLForConditionalGeneration"]
+    config.save_pretrained(folder)
+    Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                     video_processor=Qwen2VLVideoProcessor()).save_pretrained(folder)
     return str(folder)
 
 

@@ -31,7 +31,7 @@ from conftest import (
     noise_image,
     reference_generate,
     running_engine,
-    save_tiny_internvl,
+    save_tiny_qwen2_vl,
     workers_selections,
 )
 
@@ -205,14 +205,14 @@ def test_unservable_configurations_are_refused_at_start(folders, settings, messa
         LLM(model=folders["llava"], dtype="float32", enforce_eager=True, hf_overrides={"hired": settings})
 
 
-# ---- an architecture the plugin does not serve (InternVL): hired's settings are refused, not ignored
+# ---- an architecture the plugin does not serve (Qwen2-VL): hired's settings are refused, not ignored
 
-UNSERVED_PROMPT = "USER: <IMG_CONTEXT> what is in the image ? ASSISTANT:"
+UNSERVED_PROMPT = "<|vision_start|><|image_pad|><|vision_end|>what is in the image?"
 
 
 @pytest.fixture(scope="module")
 def unserved_folder(tmp_path_factory):
-    return save_tiny_internvl(tmp_path_factory.mktemp("vllm-internvl"))
+    return save_tiny_qwen2_vl(tmp_path_factory.mktemp("vllm-qwen2-vl"))
 
 
 @pytest.mark.parametrize("source", ["hf_overrides", "config.json"])
@@ -224,11 +224,11 @@ def test_hired_entry_on_an_unserved_architecture_is_refused_at_start(unserved_fo
     if source == "hf_overrides":
         options["hf_overrides"] = {"hired": {"budget": 0.25}}
     else:
-        shutil.copytree(folder, tmp_path / "internvl", dirs_exist_ok=True)
-        config = json.loads((tmp_path / "internvl" / "config.json").read_text())
-        (tmp_path / "internvl" / "config.json").write_text(json.dumps({**config, "hired": {"budget": 0.25}}))
-        folder = str(tmp_path / "internvl")
-    with pytest.raises(UnservableConfig, match=r"vLLM serves it as InternVLForConditionalGeneration, which hired's "
+        shutil.copytree(folder, tmp_path / "qwen2-vl", dirs_exist_ok=True)
+        config = json.loads((tmp_path / "qwen2-vl" / "config.json").read_text())
+        (tmp_path / "qwen2-vl" / "config.json").write_text(json.dumps({**config, "hired": {"budget": 0.25}}))
+        folder = str(tmp_path / "qwen2-vl")
+    with pytest.raises(UnservableConfig, match=r"vLLM serves it as Qwen2VLForConditionalGeneration, which hired's "
                                                r"vLLM plugin does not prune.*serves LLaVA-NeXT "
                                                r"\(LlavaNextForConditionalGeneration\)"):
         LLM(model=folder, dtype="float32", enforce_eager=True, load_format="dummy", **options)
@@ -241,7 +241,7 @@ def test_hired_request_keys_on_an_unserved_architecture_are_refused(unserved_fol
     prompt = {"prompt": UNSERVED_PROMPT, "multi_modal_data": {"image": noise_image(336, 336)}}
     with running_engine(unserved_folder, load_format="dummy") as llm:
         with pytest.raises(ValueError, match=r"mm_processor_kwargs \['budget'\]: this engine serves "
-                                             r"InternVLForConditionalGeneration .*does not prune"):
+                                             r"Qwen2VLForConditionalGeneration .*does not prune"):
             llm.generate([{**prompt, "mm_processor_kwargs": {"budget": 7.5}}], params, use_tqdm=False)
         [output] = llm.generate([prompt], params, use_tqdm=False)
     assert len(output.outputs[0].token_ids) == 2
@@ -321,7 +321,7 @@ def test_a_tower_without_the_modules_read_is_named():
     import torch
 
     with pytest.raises(internals.IncompatibleVllm, match=r"Module.vision_tower is missing from the installed vLLM"):
-        internals.check_tower(torch.nn.Module())
+        internals.check_tower(torch.nn.Module(), internals.TOWER)
 
 
 # ---- tensor parallelism: heads split across two ranks

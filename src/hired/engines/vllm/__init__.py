@@ -1,4 +1,5 @@
-"""vLLM plugin: LLaVA-NeXT, LLaVA-1.5, Qwen2.5-VL and Qwen3-VL served with the visual tokens a hired method keeps.
+"""vLLM plugin: the six families hired prunes (LLaVA-NeXT, LLaVA-1.5, InternVL, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL)
+served with the visual tokens a hired method keeps.
 
     vllm serve Qwen/Qwen2.5-VL-7B-Instruct --hf-overrides '{"hired": {"budget": 0.2}}'
 

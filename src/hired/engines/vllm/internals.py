@@ -73,7 +73,8 @@ REGISTRATION = (
 )
 
 
-# Set by the constructors of vLLM's LLaVA model and CLIP attention: (path from the model, attributes).
+# Set by the constructors of vLLM's LLaVA models and their CLIP or SigLIP attention: (path from the model,
+# attributes).
 TOWER = (
     ("", ("vision_tower", "multi_modal_projector", "config")),
     ("vision_tower", ("vision_model",)),
@@ -138,16 +139,17 @@ def check(internals: Iterable[Internal]) -> None:
                                    internal.needed_for)
 
 
-def check_tower(model: Any) -> None:
-    """Raise :class:`IncompatibleVllm` unless a built LLaVA model has the modules the plugin reads."""
-    for path, names in TOWER:
+def check_tower(model: Any, tower: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
+    """Raise :class:`IncompatibleVllm` unless a built model has the modules the plugin reads: ``tower`` (such as
+    :data:`TOWER`) lists them as ``(path from the model, attributes)``."""
+    for path, names in tower:
         owner = model
         for part in path.split(".") if path else ():
             owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
         for name in names:
             if not hasattr(owner, name):
                 where = f"{type(model).__name__}.{path}" if path else type(model).__name__
-                raise incompatible(f"{where}.{name}", "reading the queries and keys of vLLM's CLIP tower")
+                raise incompatible(f"{where}.{name}", "reading the queries and keys of vLLM's vision tower")
 
 
 def warn_if_untested() -> None:

@@ -163,6 +163,11 @@ class HiredMultiModalProcessor:
         """The id of the image placeholder token."""
         return self.info.get_hf_config().image_token_index
 
+    def hired_replacement(self, count: int) -> Any:
+        """The placeholders of an image that keeps ``count`` tokens, as a prompt replacement (by default ``count``
+        image tokens, all of them embedded)."""
+        return [self.hired_image_token()] * count
+
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         fields[KEPT_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
@@ -171,22 +176,21 @@ class HiredMultiModalProcessor:
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         items = out_mm_kwargs.get("image", [])
-        token = self.hired_image_token()
 
         def kept(index: int) -> int | None:
             element = items[index].get(KEPT_FIELD) if index < len(items) and items[index] is not None else None
             return field_count(None if element is None else int(element.data))
 
         return [PromptReplacement(modality=update.modality, target=update.target,
-                                  replacement=_kept_replacement(update.replacement, kept, token))
+                                  replacement=_kept_replacement(update.replacement, kept, self.hired_replacement))
                 if update.modality == "image" else update for update in updates]
 
 
 def _kept_replacement(stock: Callable[[int], Any], kept: Callable[[int], int | None],
-                      token: int) -> Callable[[int], Any]:
+                      placeholders: Callable[[int], Any]) -> Callable[[int], Any]:
     def replacement(index: int):
         count = kept(index)
-        return stock(index) if count is None else [token] * count
+        return stock(index) if count is None else placeholders(count)
 
     return replacement
 
@@ -237,10 +241,13 @@ class HiredEncoderModel:
         finally:
             self.hired_counts = None
 
-    def _process_image_input(self, image_input):
+    def _hired_divert(self, image_input) -> tuple[torch.Tensor, ...] | None:
+        """The embeddings of the images of ``image_input`` when some carry a kept count; ``None`` when vLLM's own
+        image path serves them (stock: pixels fed whole, embeddings, videos). A family calls it first in the
+        vLLM method that encodes images."""
         counts = self.hired_counts
         if image_input["type"] != "pixel_values" or not counts or all_fed_whole(counts):
-            return super()._process_image_input(image_input)
+            return None
         if self.hired_plan is None:
             raise RuntimeError(f"a request asked for a budget, but this engine cannot prune: {self.hired_refusal}")
         return tuple(self._hired_encode(image_input, counts))
@@ -273,7 +280,11 @@ class HiredVisionModel(HiredEncoderModel):
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        internals.check_tower(self)
+        internals.check_tower(self, internals.TOWER)
+
+    def _process_image_input(self, image_input):
+        diverted = self._hired_divert(image_input)
+        return super()._process_image_input(image_input) if diverted is None else diverted
 
     def _hired_encode(self, image_input, counts: list[int | None]) -> list[torch.Tensor]:
         family = self.hired_family
@@ -335,7 +346,7 @@ class HiredVisionModel(HiredEncoderModel):
                                   num_heads=heads, aggregation=plan.aggregation, skip=plan.skip)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        # transformers 5 saves the CLIP tower without its `vision_model.` level; vLLM's modules keep it.
+        # transformers 5 saves a CLIP or SigLIP tower without its `vision_model.` level; vLLM's modules keep it.
         return super().load_weights((_tower_weight_name(name), value) for name, value in weights)
 
 

@@ -134,6 +134,10 @@ class HiredNativeModel(HiredEncoderModel):
 
     # Encoding
 
+    def _process_image_input(self, image_input):
+        diverted = self._hired_divert(image_input)
+        return super()._process_image_input(image_input) if diverted is None else diverted
+
     def _hired_encode(self, image_input, counts: list[int | None]) -> list[torch.Tensor]:
         """Each image's embeddings: its kept tokens with their offsets, or every token where its count is ``None``."""
         visual, plan = self.visual, self.hired_plan

@@ -40,6 +40,8 @@ SERVED_FAMILIES = {
                                                       "hired.families.llava_next.vllm"),
     "LlavaForConditionalGeneration": ServedFamily("LLaVA-1.5 (LlavaForConditionalGeneration with a CLIP tower)",
                                                   "hired.families.llava.vllm"),
+    "InternVLForConditionalGeneration": ServedFamily("InternVL (InternVLForConditionalGeneration)",
+                                                     "hired.families.internvl.vllm"),
     "LlavaOnevisionForConditionalGeneration": ServedFamily(
         "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration)", "hired.families.llava_onevision.vllm"),
     "Qwen2_5_VLForConditionalGeneration": ServedFamily("Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",
@@ -262,14 +264,16 @@ class TowerPlan:
     skip: int = 0
 
 
-# The tiled towers vLLM builds for a LLaVA family, by model type: whether it has a CLS token, and the
-# vision_feature_select_strategy under which every patch token, and nothing else, reaches the LLM.
-TILED_TOWERS = {"clip_vision_model": (True, "default"), "siglip_vision_model": (False, "full")}
+# The towers over tiles the plugin reads (the LLaVA families' CLIP and SigLIP, InternVL's InternViT), by model type:
+# whether it has a CLS token, and the vision_feature_select_strategy under which every patch token, and nothing
+# else, reaches the LLM.
+TILED_TOWERS = {"clip_vision_model": (True, "default"), "siglip_vision_model": (False, "full"),
+                "internvl_vision": (True, "default")}
 
 
 def tower_plan(config: HiredConfig, hf_config) -> TowerPlan:
-    """The method's layers as indices into vLLM's vision tower of a LLaVA family (CLIP, or SigLIP without a
-    CLS token), and the score it reads there.
+    """The method's layers as indices into vLLM's vision tower over tiles (CLIP, SigLIP without a CLS token,
+    InternViT), and the score it reads there.
 
     vLLM builds the tower only up to the layer the LLM takes its features from, so the method's
     layers must lie at or before it.
@@ -280,7 +284,7 @@ def tower_plan(config: HiredConfig, hf_config) -> TowerPlan:
     vision = hf_config.vision_config
     kind = getattr(vision, "model_type", None)
     if kind not in TILED_TOWERS:
-        raise ValueError(f"the vLLM plugin reads vLLM's CLIP or SigLIP vision tower, but this model's tower is "
+        raise ValueError(f"the vLLM plugin reads vLLM's CLIP, SigLIP or InternViT vision tower, but this model's tower is "
                          f"{kind or type(vision).__name__!r}; serve it without a 'hired' entry")
     has_cls, wanted = TILED_TOWERS[kind]
     strategy = hf_config.vision_feature_select_strategy

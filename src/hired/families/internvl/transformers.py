@@ -23,7 +23,7 @@ from ...signals import TowerRun, VisionProbe
 from ..adapter import FamilyAdapter
 from ..mixins import HiredModel, HiredProcessor, ImageCall
 from ..patching import positional_names
-from .geometry import tile_grid
+from .geometry import processed_geometry, tile_grid
 
 
 class HiredInternVLModel(HiredModel, InternVLModel):
@@ -108,15 +108,7 @@ class HiredInternVLProcessor(HiredProcessor, InternVLProcessor):
 
     def hired_geometry(self, image_size: Sequence[int], images_kwargs: dict[str, Any] | None = None) -> TiledGeometry:
         """The geometry of an image of ``(height, width)``, under the image processor's settings and ``images_kwargs``."""
-        settings = images_kwargs or {}
-        image_processor = self.image_processor
-        size = settings.get("size") or image_processor.size
-        tile = int(size["height"] if isinstance(size, dict) else size.height)
-        crop = settings.get("crop_to_patches", image_processor.crop_to_patches)
-        low = settings.get("min_patches", image_processor.min_patches)
-        high = settings.get("max_patches", image_processor.max_patches)
-        tiles = tile_grid(image_size, tile, low, high) if crop else (1, 1)
-        return TiledGeometry.create(image_size, tiles, math.isqrt(self.image_seq_length), tile)
+        return processed_geometry(self.image_processor, self.image_seq_length, image_size, images_kwargs)
 
     def _process_images(self, images, **kwargs):
         processed = self.image_processor(images, **kwargs)
