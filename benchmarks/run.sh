@@ -87,8 +87,4 @@ if [ "$which" = all ] || [ "$which" = vllm ]; then
   .venv-vllm/bin/python benchmarks/vllm_serving.py --model llava-1.5-7b-hf --layers 2 \
     --budgets 0.1 0.2 0.4 --image-size 1280x960 --prompts 12 --concurrency 4 --rounds 2 \
     --output benchmarks/results/vllm-llava-1.5
-  # InternVL3-8B: a 2:1 image (2x1 tiles and the thumbnail), as many tower tokens as LLaVA-NeXT's 1280x960 one
-  .venv-vllm/bin/python benchmarks/vllm_serving.py --model internvl3-8b-hf --layers 2 \
-    --budgets 0.1 0.2 0.4 --image-size 896x448 --prompts 6 --concurrency 3 --rounds 2 \
-    --output benchmarks/results/vllm-internvl3
 fi
