@@ -210,12 +210,7 @@ class HiredEncoderModel:
         config = engine_config(hf_config)
         self.hired_config = config or HiredConfig()  # a request's budget on an engine without one runs HiRED
         self.hired_refusal: str | None = None  # why this engine cannot prune, when it has no configuration
-        compilation = vllm_config.compilation_config
-        compiled = [name for name in ("compile_mm_encoder", "cudagraph_mm_encoder") if getattr(compilation, name, False)]
         try:
-            if compiled:
-                raise ValueError(f"hired reads the vision tower's attention through hooks that a compiled or graphed "
-                                 f"tower skips; serve without {' and '.join(compiled)}")
             self.check_model(vllm_config)
             self.hired_plan: TowerPlan | None = self.tower_plan(self.hired_config, hf_config)
         except ValueError as error:
@@ -227,7 +222,7 @@ class HiredEncoderModel:
         self.hired_counts: list[int | None] | None = None  # the kept counts of the images being encoded
 
     def check_model(self, vllm_config) -> None:
-        """Refuse engine settings under which this model cannot prune, beyond a compiled tower (none by default).
+        """Refuse engine settings under which this model cannot prune (none by default).
 
         Raises:
             ValueError: why not, and what to change.

@@ -122,6 +122,11 @@ class HiredNativeModel(HiredEncoderModel):
         self.hired_moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # for the next forward
 
     def check_model(self, vllm_config) -> None:
+        compilation = vllm_config.compilation_config
+        compiled = [name for name in ("compile_mm_encoder", "cudagraph_mm_encoder") if getattr(compilation, name, False)]
+        if compiled:  # vLLM compiles the Qwen-VL towers only
+            raise ValueError(f"hired reads the vision tower's attention through hooks that a compiled or graphed "
+                             f"tower skips; serve without {' and '.join(compiled)}")
         if getattr(self, "is_multimodal_pruning_enabled", False):
             raise ValueError("vLLM's video pruning (video_pruning_rate) adds position channels to every image's "
                              "embeddings and rewrites their positions; serve hired without video_pruning_rate")
