@@ -1,5 +1,6 @@
 #!/usr/bin/env sh
-# The runs behind docs/benchmarks.md: sweep, batch, full, repeats, fastv, shapes, families, qwen, vllm (default: all).
+# The runs behind docs/benchmarks.md: sweep, batch, full, repeats, fastv, shapes, families, qwen, vllm, early-drop
+# (default: all).
 # Each writes bench.json, bench.md and bench.png under
 # benchmarks/results/<name>/. Run from the repository root with the package installed
 # (pip install -e ".[cli]"); HF_HUB_OFFLINE keeps transformers off the network.
@@ -91,4 +92,14 @@ if [ "$which" = all ] || [ "$which" = vllm ]; then
   .venv-vllm/bin/python benchmarks/vllm_serving.py --model internvl3-8b-hf --layers 2 --dtype float32 \
     --budgets 0.1 0.2 0.4 --image-size 448x448 --prompts 3 --concurrency 3 --rounds 2 \
     --output benchmarks/results/vllm-internvl3
+fi
+
+# 10. The early drop (docs/early-drop.md): the Qwen2.5-VL-7B shape, stock against HiRED 20% without and with the
+#     selection at each full-attention block before the last, float32 (this machine's CPU has no bf16 instructions);
+#     and its fidelity on the testbed's real DINOv2 encoder at each layer, two seeds.
+if [ "$which" = all ] || [ "$which" = early-drop ]; then
+  python benchmarks/early_drop.py --model qwen2.5-vl-7b-instruct --layers 2 --dtype float32 --budget 0.2 \
+    --drop-layers 7 15 23 --image-size 1280x960 --rounds 3 --output benchmarks/results/early-drop-qwen2.5-vl-7b
+  python benchmarks/early_drop_fidelity.py --drop-layers 2 5 8 --budget 0.2 --seeds 0 1 --images 24 --questions 60 \
+    --output benchmarks/results/early-drop-fidelity
 fi

@@ -153,3 +153,34 @@ def test_the_simulated_device_refuses_what_an_accelerator_refuses():
         assert on_device[torch.tensor([0, 2])].device == device.device  # so are CPU indices into a device tensor
         before = device.syncs
         assert int(on_device.sum()) == 3 and device.syncs == before + 1
+
+
+def dropping(family, budget: float = 0.3):
+    """A copy of the family's model selecting at the earliest tower layer it drops at (``drop_layer``)."""
+    model, processor = copy.deepcopy(family[0]), copy.deepcopy(family[1])
+    for layer in range(4):
+        try:
+            hired.apply(model, processor, budget=budget, drop_layer=layer)
+            return model, processor
+        except ValueError as error:
+            if "not offered" in str(error):
+                pytest.skip(f"no early drop here: {error}")
+    raise AssertionError("no layer among the first four accepted drop_layer")
+
+
+def test_the_early_drop_on_an_accelerator_matches_the_cpu(family, accelerator):
+    model, processor = dropping(family)
+    logits, kept = run(model, processor, None)
+    device_logits, device_kept = run(model, processor, accelerator)
+    assert device_kept == kept
+    torch.testing.assert_close(device_logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_the_early_drop_reads_the_device_a_fixed_number_of_times_whatever_the_budget(family):
+    syncs = []
+    for budget in (0.1, 0.4):
+        model, processor = dropping(family, budget)
+        accelerator = Accelerator("simulated")
+        run(model, processor, accelerator)
+        syncs.append(accelerator.simulated.syncs)
+    assert syncs[0] == syncs[1]

@@ -33,16 +33,22 @@ class HiredConfig:
         method_options: the method's own options, as a mapping (``{"alpha": 0.3}``) or the
             method's options object (``hired.methods.hired.HiredOptions(alpha=0.3)``); validated by
             the method, stored as its options object. An option the method does not have is an error.
+        drop_layer: the vision-tower layer (an index; negative ones count from the end) at which a
+            vision-side method selects, after which the tower runs over the kept tokens only (the early
+            drop); ``None`` (the default) runs every layer over every token and selects at the feature
+            layer. The families that offer it and the layers they accept: docs/early-drop.md.
     """
 
     budget: float | None = None
     tokens: int | None = None
     method: str = "hired"
     method_options: Any = field(default_factory=dict)
+    drop_layer: int | None = None
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
         object.__setattr__(self, "method_options", method.make_options(self.method_options))
+        self._check_drop_layer(method)
         given = self.budget is not None or self.tokens is not None
         if self.tokens is not None:
             if self.budget is not None:
@@ -76,6 +82,24 @@ class HiredConfig:
         elif not given:
             object.__setattr__(self, "budget", DEFAULT_BUDGET)
 
+    def _check_drop_layer(self, method) -> None:
+        """Refuse an early drop the method cannot make: only a vision-side method that keeps tokens selects in the tower."""
+        if self.drop_layer is None:
+            return
+        if isinstance(self.drop_layer, bool) or not isinstance(self.drop_layer, numbers.Integral):
+            raise ValueError(f"drop_layer must be a vision-tower layer index (an int), got {self.drop_layer!r}")
+        object.__setattr__(self, "drop_layer", int(self.drop_layer))
+        if not method.selects_before_llm:
+            raise ValueError(f"drop_layer selects inside the vision tower, but method {self.method!r} does not select "
+                             "on the vision side; drop it, or choose a vision-side method")
+        if method.merges != "no":
+            raise ValueError(f"drop_layer runs the tower's last layers over the kept tokens, but method {self.method!r} "
+                             "merges tokens, which then would not be tower tokens; drop it, or choose a method that "
+                             "keeps tokens (hired, fastervlm, divprune, random, spatial)")
+        if self.method_options.adaptive:
+            raise ValueError(f"drop_layer needs a count known before the tower runs, but method {self.method!r} with "
+                             "adaptive=True chooses it from the pixels; set adaptive=False")
+
     @property
     def fixes_count(self) -> bool:
         """Whether the visual tokens kept depend only on the image size (not adaptive)."""
@@ -95,7 +119,7 @@ class HiredConfig:
     def create(cls, **settings: Any) -> "HiredConfig":
         """A config from flat keywords: ``budget``, ``tokens``, ``method``, ``method_options``, and any
         of the method's own options (``alpha=0.3`` for HiRED), which join ``method_options``."""
-        own = {key: settings.pop(key) for key in ("budget", "tokens", "method") if key in settings}
+        own = {key: settings.pop(key) for key in ("budget", "tokens", "method", "drop_layer") if key in settings}
         return cls(**own, method_options=_method_options(settings))
 
     def updated(self, **settings: Any) -> "HiredConfig":
@@ -106,16 +130,17 @@ class HiredConfig:
         merged into the stored ones. ``HiredConfig.create`` builds a configuration from defaults instead.
         """
         method = settings.pop("method", self.method)
+        drop_layer = settings.pop("drop_layer", self.drop_layer)
         amount = {key: settings.pop(key) for key in ("budget", "tokens") if key in settings}
         options = _method_options(settings)
         if method == self.method:
             options = {**self.method_options.to_dict(), **options}
         if not amount and get_method(self.method).stage != "none" and self.fixes_count:
-            without_amount = HiredConfig(method=method, method_options=options)
+            without_amount = HiredConfig(method=method, method_options=options, drop_layer=drop_layer)
             if get_method(method).stage == "none" or not without_amount.fixes_count:
                 return without_amount
             amount = {"budget": self.budget, "tokens": self.tokens}
-        return HiredConfig(method=method, method_options=options, **amount)
+        return HiredConfig(method=method, method_options=options, drop_layer=drop_layer, **amount)
 
     def fed_tokens(self, stock_tokens: int) -> int | None:
         """Visual tokens fed to the LLM for an image whose stock count (newlines not counted) is given.
@@ -166,8 +191,13 @@ class HiredConfig:
         return self.fed_tokens(stock_tokens)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"budget": self.budget, "tokens": self.tokens, "method": self.method,
+        """The configuration as JSON values; ``drop_layer`` only where it is set (configurations without one read
+        as they always did)."""
+        data = {"budget": self.budget, "tokens": self.tokens, "method": self.method,
                 "method_options": self.method_options.to_dict()}
+        if self.drop_layer is not None:
+            data["drop_layer"] = self.drop_layer
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "HiredConfig":
@@ -190,7 +220,7 @@ class HiredConfig:
             if changed:
                 raise ValueError(f"the stored configuration sets HiRED's options {changed} for method "
                                  f"{data.get('method')!r}, which has no such options")
-        known = {"budget", "tokens", "method", "method_options"}
+        known = {"budget", "tokens", "method", "method_options", "drop_layer"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown HiRED config keys {sorted(unknown)}; known keys: {sorted(known)}")

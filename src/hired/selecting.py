@@ -10,7 +10,7 @@ Everything in between is here, once: each image's count, the method's choice ove
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -40,6 +40,34 @@ class SelectedImages:
     features: list[torch.Tensor]
     records: list[SelectionRecord]
     kept_rows: list[torch.Tensor]
+
+
+@dataclass
+class Choice:
+    """A method's choice for one image: what it saw and what it kept."""
+
+    evidence: VisionEvidence
+    selection: Selection
+
+
+@dataclass
+class EarlyDrop:
+    """The early drop of one tower call (``HiredConfig.drop_layer``), handed to a family's tower run.
+
+    The family runs its tower up to :attr:`layer`, hands each image's run at that layer to
+    :attr:`choose`, stores the result in :attr:`choices`, and runs the layers after it over the kept
+    tokens only (an image fed whole: over every token). Its runs then hold the feature layer's
+    output at the kept tokens.
+
+    Attributes:
+        layer: the tower layer index the method selects at (the selection layer).
+        choose: per image run at that layer -> per image its :class:`Choice`, ``None`` for an image fed whole.
+        choices: what :attr:`choose` returned, once the tower ran.
+    """
+
+    layer: int
+    choose: Callable[[Sequence[TowerRun]], list[Choice | None]]
+    choices: list[Choice | None] | None = field(default=None)
 
 
 def runs_per_image(run: TowerRun, geometries: Sequence[PartitionGeometry]) -> list[TowerRun]:
@@ -75,6 +103,7 @@ def select_images(
     pack_stock: ImageHook,
     project: Callable[[torch.Tensor], torch.Tensor] | None,
     candidate_tokens: Callable[[TowerRun, PartitionGeometry, ImageSize], TowerRun] | None = None,
+    drop: EarlyDrop | None = None,
 ) -> SelectedImages:
     """Select each image's tokens from its tower run, and record what was selected.
 
@@ -91,19 +120,48 @@ def select_images(
             already (a family that selects projected tokens).
         candidate_tokens: an image's run in its geometry's token numbering (families whose LLM tokens are
             not patches rearrange it); by default the run as it is.
+        drop: the early drop the tower made (its choices were made at its layer, ``runs`` hold the feature
+            layer's output at the kept tokens); ``None`` when the method chooses here, from ``runs``.
 
     Raises:
         RuntimeError: a fixed-budget method returned another count than asked (a bug in the method).
     """
     method = get_method(config.method)
-    per_image = [None] * len(runs) if counts is None else counts
+    choices = drop.choices if drop is not None else choose_images(runs, geometries, image_sizes, counts, config,
+                                                                  candidate_tokens)
     selected = SelectedImages([], [], [])
-    for run, geometry, image_size, count in zip(runs, geometries, image_sizes, per_image):
-        if counts is not None and count is None:
+    for run, geometry, image_size, choice in zip(runs, geometries, image_sizes, choices):
+        if choice is None:
             packed = pack_stock(run, geometry, image_size)
             selected.features.append(packed)
             selected.records.append(full_record(geometry, image_size, method.name, len(packed)))
             selected.kept_rows.append(candidate_positions(geometry))
+            continue
+        tokens = run if candidate_tokens is None else candidate_tokens(run, geometry, image_size)
+        chosen = method.feed(choice.selection, tokens.features, geometry)
+        selected.features.append(chosen if project is None else project(chosen))
+        selected.records.append(selection_record(choice.evidence, image_size, choice.selection, method.name,
+                                                 chosen.shape[0], run.score))
+        selected.kept_rows.append(geometry.stock_order(choice.selection.kept))
+    return selected
+
+
+def choose_images(
+    runs: Sequence[TowerRun],
+    geometries: Sequence[PartitionGeometry],
+    image_sizes: Sequence[ImageSize],
+    counts: Sequence[int | None] | None,
+    config: HiredConfig,
+    candidate_tokens: Callable[[TowerRun, PartitionGeometry, ImageSize], TowerRun] | None = None,
+) -> list[Choice | None]:
+    """The method's choice for each image from its tower run (the arguments as for :func:`select_images`);
+    ``None`` for an image fed whole."""
+    method = get_method(config.method)
+    per_image = [None] * len(runs) if counts is None else counts
+    choices: list[Choice | None] = []
+    for run, geometry, image_size, count in zip(runs, geometries, image_sizes, per_image):
+        if counts is not None and count is None:
+            choices.append(None)
             continue
         tokens = run if candidate_tokens is None else candidate_tokens(run, geometry, image_size)
         evidence = VisionEvidence(
@@ -113,12 +171,9 @@ def select_images(
             selection_scores=tokens.selection_scores,
             keys=tokens.keys,
         )
-        selection, chosen = method.choose(evidence, count, config.method_options)
-        selected.features.append(chosen if project is None else project(chosen))
-        selected.records.append(selection_record(evidence, image_size, selection, method.name, chosen.shape[0],
-                                                 run.score))
-        selected.kept_rows.append(geometry.stock_order(selection.kept))
-    return selected
+        selection = method.decide(evidence, count, config.method_options)
+        choices.append(Choice(evidence, selection))
+    return choices
 
 
 def full_record(geometry: PartitionGeometry, image_size: ImageSize, method: str, fed: int) -> SelectionRecord:
@@ -154,5 +209,5 @@ def _make_record(geometry, image_size, method, fed, partition_tokens, kept, dist
     )
 
 
-__all__ = ["ImageHook", "SelectedImages", "all_fed_whole", "full_record", "kept_counts", "runs_per_image",
+__all__ = ["Choice", "EarlyDrop", "ImageHook", "SelectedImages", "all_fed_whole", "choose_images", "full_record", "kept_counts", "runs_per_image",
            "select_images", "selection_record"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -196,6 +197,14 @@ def _output(value):
     return value[0] if isinstance(value, tuple) else value
 
 
+def _required_after_input(layer: nn.Module) -> int:
+    """How many required positional arguments a layer's ``forward`` takes after its input (CLIP's and SigLIP's
+    ``attention_mask``; none for InternViT and DINOv2): each is passed ``None``, as the towers' encoders do."""
+    parameters = list(inspect.signature(layer.forward).parameters.values())[1:]
+    return sum(1 for p in parameters
+               if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
 def _find(layer: nn.Module, names: tuple[str, ...], kind: type = nn.Linear) -> nn.Module | None:
     for name, module in layer.named_modules():
         if name.rsplit(".", 1)[-1] in names and isinstance(module, kind):
@@ -279,6 +288,42 @@ class VisionProbe:
             yield
         finally:
             setattr(self.encoder, self.layers_attribute, full)
+
+    def resume(self, hidden: torch.Tensor, keep: list[torch.Tensor], start: int, end: int) -> torch.Tensor:
+        """Run layers ``start + 1`` to ``end`` over each tile's kept patches only (the early drop).
+
+        Args:
+            hidden: ``(B, [1 +] N, D)`` layer ``start``'s output for ``B`` tiles (its CLS token first where the tower
+                has one).
+            keep: per tile, the ascending patch indices (in ``0..N-1``) that go on; the CLS token always does.
+            start: the layer the tokens were chosen at.
+            end: the last layer to run (the feature layer).
+
+        Returns:
+            ``(B, N, D)`` layer ``end``'s output at each tile's kept patches, zeros at the others. Tiles that keep
+            as many patches run as one batch; each layer is called as the tower's encoder calls it (with no
+            attention mask: a vision tower attends to every token of its tile).
+        """
+        first = 1 if self.has_cls else 0
+        batch, _, width = hidden.shape
+        out = hidden.new_zeros(batch, hidden.shape[1] - first, width)
+        layers = list(self.layers)[start + 1:end + 1]
+        sizes: dict[int, list[int]] = {}
+        for tile, patches in enumerate(keep):
+            sizes.setdefault(len(patches), []).append(tile)
+        for size, tiles in sizes.items():
+            if size == 0:
+                continue  # a tile whose share is nothing runs no further
+            rows = torch.tensor(tiles, device=hidden.device)
+            patches = torch.stack([keep[tile] for tile in tiles]).to(hidden.device)
+            tokens = patches + first
+            if first:
+                tokens = torch.cat([tokens.new_zeros(len(tiles), 1), tokens], dim=1)
+            states = hidden[rows[:, None], tokens]
+            for layer in layers:
+                states = _output(layer(states, *[None] * _required_after_input(layer)))
+            out[rows[:, None], patches] = states[:, first:]
+        return out
 
     def resolve_score(self, score: str) -> str:
         """``"auto"`` -> ``"cls"`` on a tower with a CLS token, the CLS-free default without; others as given.

@@ -158,12 +158,15 @@ def vision_flops(shape: ModelShape, tiles: int, layers_run: int) -> int:
     return tiles * _tower_flops(shape, shape.patches_per_tile, tokens, [[tokens]] * layers_run)
 
 
-def native_vision_flops(shape: ModelShape, token_grid: tuple[int, int], layers_run: int) -> int:
+def native_vision_flops(shape: ModelShape, token_grid: tuple[int, int], layers_run: int,
+                        drop: tuple[int, int] | None = None) -> int:
     """FLOPs of a native-resolution tower on one image of ``(rows, cols)`` LLM tokens through ``layers_run`` layers.
 
     A windowed layer attends within squares of ``window x window`` LLM tokens, cut from the top
     left corner (the last row and column of windows may be smaller); a full-attention layer over
-    the whole image.
+    the whole image. ``drop``: ``(layer, kept)``, the layers after ``layer`` run over the patches of
+    ``kept`` LLM tokens only (the early drop), each window holding the same share of them (the model
+    counts an even spread; the kept tokens' own spread changes only the attention term).
     """
     rows, cols = token_grid
     patches = rows * cols * shape.merge
@@ -173,7 +176,13 @@ def native_vision_flops(shape: ModelShape, token_grid: tuple[int, int], layers_r
     else:
         windows = [patches]
     sequences = [[patches] if layer in shape.full_attention_layers else windows for layer in range(layers_run)]
-    return _tower_flops(shape, patches, patches, sequences)
+    if drop is None:
+        return _tower_flops(shape, patches, patches, sequences)
+    layer, kept = drop
+    share = kept / (rows * cols)
+    before = _tower_flops(shape, patches, patches, sequences[:layer + 1])
+    after = [[n * share for n in spans] for spans in sequences[layer + 1:]]
+    return before + _tower_flops(shape, 0, kept * shape.merge, after)
 
 
 def _pieces(length: int, size: int) -> list[int]:
@@ -186,7 +195,7 @@ def _tower_flops(shape: ModelShape, patches: int, tokens: int, attention: list[l
     dv, mv = shape.vision_width, shape.vision_mlp
     embedding = 2 * patches * 3 * shape.temporal_patch * shape.patch**2 * dv
     linear = 2 * tokens * 4 * dv * dv + 2 * (3 if shape.gated_mlp else 2) * tokens * dv * mv
-    return embedding + sum(linear + 2 * 2 * dv * sum(n * n for n in layer) for layer in attention)
+    return int(embedding + sum(linear + 2 * 2 * dv * sum(n * n for n in layer) for layer in attention))
 
 
 def image_vision_flops(shape: ModelShape, geometry: PartitionGeometry, layers_run: int) -> int:

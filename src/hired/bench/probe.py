@@ -60,7 +60,8 @@ def probe_memory(request: dict[str, Any]) -> dict[str, float]:
     processor = build_processor(spec)
     model = build_model(spec, request["layers"], request["dtype"], processor, seed=request["seed"])
     if request["method"] != "stock":
-        hired.apply(model, processor, method=request["method"], budget=request["budget"])
+        hired.apply(model, processor, method=request["method"], budget=request["budget"],
+                    drop_layer=request.get("drop_layer"))
     after_build = current_rss_bytes()
     reset_peak()
     width, height = request["image_size"]

@@ -164,6 +164,11 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"one of: {', '.join(available_methods())} (default hired)")
     group.add_argument("--alpha", type=share, default=None,
                        help="HiRED: base view's share of the budget, in [0, 1] (default 0.5); other methods refuse it")
+    group.add_argument("--drop-layer", type=int, default=None, metavar="LAYER",
+                       help="select at this vision-tower layer and run the layers after it over the kept tokens only "
+                            "(the early drop: docs/early-drop.md; Qwen2.5-VL at a full-attention block; not "
+                            "LLaVA-OneVision nor vLLM); default: select at the feature layer, every layer over "
+                            "every token")
     group.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                        help="method-specific option (repeatable), e.g. --method-option seed=3")
 
@@ -185,7 +190,8 @@ def budget_settings(args: argparse.Namespace) -> dict[str, Any]:
         if "alpha" in options:
             raise CliError("give alpha either as --alpha or as --method-option alpha=..., not both")
         options["alpha"] = args.alpha
-    settings = {name: getattr(args, name) for name in ("budget", "tokens", "method") if getattr(args, name) is not None}
+    settings = {name: getattr(args, name) for name in ("budget", "tokens", "method", "drop_layer")
+                if getattr(args, name, None) is not None}
     return {**settings, **({"method_options": options} if options else {})}
 
 

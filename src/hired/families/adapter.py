@@ -8,6 +8,7 @@ registers it, with one error naming the family and all it lacks.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -15,7 +16,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..geometry import PartitionGeometry
-from ..selecting import runs_per_image
+from ..selecting import Choice, EarlyDrop, runs_per_image
 from ..signals import TowerRun, VisionProbe
 from ..state import ModelState
 from .mixins import HiredModel, HiredProcessor, ImageCall
@@ -51,6 +52,9 @@ class FamilyAdapter(ABC):
         released_has_cls: whether the vision tower of the family's released checkpoints has a CLS
             token; ``hired inspect``, which loads no model, checks methods against it (``apply`` reads
             the loaded tower instead).
+        drops_early: whether the default :meth:`tower_runs` may select inside the tower and run the later
+            layers over the kept patches only (``HiredConfig.drop_layer``); needs each LLM token to be a
+            gather of patches (:meth:`token_patches`).
         tiny_model: where the builder of the family's tiny random test model is, as ``"module:function"``
             with the module relative to the adapter's package (``".tiny:tiny_llava_next"``); it is
             imported on first use only, and :data:`hired.testing.TINY_MODELS` lists it. ``None``: none.
@@ -67,6 +71,7 @@ class FamilyAdapter(ABC):
     selects_projected: ClassVar[bool] = False
     released_has_cls: ClassVar[bool] = True
     tiny_model: ClassVar[str | None] = None
+    drops_early: ClassVar[bool] = False
 
     def __new__(cls, *args: Any, **kwargs: Any) -> FamilyAdapter:
         # Before Python's own refusal of an abstract class, which names neither the family nor its attributes.
@@ -114,6 +119,31 @@ class FamilyAdapter(ABC):
             )
         return index
 
+    def drop_layer(self, inner, probe: VisionProbe, drop_layer: int | None, feature_layer: int) -> int:
+        """The tower layer index the method selects at: ``drop_layer`` (``HiredConfig.drop_layer``) resolved, or
+        ``feature_layer`` when it is ``None``. By default any layer up to the feature layer in a family that
+        :attr:`drops_early`, none in the others.
+
+        Raises:
+            ValueError: a layer this family cannot drop at.
+        """
+        if drop_layer is None:
+            return feature_layer
+        if not self.drops_early:
+            raise ValueError(f"drop_layer={drop_layer}: the early drop inside the vision tower is not offered for "
+                             f"{self.name} models (its LLM tokens are not gathers of the tower's patches); drop the "
+                             "setting")
+        count = probe.num_layers
+        if not -count <= drop_layer < count or drop_layer % count > feature_layer:
+            raise ValueError(f"drop_layer={drop_layer} is out of range: this {self.name} model takes its features from "
+                             f"layer {feature_layer} of {count}, so drop at a layer from {-count} to {feature_layer}")
+        return drop_layer % count
+
+    def token_patches(self, inner, patches: int) -> torch.Tensor:
+        """``(T, m)``: the tower patches (of ``patches`` per tile) that make each LLM token of a tile, in the
+        geometry's token numbering; by default each token is its patch."""
+        return torch.arange(patches)[:, None]
+
     def check_call(self, inner, probe: VisionProbe) -> None:
         """Refuse model settings the selection cannot honour (called before selecting)."""
 
@@ -126,9 +156,32 @@ class FamilyAdapter(ABC):
 
         The default runs every image's partitions through ``probe`` as one batch of tiles; a family
         whose tower takes whole images of different sizes (Qwen2.5-VL) runs its own.
-        ``settings``: the keywords of :meth:`VisionProbe.run`.
+        ``settings``: the keywords of :meth:`VisionProbe.run`, and ``drop`` (a
+        :class:`hired.selecting.EarlyDrop`) in a family whose :meth:`drop_layer` accepts one.
         """
-        return runs_per_image(probe.run(torch.cat(call.tiles), **settings), call.geometries)
+        drop: EarlyDrop | None = settings.pop("drop", None)
+        tiles = torch.cat(call.tiles)
+        if drop is None:
+            return runs_per_image(probe.run(tiles, **settings), call.geometries)
+        feature_layer = settings.pop("feature_layer")
+        run = probe.run(tiles, feature_layer=drop.layer, **settings)
+        drop.choices = drop.choose(runs_per_image(run, call.geometries))
+        keep = self.kept_patches(inner, run.features.shape[1], call.geometries, drop.choices)
+        features = probe.resume(run.hidden, keep, drop.layer, feature_layer)
+        return runs_per_image(dataclasses.replace(run, features=features, hidden=features), call.geometries)
+
+    def kept_patches(self, inner, patches: int, geometries, choices: list[Choice | None]) -> list[torch.Tensor]:
+        """Per tile of the call, the patches that run on past the drop: those of its kept tokens, or every patch of
+        an image fed whole (which then runs as in the stock tower)."""
+        parts = self.token_patches(inner, patches)
+        keep = []
+        for geometry, choice in zip(geometries, choices):
+            for partition in range(geometry.num_partitions):
+                if choice is None:
+                    keep.append(torch.arange(patches))
+                else:
+                    keep.append(torch.sort(parts[choice.selection.kept[partition]].flatten()).values)
+        return keep
 
     def image_output(self, inner, output: BaseModelOutputWithPooling, runs: list[TowerRun],
                      kept: list[torch.Tensor]) -> BaseModelOutputWithPooling:

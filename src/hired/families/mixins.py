@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..config import HiredConfig
 from ..geometry import PartitionGeometry
-from ..selecting import SelectedImages, all_fed_whole, full_record, kept_counts, select_images
+from ..selecting import EarlyDrop, SelectedImages, all_fed_whole, choose_images, full_record, kept_counts, select_images
 from ..signals import TowerRun
 from ..state import ModelState
 from .records import check_counts
@@ -67,13 +67,23 @@ def select_call(family, inner, probe, call: ImageCall, counts: Sequence[int | No
     family.check_call(inner, probe)
     feature_layer = family.feature_layer(inner, probe, call.vision_feature_layer)
     layers = config.method_options.signal_layers()
+    drop_layer = family.drop_layer(inner, probe, config.drop_layer, feature_layer)
+    selection_layer = drop_layer if layers.selection is None else layers.selection
+    candidate_tokens = functools.partial(family.candidate_tokens, inner)
+    drop = None
+    if drop_layer != feature_layer:
+        drop = EarlyDrop(drop_layer, functools.partial(choose_images, geometries=call.geometries,
+                                                       image_sizes=call.image_sizes, counts=counts, config=config,
+                                                       candidate_tokens=candidate_tokens))
+    settings = {} if drop is None else {"drop": drop}
     runs = family.tower_runs(
         inner, call, probe,
         feature_layer=feature_layer,
         distribution_layer=layers.distribution,
-        selection_layer=feature_layer if layers.selection is None else layers.selection,
+        selection_layer=selection_layer,
         aggregation=layers.aggregation,
         score=layers.score,
+        **settings,
     )
     if call.feature_norm is not None:  # runs may be shared: no edits in place
         runs = [dataclasses.replace(run, features=call.feature_norm(run.features)) for run in runs]
@@ -81,8 +91,13 @@ def select_call(family, inner, probe, call: ImageCall, counts: Sequence[int | No
         runs, call.geometries, call.image_sizes, counts, config,
         pack_stock=functools.partial(family.pack_stock, inner),
         project=None if family.selects_projected else functools.partial(family.project, inner),
-        candidate_tokens=functools.partial(family.candidate_tokens, inner),
+        candidate_tokens=candidate_tokens,
+        drop=drop,
     )
+    if config.drop_layer is not None:  # the records say where the method selected
+        for record in selected.records:
+            if not record.extras.get("stock_model"):
+                record.extras["drop_layer"] = drop_layer
     return runs, selected
 
 

@@ -61,6 +61,14 @@ def apply(family: FamilyAdapter, model, processor, config: HiredConfig):
                 f"{name}={value} is out of range for a vision tower of {probe.num_layers} layers "
                 f"(valid: {-probe.num_layers}..{probe.num_layers - 1}; the feature layer is {feature_layer})"
             )
+    if config.drop_layer is not None:  # a vision-side method (HiredConfig refuses the others)
+        drop_layer = family.drop_layer(inner, probe, config.drop_layer, feature_layer)
+        later = [f"{name}={value}" for name, value in (("distribution_layer", layers.distribution),
+                                                       ("selection_layer", layers.selection))
+                 if value is not None and value % probe.num_layers > drop_layer]
+        if later:
+            raise ValueError(f"{' and '.join(later)} lie after drop_layer={config.drop_layer} (layer {drop_layer}), whose "
+                             "tokens the method must choose from; read layers at or before it")
     if processor is not None:
         family.check_processor(inner, processor)
     pruning = llm_pruning.prepare(inner, method, options) if method.stage == "llm" else None

@@ -259,20 +259,34 @@ class Method:
         Raises:
             RuntimeError: a fixed-budget method returned another count than ``tokens`` (a bug in the method).
         """
+        selection = self.decide(evidence, tokens, options)
+        return selection, self.feed(selection, evidence.features, evidence.geometry)
+
+    def decide(self, evidence: VisionEvidence, tokens: int | None, options: MethodOptions) -> Selection:
+        """This vision-side method's :class:`Selection` for one image (the first half of :meth:`choose`).
+
+        Raises:
+            RuntimeError: a fixed-budget method returned another count than ``tokens`` (a bug in the method).
+        """
         selection = self.select(dataclasses.replace(
             evidence,
             distribution_scores=_on_host(evidence.distribution_scores),
             selection_scores=_on_host(evidence.selection_scores),
         ), tokens, options)
+        count = selection.features.shape[0] if selection.features is not None else sum(len(k) for k in selection.kept)
+        if self.has_fixed_budget(options) and count != tokens:
+            raise RuntimeError(f"method {self.name!r} returned {count} tokens where it was asked for "
+                               f"{tokens}; this is a bug in the method")
+        return selection
+
+    @staticmethod
+    def feed(selection: Selection, features: torch.Tensor, geometry: "PartitionGeometry") -> torch.Tensor:
+        """The ``(K, D)`` features to feed for ``selection``: the method's merged ones, or the kept tokens of
+        ``features`` (``(P, s*s, D)``) in stock order (the second half of :meth:`choose`)."""
         if selection.features is not None:
-            features = selection.features
-        else:
-            order = evidence.geometry.stock_order(selection.kept).to(evidence.features.device)
-            features = evidence.features[order[:, 0], order[:, 1]]
-        if self.has_fixed_budget(options) and features.shape[0] != tokens:
-            raise RuntimeError(f"method {self.name!r} returned {features.shape[0]} tokens where it was asked for {tokens}; "
-                               "this is a bug in the method")
-        return selection, features
+            return selection.features
+        order = geometry.stock_order(selection.kept).to(features.device)
+        return features[order[:, 0], order[:, 1]]
 
 
 def _on_host(scores: torch.Tensor | None) -> torch.Tensor | None:

@@ -92,6 +92,12 @@ def engine_config(hf_config) -> HiredConfig | None:
 def check_servable(config: HiredConfig) -> None:
     """Refuse a method whose token count is not known before the vision tower runs."""
     method = get_method(config.method)
+    if config.drop_layer is not None:
+        raise ValueError(
+            f"drop_layer={config.drop_layer} selects inside the vision tower, which the vLLM plugin does not do yet: it "
+            "runs the tower in full and selects after it; drop the setting to serve this model, or run the early drop "
+            "in transformers"
+        )
     if method.stage == "llm":
         raise ValueError(
             f"method {config.method!r} prunes inside the language model, but vLLM fixes each prompt's length "

@@ -147,6 +147,7 @@ class InternVLAdapter(FamilyAdapter):
     hired_processor_class = HiredInternVLProcessor
     model_internals = ("get_image_features", "get_placeholder_mask", "pixel_shuffle", "multi_modal_projector")
     processor_internals = ("_process_images", "_get_num_multimodal_tokens")
+    drops_early = True
 
     def geometry(self, config, image_size, tiles=(1, 1)) -> TiledGeometry:
         """The geometry of an image of ``(height, width)`` cut into ``tiles`` ``(rows, cols)``."""
@@ -182,6 +183,11 @@ class InternVLAdapter(FamilyAdapter):
         grouped = inner.pixel_shuffle(tensor.reshape(tensor.shape[0], side, side, -1),
                                       scale_factor=inner.config.downsample_ratio)
         return grouped.reshape(tensor.shape[0], -1, grouped.shape[-1])
+
+    def token_patches(self, inner, patches: int) -> torch.Tensor:
+        """The patches of each token: the model's own pixel shuffle applied to the patch indices."""
+        index = torch.arange(patches, dtype=torch.float64)[None, :, None]
+        return self._shuffle(inner, index)[0].round().long()
 
     def candidate_tokens(self, inner, run: TowerRun, geometry, image_size) -> TowerRun:
         def group_sum(scores: torch.Tensor | None) -> torch.Tensor | None:

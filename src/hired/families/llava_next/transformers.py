@@ -86,6 +86,7 @@ class LlavaNextAdapter(FamilyAdapter):
     hired_processor_class = HiredLlavaNextProcessor
     model_internals = ("get_image_features", "get_placeholder_mask", "pack_image_features", "multi_modal_projector")
     processor_internals = ("_get_number_of_features", "_get_num_multimodal_tokens")
+    drops_early = True
 
     def geometry(self, config, image_size) -> AnyresGeometry:
         vision = config.vision_config

@@ -128,6 +128,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     model_internals = ("get_image_features", "get_placeholder_mask", "pack_image_features", "multi_modal_projector")
     processor_internals = ("replace_image_token", "_get_num_multimodal_tokens")
     selects_projected = True
+    drops_early = False  # a token of a downsampled mosaic mixes patches: no gather of them to run on
     released_has_cls = False  # SigLIP
 
     def geometry(self, config, image_size, multi_image: bool = False,
