@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 import hired
-from hired.bench.cost import ModelShape, llm_prefill_flops, native_vision_flops, projector_flops
-from hired.bench.measure import time_request
+from hired.bench.cost import ModelShape
+from hired.bench.measure import Sample, time_request
 from hired.bench.models import build_model, build_processor, load_model_spec, synthetic_image
+from hired.bench.runner import STOCK, grid_label, prefill_cost
 from hired.families import family_of
 from hired.geometry import NativeGeometry
 
@@ -48,15 +49,13 @@ def switch(model, processor, variant: dict) -> None:
         hired.apply(model, processor, method="hired", budget=variant["budget"], drop_layer=variant["drop_layer"])
 
 
-def prefill_flops(shape: ModelShape, geometry: NativeGeometry, variant: dict, kept: int, prompt: int) -> int:
-    """The tower (with its drop), the merger over the tokens it merges and the decoder's prefill."""
-    rows, cols = geometry.tokens
-    tokens = rows * cols
-    layers = shape.vision_layers
-    drop = None if variant["drop_layer"] is None else (variant["drop_layer"] % layers, kept)
-    merged = kept if drop is not None else tokens  # without a drop the merger runs over every token
-    return (native_vision_flops(shape, (rows, cols), layers, drop) + projector_flops(shape, merged)
-            + llm_prefill_flops(shape, prompt))
+def prefill_flops(shape: ModelShape, geometry, variant: dict, sample: Sample, projects_all: bool) -> int:
+    """The tower (with its drop), the projector or merger over the tokens it sees and the decoder's prefill."""
+    method = STOCK if variant["budget"] is None else "hired"
+    drop = None if variant["drop_layer"] is None else variant["drop_layer"] % shape.vision_layers
+    # new_tokens and value_bytes size the cache only, which this table does not report.
+    return prefill_cost(shape, geometry, sample, batch=1, method=method, new_tokens=2, value_bytes=4,
+                        projects_all=projects_all, drop_layer=drop)["prefill_flops"]
 
 
 def probe(args, variant: dict, prompt: str) -> dict:
@@ -105,7 +104,8 @@ def main() -> None:
                 switch(model, processor, variant)
                 samples[variant["name"]].append(time_request(model, processor, images, spec.prompt, args.new_tokens))
                 print(f"round {round_index + 1} {variant['name']}", file=sys.stderr, flush=True)
-    geometry = family_of(model).processor_geometry(processor, args.image_size[::-1])
+    family = family_of(model)
+    geometry = family.processor_geometry(processor, args.image_size[::-1])
     del model
     stock = samples["stock"]
     records = []
@@ -116,8 +116,8 @@ def main() -> None:
         ttft = [s.ttft_s / m.ttft_s for s, m in zip(stock, mine)]
         ideal = {}
         for label, model_shape in (("run", shape), ("full_depth", full_shape)):
-            own = prefill_flops(model_shape, geometry, variant, first.visual_tokens, first.prompt_tokens)
-            base = prefill_flops(model_shape, geometry, runs[0], stock[0].visual_tokens, stock[0].prompt_tokens)
+            own = prefill_flops(model_shape, geometry, variant, first, family.selects_projected)
+            base = prefill_flops(model_shape, geometry, runs[0], stock[0], family.selects_projected)
             ideal[label] = base / own
         record = {
             **variant, "visual_tokens": first.visual_tokens, "prompt_tokens": first.prompt_tokens,
@@ -134,11 +134,12 @@ def main() -> None:
 
     command = "python benchmarks/early_drop.py " + " ".join(sys.argv[1:])
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    layout = grid_label(geometry) if isinstance(geometry, NativeGeometry) else f"{geometry.num_partitions} tiles"
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "early-drop.json").write_text(json.dumps(
         {"command": command, "machine": machine, "hired": hired.__version__, "model": spec.checkpoint,
          "layers": args.layers, "full_layers": spec.full_layers, "dtype": args.dtype,
-         "image_size": "x".join(map(str, args.image_size)), "grid": list(geometry.tokens), "rounds": args.rounds,
+         "image_size": "x".join(map(str, args.image_size)), "grid": grid_label(geometry), "rounds": args.rounds,
          "records": records}, indent=2) + "\n")
     rows = ["| variant | visual tokens | tower s | tower speed-up (min-max) | TTFT s | TTFT speed-up (min-max) | "
             f"FLOP-ideal ({args.layers} layers) | FLOP-ideal ({spec.full_layers} layers) | peak RSS MB |",
@@ -151,7 +152,7 @@ def main() -> None:
                     f"{r['flop_ideal']:.2f} | {r['flop_ideal_full_depth']:.2f} | {peak} |")
     header = (f"Command: `{command}`\n\nMachine: {machine}\n\n**{spec.checkpoint}** shape, random weights, "
               f"{args.layers} of {spec.full_layers} decoder layers, {args.dtype}, image "
-              f"{args.image_size[0]}x{args.image_size[1]} ({geometry.tokens[0]}x{geometry.tokens[1]} tokens), "
+              f"{args.image_size[0]}x{args.image_size[1]} ({layout}), "
               f"1 warm-up and {args.rounds} interleaved rounds; speed-ups are per round against stock.\n\n")
     (args.output / "early-drop.md").write_text(header + "\n".join(rows) + "\n")
     print(header + "\n".join(rows))

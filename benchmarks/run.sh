@@ -95,11 +95,16 @@ if [ "$which" = all ] || [ "$which" = vllm ]; then
 fi
 
 # 10. The early drop (docs/early-drop.md): the Qwen2.5-VL-7B shape, stock against HiRED 20% without and with the
-#     selection at each full-attention block before the last, float32 (this machine's CPU has no bf16 instructions);
-#     and its fidelity on the testbed's real DINOv2 encoder at each layer, two seeds.
+#     selection at each full-attention block before the last; the LLaVA-NeXT-7B and InternVL3-8B shapes with the
+#     selection after a quarter, a half and three quarters of their 24-layer towers; float32 (this machine's CPU has
+#     no bf16 instructions); and its fidelity on the testbed's real DINOv2 encoder at each layer, two seeds.
 if [ "$which" = all ] || [ "$which" = early-drop ]; then
   python benchmarks/early_drop.py --model qwen2.5-vl-7b-instruct --layers 2 --dtype float32 --budget 0.2 \
     --drop-layers 7 15 23 --image-size 1280x960 --rounds 3 --output benchmarks/results/early-drop-qwen2.5-vl-7b
+  python benchmarks/early_drop.py --model llava-v1.6-vicuna-7b-hf --layers 2 --dtype float32 --budget 0.2 \
+    --drop-layers 5 11 17 --image-size 672x672 --rounds 3 --output benchmarks/results/early-drop-llava-next-7b
+  python benchmarks/early_drop.py --model internvl3-8b-hf --layers 2 --dtype float32 --budget 0.2 \
+    --drop-layers 5 11 17 --image-size 896x448 --rounds 3 --output benchmarks/results/early-drop-internvl3-8b
   python benchmarks/early_drop_fidelity.py --drop-layers 2 5 8 --budget 0.2 --seeds 0 1 --images 24 --questions 60 \
     --output benchmarks/results/early-drop-fidelity
 fi

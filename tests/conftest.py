@@ -11,18 +11,11 @@ if importlib.util.find_spec("lmms_eval") is None:
 if importlib.util.find_spec("vllm") is None:
     collect_ignore_glob.append("engines/vllm/*")
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from sample_inputs import noise_image
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-
-def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A random RGB image of the given size (content does not matter to the geometry)."""
-    pixels = np.random.RandomState(seed).randint(0, 256, size=(height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
 
 
 @pytest.fixture

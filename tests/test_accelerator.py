@@ -65,10 +65,11 @@ def encode(processor, images=IMAGES[:1]):
     return processor(images=images, text=text, return_tensors="pt", padding=True)
 
 
-def run(model, processor, accelerator: Accelerator | None, generate: bool = False, patched: bool = True):
-    """Logits (or generated ids) and the kept indices of one prompt (of a ``patched`` model), on the CPU or on
-    ``accelerator``."""
-    inputs = encode(processor)
+def run(model, processor, accelerator: Accelerator | None, generate: bool = False, patched: bool = True,
+        images=IMAGES[:1]):
+    """Logits (or generated ids) and the kept indices of one prompt per image (of a ``patched`` model), on the CPU
+    or on ``accelerator``."""
+    inputs = encode(processor, images)
     context = contextlib.nullcontext() if accelerator is None else accelerator.context()
     with context, torch.no_grad():
         if accelerator is not None:
@@ -184,3 +185,15 @@ def test_the_early_drop_reads_the_device_a_fixed_number_of_times_whatever_the_bu
         run(model, processor, accelerator)
         syncs.append(accelerator.simulated.syncs)
     assert syncs[0] == syncs[1]
+
+
+def test_the_early_drop_of_a_downsampled_onevision_mosaic_on_an_accelerator_matches_the_cpu(accelerator):
+    # Its kept tokens interpolate patches of several tiles: the patches read are found through the stock packing.
+    model, processor = TINY_MODELS["llava-onevision"](text_layers=3)
+    hired.apply(model, processor, budget=0.3, drop_layer=0)
+    image = Image.fromarray(np.random.RandomState(7).randint(0, 256, size=(960, 1280, 3), dtype=np.uint8))
+    assert processor.hired_geometry((960, 1280)).downsampled is not None
+    logits, kept = run(model, processor, None, images=[image])
+    device_logits, device_kept = run(model, processor, accelerator, images=[image])
+    assert device_kept == kept
+    torch.testing.assert_close(device_logits, logits, rtol=1e-4, atol=1e-4)

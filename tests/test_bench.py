@@ -47,6 +47,9 @@ def test_flops_of_a_small_shape_match_a_hand_count():
     # attention-weighted values 2*2*5*5*4 = 400, MLP 2*2*5*4*8 = 640.
     assert vision_flops(SMALL, tiles=1, layers_run=2) == 384 + 2 * (640 + 400 + 640)
     assert vision_flops(SMALL, tiles=3, layers_run=1) == 3 * (384 + 640 + 400 + 640)
+    # dropping after layer 0 of 2 tiles that keep 4 patches: layer 1 runs over each tile's CLS and 2 patches,
+    # q,k,v,o 2*3*4*4*4 = 384, attention 2*2*3*3*4 = 144, MLP 2*2*3*4*8 = 384.
+    assert vision_flops(SMALL, tiles=2, layers_run=2, drop=(0, 4)) == 2 * (384 + 640 + 400 + 640 + 384 + 144 + 384)
     # two linears 4->8 and 8->8 on 3 tokens
     assert projector_flops(SMALL, tokens=3) == 2 * 3 * (4 * 8 + 8 * 8)
     # 3 tokens: q,o 2*3*8*8 each, k,v 2*3*8*4 each = 1152; causal attention over 6 visible pairs,
@@ -119,6 +122,10 @@ def test_native_vision_flops_of_a_small_shape_match_a_hand_count():
     windowed = 2 * 2 * 4 * (16**2 + 8**2 + 8**2 + 4**2)
     assert native_vision_flops(shape, (3, 3), layers_run=2) == embedding + 2 * linear + windowed + 2 * 2 * 4 * 36**2
     assert native_vision_flops(shape, (3, 3), layers_run=1) == embedding + linear + windowed
+    # dropping after layer 0, keeping 3 of the 9 tokens: layer 1 attends over their 12 patches
+    kept_linear = 2 * 12 * 4 * 4 * 4 + 2 * 3 * 12 * 4 * 8
+    assert native_vision_flops(shape, (3, 3), layers_run=2, drop=(0, 3)) == (embedding + linear + windowed + kept_linear
+                                                                            + 2 * 2 * 4 * 12**2)
     assert projector_flops(shape, tokens=9) == 2 * 9 * (16 * 16 + 16 * 8)  # merger: 16 -> 16 -> 8
 
 

@@ -5,15 +5,15 @@ The reference of a kept token's feature is the stock tower run by hand. Qwen-VL:
 the drop block over every patch, then each later block over only the kept patches, window by window
 (image by image in a full-attention block), each patch with its own rotary position, then the merger.
 Tiled towers: the stock tower's hidden states at the drop layer, then the tower's own encoder with
-only the later layers over each tile's CLS token and kept patches.
+only the later layers over each tile's CLS token and kept patches (LLaVA-OneVision's downsampled
+mosaics: the patches its interpolation weighs in the kept tokens).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from sample_inputs import image_prompt, noise_image
 from transformers.vision_utils import get_vision_window_index
 
 import hired
@@ -24,6 +24,7 @@ from hired.families.llava_next.tiny import tiny_llava_next
 from hired.families.llava_onevision.tiny import tiny_llava_onevision
 from hired.families.qwen2_5_vl.tiny import tiny_qwen2_5_vl
 from hired.families.qwen3_vl.tiny import tiny_qwen3_vl
+from hired.methods.common import candidate_positions
 from hired.signals import VisionProbe
 
 FACTORIES = {"qwen2.5-vl": tiny_qwen2_5_vl, "qwen3-vl": tiny_qwen3_vl}
@@ -32,12 +33,8 @@ EARLIEST = {"qwen2.5-vl": 1, "qwen3-vl": 0}
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
-def picture(height, width, seed=0):
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, size=(height, width, 3), dtype=np.uint8))
-
-
 def prompt(images=1):
-    return "USER: " + " ".join([IMAGE] * images) + " what is in the image ? ASSISTANT:"
+    return image_prompt(IMAGE, images)
 
 
 @pytest.fixture(scope="module", params=sorted(FACTORIES))
@@ -70,7 +67,7 @@ def run(model, processor, images, **settings):
 @pytest.mark.parametrize("height, width", [(28, 28), (300, 500), (777, 333), (60, 1000)])
 def test_placeholders_equal_features_equal_the_budget_with_the_early_drop(family, height, width):
     name, model, processor = family
-    inputs, _, (record,) = run(model, processor, [picture(height, width)], budget=0.2, drop_layer=EARLIEST[name])
+    inputs, _, (record,) = run(model, processor, [noise_image(width, height)], budget=0.2, drop_layer=EARLIEST[name])
     expected = hired.HiredConfig(budget=0.2).fed_tokens(record.stock_tokens)
     assert int((inputs["input_ids"] == processor.image_token_id).sum()) == record.visual_tokens == expected
     assert image_features(model, inputs).shape[0] == expected
@@ -79,7 +76,7 @@ def test_placeholders_equal_features_equal_the_budget_with_the_early_drop(family
 
 def test_dropping_at_the_feature_layer_equals_no_drop_bit_for_bit(family):
     name, model, processor = family
-    images = [picture(300, 500, 1), picture(200, 160, 2)]
+    images = [noise_image(500, 300, 1), noise_image(160, 200, 2)]
     _, plain, plain_records = run(model, processor, images, budget=0.3)
     last = model.model.visual.blocks.__len__() - 1
     for layer in (last, -1):
@@ -148,7 +145,7 @@ def by_hand(model, inputs, records, layer):
 
 def test_kept_features_equal_the_stock_tower_run_by_hand_over_the_kept_tokens(family):
     name, model, processor = family
-    images = [picture(300, 500, 1), picture(420, 260, 2)]
+    images = [noise_image(500, 300, 1), noise_image(260, 420, 2)]
     layer = EARLIEST[name]
     inputs, _, records = run(model, processor, images, budget=0.3, drop_layer=layer)
     fed = image_features(model, inputs)
@@ -160,7 +157,7 @@ def test_kept_features_equal_the_stock_tower_run_by_hand_over_the_kept_tokens(fa
 
 def test_a_batch_equals_its_images_alone_with_the_early_drop(family):
     name, model, processor = family
-    images = [picture(300, 500, 1), picture(420, 260, 2)]
+    images = [noise_image(500, 300, 1), noise_image(260, 420, 2)]
     settings = {"budget": 0.25, "drop_layer": EARLIEST[name]}
     together, _, records = run(model, processor, images, **settings)
     joint = image_features(model, together)
@@ -174,7 +171,7 @@ def test_a_batch_equals_its_images_alone_with_the_early_drop(family):
 
 def test_an_image_fed_whole_beside_a_pruned_one_keeps_its_stock_features(family):
     name, model, processor = family
-    small, large = picture(56, 56, 1), picture(420, 560, 2)
+    small, large = noise_image(56, 56, 1), noise_image(560, 420, 2)
     stock_inputs = processor(images=[small], text=prompt(), return_tensors="pt")
     stock = image_features(model, stock_inputs)
     inputs, _, records = run(model, processor, [small, large], tokens=stock.shape[0], drop_layer=EARLIEST[name])
@@ -203,9 +200,6 @@ def test_settings_the_early_drop_cannot_take_are_refused():
         hired.HiredConfig(drop_layer="7")
     with pytest.raises(ValueError, match="vLLM plugin does not do yet"):
         check_servable(hired.HiredConfig(drop_layer=7))
-    model, processor = tiny_llava_onevision()
-    with pytest.raises(ValueError, match="not offered for llava-onevision"):
-        hired.apply(model, processor, budget=0.2, drop_layer=0)
 
 
 def test_the_drop_layer_is_stored_and_read_back(tmp_path):
@@ -223,12 +217,14 @@ def test_the_drop_layer_is_stored_and_read_back(tmp_path):
 
 # ---- tiled towers: LLaVA-NeXT, LLaVA-1.5 (CLIP, features of layer -2), InternVL (InternViT, pixel shuffle)
 
-TILED = {"llava-next": tiny_llava_next, "llava": tiny_llava, "internvl": tiny_internvl}
-TILED_SIZES = [(336, 336), (800, 600), (300, 1000), (90, 60)]  # (width, height)
+TILED = {"llava-next": tiny_llava_next, "llava": tiny_llava, "internvl": tiny_internvl,
+         "llava-onevision": tiny_llava_onevision}
+# (width, height); OneVision downsamples the mosaic of 1280x960 (3x4 tiles)
+TILED_SIZES = [(336, 336), (800, 600), (300, 1000), (90, 60), (1280, 960)]
 
 
 def tiled_prompt(processor, images=1):
-    return "USER: " + " ".join([processor.image_token] * images) + " what is in the image ? ASSISTANT:"
+    return image_prompt(processor.image_token, images)
 
 
 @pytest.fixture(scope="module", params=sorted(TILED))
@@ -248,7 +244,7 @@ def tiled_run(model, processor, images, **settings):
 
 def test_tiled_placeholders_equal_features_equal_the_budget_with_the_early_drop(tiled):
     name, model, processor = tiled
-    images = [picture(h, w, seed) for seed, (w, h) in enumerate(TILED_SIZES)]
+    images = [noise_image(w, h, seed) for seed, (w, h) in enumerate(TILED_SIZES)]
     for amount in ({"budget": 0.2}, {"tokens": 1}):  # one token: every tile but the base view keeps none
         inputs, _, records = tiled_run(model, processor, images, drop_layer=0, **amount)
         config = hired.stored_config(model)
@@ -260,7 +256,7 @@ def test_tiled_placeholders_equal_features_equal_the_budget_with_the_early_drop(
 
 def test_tiled_dropping_at_the_feature_layer_equals_no_drop_bit_for_bit(tiled):
     name, model, processor = tiled
-    images = [picture(600, 800, 1), picture(1000, 300, 2)]
+    images = [noise_image(800, 600, 1), noise_image(300, 1000, 2)]
     _, plain, plain_records = tiled_run(model, processor, images, budget=0.3)
     layers = VisionProbe(model.model.vision_tower).num_layers
     last = model.config.vision_feature_layer % (layers + 1) - 1
@@ -274,7 +270,7 @@ def test_tiled_dropping_at_the_feature_layer_equals_no_drop_bit_for_bit(tiled):
 def test_tiled_kept_features_equal_the_stock_tower_run_by_hand_over_the_kept_patches(name):
     model, processor = TILED[name](vision_layers=4)
     inner = model.model
-    image = picture(600, 800, 3)
+    image = noise_image(800, 600, 3)
     hired.apply(model, processor, budget=0.3, drop_layer=0)
     inputs = processor(images=[image], text=[tiled_prompt(processor)], return_tensors="pt")
     arguments = {key: inputs[key] for key in ("pixel_values", "image_sizes") if key in inputs}
@@ -309,7 +305,7 @@ def test_tiled_kept_features_equal_the_stock_tower_run_by_hand_over_the_kept_pat
 
 def test_tiled_a_batch_equals_its_images_alone_with_the_early_drop(tiled):
     name, model, processor = tiled
-    images = [picture(600, 800, 1), picture(1000, 300, 2)]
+    images = [noise_image(1280, 960, 1), noise_image(300, 1000, 2)]
     settings = {"budget": 0.25, "drop_layer": 0}
     together, _, records = tiled_run(model, processor, images, **settings)
     for index, image in enumerate(images):
@@ -328,3 +324,50 @@ def test_tiled_a_batch_equals_its_images_alone_with_the_early_drop(tiled):
             one = model.model.get_image_features(**arguments).pooler_output
         alone.append(torch.cat(list(one)) if isinstance(one, (list, tuple)) else one)
     torch.testing.assert_close(joint, torch.cat(alone), atol=1e-5, rtol=1e-4)
+
+
+def test_onevision_kept_features_equal_the_stock_tower_run_by_hand_over_the_patches_they_interpolate():
+    # Reference: the stock interpolation's weights, read one tile at a time by packing an identity; the later layers
+    # over each tile's patches that a kept token weighs above zero; then the stock projector and packing.
+    model, processor = tiny_llava_onevision(vision_layers=4)
+    inner = model.model
+    image = noise_image(1280, 960, 3)
+    hired.apply(model, processor, budget=0.3, drop_layer=0)
+    inputs = processor(images=[image], text=[tiled_prompt(processor)], return_tensors="pt")
+    with torch.no_grad():
+        fed = torch.cat(list(inner.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output))
+    (record,) = hired.selections(model)
+    geometry = processor.hired_geometry(image.size[::-1])
+    hired.remove(model, processor)
+    assert geometry.downsampled is not None
+    count, patches = geometry.num_partitions, geometry.side ** 2
+
+    def pack(values):
+        packed, _ = inner.pack_image_features([values], torch.as_tensor([image.size[::-1]]), image_newline=None,
+                                              vision_aspect_ratio=model.config.vision_aspect_ratio)
+        return packed[0]
+
+    slot_row = {tuple(slot): row for row, slot in enumerate(candidate_positions(geometry).tolist())}
+    rows = [slot_row[tuple(slot)] for slot in geometry.stock_order(record.kept).tolist()]
+    read = []
+    for partition in range(count):
+        basis = torch.zeros(count, patches, patches)
+        basis[partition] = torch.eye(patches)
+        read.append(pack(basis)[rows].ne(0).any(0).nonzero().flatten())
+    assert sum(len(r) for r in read) > len(rows)  # tokens that mix patches run on with each of them
+    tower = getattr(inner.vision_tower, "vision_model", inner.vision_tower)
+    encoder_layers = tower.encoder.layers
+    with torch.no_grad():
+        pixels = inputs["pixel_values"][0, :count]
+        states = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[1]  # layer 0's output
+        features = torch.zeros_like(states)
+        tower.encoder.layers = torch.nn.ModuleList(list(encoder_layers)[1:])  # feature layer -1: every later layer
+        try:
+            for partition, patches_read in enumerate(read):
+                if len(patches_read):
+                    out = tower.encoder(inputs_embeds=states[partition, patches_read][None]).last_hidden_state[0]
+                    features[partition, patches_read] = out
+        finally:
+            tower.encoder.layers = encoder_layers
+        expected = pack(inner.multi_modal_projector(features))[rows]
+    torch.testing.assert_close(fed, expected, atol=1e-5, rtol=1e-4)

@@ -7,7 +7,7 @@ pinpoints and the "anyres_max_9" downsampling that large images reach.
 
 import pytest
 import torch
-from conftest import noise_image
+from sample_inputs import image_prompt, noise_image
 from transformers import InternVLModel, LlavaOnevisionModel
 
 import hired
@@ -25,7 +25,7 @@ SIZES = {"internvl": INTERNVL_SIZES, "llava-onevision": ONEVISION_SIZES}
 
 
 def prompt(processor, images=1):
-    return "USER: " + " ".join([processor.image_token] * images) + " what is in the image ? ASSISTANT:"
+    return image_prompt(processor.image_token, images)
 
 
 def encode(processor, images, per_prompt=1):

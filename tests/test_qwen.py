@@ -11,7 +11,7 @@ kept features, planes and positions by hand.
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from sample_inputs import image_prompt, noise_image
 
 import hired
 from hired.families.qwen2_5_vl import token_grid
@@ -24,12 +24,8 @@ IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 SIZES = [(28, 28), (60, 1000), (1000, 60), (300, 500), (777, 333), (1080, 1920), (3000, 4000)]  # (height, width)
 
 
-def picture(height, width, seed=0):
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, size=(height, width, 3), dtype=np.uint8))
-
-
 def prompt(images=1):
-    return "USER: " + " ".join([IMAGE] * images) + " what is in the image ? ASSISTANT:"
+    return image_prompt(IMAGE, images)
 
 
 @pytest.fixture(scope="module", params=sorted(FACTORIES))
@@ -90,7 +86,7 @@ def kept_stock_positions(stock_ids, stock, image_grids, records, image_token):
 def test_placeholders_equal_features_equal_the_budget_at_native_resolution(model, height, width):
     model, processor = model
     hired.apply(model, processor, budget=0.2)
-    image = picture(height, width)
+    image = noise_image(width, height)
     inputs = processor(images=image, text=prompt(), return_tensors="pt")
     with torch.no_grad():
         model(**inputs)
@@ -109,7 +105,7 @@ def test_kept_tokens_and_the_text_after_keep_their_stock_positions(model, method
     """Two prompts (one with two images of different sizes), left padded: every kept token's (t, row, col)
     is the stock one of the same token of the unpruned prompt, every text token's too."""
     model, processor = model
-    images = [picture(300, 500, 1), picture(420, 260, 2), picture(500, 300, 3)]
+    images = [noise_image(500, 300, 1), noise_image(260, 420, 2), noise_image(300, 500, 3)]
     texts = [prompt(2), prompt(1)]
     stock_inputs, stock, stock_deltas = stock_positions(model, processor, images, texts)
     hired.apply(model, processor, method=method, budget=0.2)
@@ -134,7 +130,7 @@ def test_kept_tokens_and_the_text_after_keep_their_stock_positions(model, method
 def test_generation_with_beams_and_sampling_uses_the_kept_positions(model):
     model, processor = model
     hired.apply(model, processor, budget=0.2)
-    inputs = processor(images=[picture(300, 500), picture(200, 640, 1)], text=[prompt(), prompt()],
+    inputs = processor(images=[noise_image(500, 300), noise_image(640, 200, 1)], text=[prompt(), prompt()],
                        return_tensors="pt", padding=True)
     with torch.no_grad():
         greedy = model.generate(**inputs, max_new_tokens=4, do_sample=False)
@@ -159,7 +155,7 @@ def test_the_received_score_of_a_token_is_its_groups_eager_attention_column_mean
 
     modeling = modeling_qwen2_5_vl if family == "qwen2.5-vl" else modeling_qwen3_vl
     model, processor = FACTORIES[family](text_layers=1, attn_implementation="eager")
-    inputs = processor(images=picture(300, 500), text=prompt(), return_tensors="pt")
+    inputs = processor(images=noise_image(500, 300), text=prompt(), return_tensors="pt")
     last = model.model.visual.blocks[-1].attn
     maps = []
     eager = modeling.eager_attention_forward
@@ -182,7 +178,7 @@ def test_the_received_score_of_a_token_is_its_groups_eager_attention_column_mean
         groups = groups[torch.argsort(window)]
     hired.apply(model, processor, budget=0.2, score="received")
     with torch.no_grad():
-        model(**processor(images=picture(300, 500), text=prompt(), return_tensors="pt"))
+        model(**processor(images=noise_image(500, 300), text=prompt(), return_tensors="pt"))
     (record,) = hired.selections(model)
     geometry = processor.hired_geometry((300, 500))
     assert record.extras["score"] == "received"
@@ -196,7 +192,7 @@ def test_deepstack_planes_are_pruned_with_the_main_features(method):
     from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
     model, processor = tiny_qwen3_vl(text_layers=2)
-    images = [picture(300, 500), picture(420, 260, 1)]
+    images = [noise_image(500, 300), noise_image(260, 420, 1)]
     hired.apply(model, processor, method=method, budget=0.2)
     inputs = processor(images=images, text=[prompt(2)], return_tensors="pt")
     captured = {}
@@ -240,7 +236,7 @@ def test_a_video_beside_pruned_images_keeps_its_stock_positions(model):
     and type, the kept image tokens and the text theirs, decoding continues where the stock model does, and
     generate runs on it."""
     model, processor = model
-    images = [picture(300, 500, 1), picture(420, 260, 2)]
+    images = [noise_image(500, 300, 1), noise_image(260, 420, 2)]
     videos = [np.random.RandomState(3).randint(0, 256, size=(4, 84, 112, 3), dtype=np.uint8)]
     video = "<|vision_start|><|video_pad|><|vision_end|>"
     text = f"USER: {IMAGE} and {video} and {IMAGE} what is in the image ? ASSISTANT:"

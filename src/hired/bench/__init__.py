@@ -7,7 +7,7 @@ weights; see ``hired bench --help`` and :func:`run_benchmark`.
 from .cost import ModelShape, kv_cache_bytes, llm_prefill_flops, memory_estimate, parameter_count, vision_flops
 from .models import build_model, build_processor, known_models, load_model_spec
 from .report import markdown_table, write_outputs
-from .runner import BenchSpec, run_benchmark
+from .runner import BenchSpec, prefill_cost, run_benchmark
 
 __all__ = [
     "BenchSpec",
@@ -21,6 +21,7 @@ __all__ = [
     "markdown_table",
     "memory_estimate",
     "parameter_count",
+    "prefill_cost",
     "run_benchmark",
     "vision_flops",
     "write_outputs",

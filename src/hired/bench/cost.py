@@ -152,10 +152,20 @@ def parameter_count(shape: ModelShape) -> int:
     return vision + projector + text
 
 
-def vision_flops(shape: ModelShape, tiles: int, layers_run: int) -> int:
-    """FLOPs of a tiled ViT tower on ``tiles`` tiles through ``layers_run`` layers (patch embedding included)."""
+def vision_flops(shape: ModelShape, tiles: int, layers_run: int, drop: tuple[int, int] | None = None) -> int:
+    """FLOPs of a tiled ViT tower on ``tiles`` tiles through ``layers_run`` layers (patch embedding included).
+
+    ``drop``: ``(layer, kept)``, the layers after ``layer`` run over each tile's CLS token and the patches of
+    ``kept`` LLM tokens of the image (the early drop), each tile holding the same share of them (the model
+    counts an even spread; the kept tokens' own spread changes only the attention term).
+    """
     tokens = shape.tower_tokens
-    return tiles * _tower_flops(shape, shape.patches_per_tile, tokens, [[tokens]] * layers_run)
+    if drop is None:
+        return tiles * _tower_flops(shape, shape.patches_per_tile, tokens, [[tokens]] * layers_run)
+    layer, kept = drop
+    after = (1 if shape.cls else 0) + kept * shape.merge / tiles
+    return tiles * (_tower_flops(shape, shape.patches_per_tile, tokens, [[tokens]] * (layer + 1))
+                    + _tower_flops(shape, 0, after, [[after]] * (layers_run - layer - 1)))
 
 
 def native_vision_flops(shape: ModelShape, token_grid: tuple[int, int], layers_run: int,
@@ -189,7 +199,7 @@ def _pieces(length: int, size: int) -> list[int]:
     return [min(size, length - start) for start in range(0, length, size)]
 
 
-def _tower_flops(shape: ModelShape, patches: int, tokens: int, attention: list[list[int]]) -> int:
+def _tower_flops(shape: ModelShape, patches: int, tokens: float, attention: list[list[float]]) -> int:
     """Patch embedding of ``patches``, then one layer per entry of ``attention`` on ``tokens`` tokens, each
     layer's attention split into independent sequences of the listed lengths."""
     dv, mv = shape.vision_width, shape.vision_mlp
@@ -198,11 +208,13 @@ def _tower_flops(shape: ModelShape, patches: int, tokens: int, attention: list[l
     return int(embedding + sum(linear + 2 * 2 * dv * sum(n * n for n in layer) for layer in attention))
 
 
-def image_vision_flops(shape: ModelShape, geometry: PartitionGeometry, layers_run: int) -> int:
-    """FLOPs of the tower on one image of ``geometry``: its tiles, or its native-resolution raster."""
+def image_vision_flops(shape: ModelShape, geometry: PartitionGeometry, layers_run: int,
+                       drop: tuple[int, int] | None = None) -> int:
+    """FLOPs of the tower on one image of ``geometry``: its tiles, or its native-resolution raster; ``drop`` as
+    :func:`vision_flops`'s."""
     if isinstance(geometry, NativeGeometry):
-        return native_vision_flops(shape, geometry.tokens, layers_run)
-    return vision_flops(shape, geometry.num_partitions, layers_run)
+        return native_vision_flops(shape, geometry.tokens, layers_run, drop)
+    return vision_flops(shape, geometry.num_partitions, layers_run, drop)
 
 
 def projected_tokens(shape: ModelShape, geometry: PartitionGeometry) -> int:

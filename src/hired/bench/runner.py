@@ -232,9 +232,9 @@ def _record(bench, spec, shape, geometry, batch, size, method, budget, samples) 
     speedups = [s.ttft_s / r.ttft_s for s, r in zip(stock_runs, runs)]
     value_bytes = DTYPES[bench.dtype].itemsize
     projects_all = _family(spec).selects_projected
-    flops = _prefill_flops(shape, geometry, first, batch, method, bench.new_tokens, value_bytes, projects_all)
-    stock_flops = _prefill_flops(shape, geometry, stock_runs[0], batch, STOCK, bench.new_tokens, value_bytes,
-                                 projects_all)
+    flops = prefill_cost(shape, geometry, first, batch, method, bench.new_tokens, value_bytes, projects_all)
+    stock_flops = prefill_cost(shape, geometry, stock_runs[0], batch, STOCK, bench.new_tokens, value_bytes,
+                               projects_all)
     ideal = stock_flops["prefill_flops"] / flops["prefill_flops"] if flops["prefill_flops"] else None
     speedup = statistics.median(speedups)
     ttft = [r.ttft_s for r in runs]
@@ -246,7 +246,7 @@ def _record(bench, spec, shape, geometry, batch, size, method, budget, samples) 
         "dtype": bench.dtype,
         "batch": batch,
         "image_size": f"{size[0]}x{size[1]}",
-        "grid": _grid_label(geometry),
+        "grid": grid_label(geometry),
         "method": method,
         "budget": budget,
         "visual_tokens": first.visual_tokens,
@@ -278,20 +278,23 @@ def _record(bench, spec, shape, geometry, batch, size, method, budget, samples) 
     return record
 
 
-def _grid_label(geometry: PartitionGeometry) -> str:
+def grid_label(geometry: PartitionGeometry) -> str:
     """Tiles as ``rows x cols`` (``0x0``: one view), or a native-resolution raster as ``rows x cols tokens``."""
     if isinstance(geometry, NativeGeometry):
         return "x".join(map(str, geometry.tokens)) + " tokens"
     return "x".join(map(str, geometry.grid))
 
 
-def _prefill_flops(shape: ModelShape, geometry, sample: Sample, batch: int, method: str, new_tokens: int,
-                   value_bytes: int, projects_all: bool = False) -> dict[str, Any]:
+def prefill_cost(shape: ModelShape, geometry: PartitionGeometry, sample: Sample, batch: int, method: str,
+                 new_tokens: int, value_bytes: int, projects_all: bool = False,
+                 drop_layer: int | None = None) -> dict[str, Any]:
     """FLOPs up to the first token and the exact KV cache after ``new_tokens`` tokens, for this request.
 
     Methods that prune inside the decoder change both in ways only they know: reported as ``None``.
-    ``projects_all``: the family selects among projected tokens (LLaVA-OneVision), so every token is
-    projected whatever the method keeps.
+    ``projects_all``: the family selects among projected tokens (LLaVA-OneVision, the Qwen-VL towers'
+    merger), so every token is projected whatever the method keeps. ``drop_layer``: the tower layer the
+    method selected at (``HiredConfig.drop_layer``, resolved), after which the tower runs over the kept
+    tokens only.
     """
     if method != STOCK and not get_method(method).selects_before_llm:
         return {"prefill_flops": None, "vision_flops": None, "llm_prefill_flops": None, "kv_cache_mb": None}
@@ -301,8 +304,11 @@ def _prefill_flops(shape: ModelShape, geometry, sample: Sample, batch: int, meth
     # The stock path runs every tower layer and projects every patch; a reducing method runs the tower
     # up to the feature layer and projects only the tokens it keeps.
     layers_run = shape.vision_layers_used if reduced else shape.vision_layers
+    drop = (drop_layer, sample.visual_tokens) if reduced and drop_layer is not None else None
+    # A native tower's merger runs after the drop, over the kept groups only.
+    projects_all = projects_all and not (drop is not None and isinstance(geometry, NativeGeometry))
     stock_projected = projected_tokens(shape, geometry) * batch
     projected = sample.visual_tokens * batch if reduced and not projects_all else stock_projected
-    vision = batch * image_vision_flops(shape, geometry, layers_run) + projector_flops(shape, projected)
+    vision = batch * image_vision_flops(shape, geometry, layers_run, drop) + projector_flops(shape, projected)
     llm = llm_prefill_flops(shape, sample.prompt_tokens, batch)
     return {"prefill_flops": vision + llm, "vision_flops": vision, "llm_prefill_flops": llm, "kv_cache_mb": kv / 2**20}

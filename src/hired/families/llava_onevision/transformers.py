@@ -4,7 +4,8 @@ The tower has no CLS token, so HiRED and VisionZip score tokens by the attention
 stock model projects every tile, unpads the mosaic and, past nine tiles' worth, interpolates it
 down; the tokens it feeds are then mixtures of patches. Selection therefore acts on the fed tokens
 themselves: the tower's outputs go through the stock packing (projected features, and the scores
-and keys by the same interpolation), and the kept ones are fed as they are.
+and keys by the same interpolation), and the kept ones are fed as they are. With the early drop, the
+patches a kept token interpolates run on past the drop layer.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     model_internals = ("get_image_features", "get_placeholder_mask", "pack_image_features", "multi_modal_projector")
     processor_internals = ("replace_image_token", "_get_num_multimodal_tokens")
     selects_projected = True
-    drops_early = False  # a token of a downsampled mosaic mixes patches: no gather of them to run on
+    drops_early = True
     released_has_cls = False  # SigLIP
 
     def geometry(self, config, image_size, multi_image: bool = False,
@@ -163,6 +164,30 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
         return TowerRun(slotted(self.project(inner, run.features)), slotted_scores(run.distribution_scores),
                         slotted_scores(run.selection_scores), slotted(run.keys), run.hidden, run.score)
+
+    def kept_patches(self, inner, patches: int, geometries, choices) -> list[torch.Tensor]:
+        # A token of a downsampled mosaic interpolates up to four patches, possibly of neighbouring tiles: those run on.
+        keep = []
+        for geometry, choice in zip(geometries, choices):
+            if choice is None or geometry.downsampled is None:
+                keep += super().kept_patches(inner, patches, [geometry], [choice])
+            else:
+                keep += self.read_patches(inner, geometry, choice.selection.kept, patches)
+        return keep
+
+    def read_patches(self, inner, geometry: OnevisionGeometry, kept: list[torch.Tensor],
+                     patches: int) -> list[torch.Tensor]:
+        """Per tile, the ascending patches (of ``patches`` per tile) that the stock packing weighs above zero in the
+        tokens of slots ``kept`` (per partition): the gradient of their sum through the model's own packing."""
+        slots = candidate_positions(geometry)
+        wanted = torch.zeros(geometry.num_partitions, patches)
+        for partition, indices in enumerate(kept):
+            wanted[partition, indices.cpu()] = 1
+        with torch.inference_mode(False), torch.enable_grad():
+            mosaic = torch.zeros(geometry.num_partitions, patches, 1, requires_grad=True)
+            packed = self._pack(inner, mosaic, geometry, geometry.image_size)
+            (packed[:, 0] * wanted[slots[:, 0], slots[:, 1]]).sum().backward()
+        return [row.nonzero().flatten() for row in mosaic.grad[..., 0] != 0]
 
     def pack_stock(self, inner, run: TowerRun, geometry: OnevisionGeometry, image_size) -> torch.Tensor:
         return self._pack(inner, self.project(inner, run.features), geometry, image_size, newline=inner.image_newline)
