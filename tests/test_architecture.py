@@ -12,7 +12,7 @@ PACKAGE = Path(hired.__file__).parent
 # hired.selecting (the selection path every engine shares) and hired.signals (tower runs from captured
 # queries and keys) know no model class.
 ENGINE_ALLOWED = ("hired", "hired.algorithm", "hired.compat", "hired.geometry", "hired.loading", "hired.methods",
-                  "hired.selecting", "hired.signals", "hired.state", "hired.engines")
+                  "hired.native_drop", "hired.selecting", "hired.signals", "hired.state", "hired.engines")
 
 
 def _module_name(path: Path) -> str:
@@ -120,7 +120,7 @@ def test_the_algorithm_and_the_methods_know_no_model_class():
 
 def test_the_shared_selection_path_knows_no_family_nor_model_class():
     """Both engines call it: it may not reach into transformers' model classes or a family."""
-    for name in ("hired.selecting", "hired.signals"):
+    for name in ("hired.native_drop", "hired.selecting", "hired.signals"):
         imported = _imports(name, MODULES[name])
         assert not any(m.startswith(("hired.families", "hired.engines", "transformers")) for m in imported), name
 

@@ -17,7 +17,7 @@ from sample_inputs import image_prompt, noise_image
 from transformers.vision_utils import get_vision_window_index
 
 import hired
-from hired.engines.vllm.settings import check_servable
+from hired.engines.vllm.settings import check_servable, native_tower_plan, tower_plan
 from hired.families.internvl.tiny import tiny_internvl
 from hired.families.llava.tiny import tiny_llava
 from hired.families.llava_next.tiny import tiny_llava_next
@@ -198,8 +198,23 @@ def test_settings_the_early_drop_cannot_take_are_refused():
         hired.HiredConfig(method="fastv", drop_layer=1)
     with pytest.raises(ValueError, match="layer index"):
         hired.HiredConfig(drop_layer="7")
-    with pytest.raises(ValueError, match="vLLM plugin does not do yet"):
-        check_servable(hired.HiredConfig(drop_layer=7))
+
+
+def test_the_vllm_plan_places_the_drop_in_the_tower_vllm_builds():
+    config = tiny_llava_next()[0].config  # 3 CLIP layers, features from layer 1 (vision_feature_layer=-2)
+    check_servable(hired.HiredConfig(drop_layer=0))  # served now, for the tiled towers
+    plan = tower_plan(hired.HiredConfig(budget=0.2, drop_layer=-3), config)
+    assert (plan.drop, plan.feature, plan.distribution, plan.selection) == (0, 1, 0, 0)
+    assert tower_plan(hired.HiredConfig(budget=0.2, drop_layer=1), config).drop is None  # the feature layer: no drop
+    with pytest.raises(ValueError, match="drop at a layer from -3 to 1"):
+        tower_plan(hired.HiredConfig(budget=0.2, drop_layer=2), config)
+    qwen = tiny_qwen2_5_vl()[0].config  # 4 blocks, full attention in blocks 1 and 3
+    plan = native_tower_plan(hired.HiredConfig(budget=0.2, drop_layer=1), qwen)
+    assert (plan.drop, plan.feature, plan.selection) == (1, 3, 1)
+    with pytest.raises(ValueError, match="block 0 of this qwen2_5_vl tower attends within windows"):
+        native_tower_plan(hired.HiredConfig(budget=0.2, drop_layer=0), qwen)
+    with pytest.raises(ValueError, match="lies after drop_layer=1"):
+        native_tower_plan(hired.HiredConfig.create(budget=0.2, drop_layer=1, selection_layer=2), qwen)
 
 
 def test_the_drop_layer_is_stored_and_read_back(tmp_path):

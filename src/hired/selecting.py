@@ -176,6 +176,14 @@ def choose_images(
     return choices
 
 
+def name_drop_layer(records: Sequence[SelectionRecord], layer: int) -> None:
+    """Say in each record of an image whose tokens a method chose (not one fed whole) the tower layer it chose them
+    at (``HiredConfig.drop_layer`` resolved), in its ``extras``."""
+    for record in records:
+        if not record.extras.get("stock_model"):
+            record.extras["drop_layer"] = layer
+
+
 def full_record(geometry: PartitionGeometry, image_size: ImageSize, method: str, fed: int) -> SelectionRecord:
     """The record of an image fed whole: every candidate kept, no scores."""
     candidates = geometry.candidates
@@ -209,5 +217,5 @@ def _make_record(geometry, image_size, method, fed, partition_tokens, kept, dist
     )
 
 
-__all__ = ["Choice", "EarlyDrop", "ImageHook", "SelectedImages", "all_fed_whole", "choose_images", "full_record", "kept_counts", "runs_per_image",
-           "select_images", "selection_record"]
+__all__ = ["Choice", "EarlyDrop", "ImageHook", "SelectedImages", "all_fed_whole", "choose_images", "full_record",
+           "kept_counts", "name_drop_layer", "runs_per_image", "select_images", "selection_record"]

@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -222,6 +222,43 @@ def tower_has_cls(tower: nn.Module) -> bool:
     return hasattr(embeddings, "class_embedding") or hasattr(embeddings, "cls_token")
 
 
+def resume_layers(layers: Sequence[nn.Module], hidden: torch.Tensor, keep: list[torch.Tensor],
+                  has_cls: bool) -> torch.Tensor:
+    """Run a tower's ``layers`` over each tile's kept patches only (the early drop), in any engine.
+
+    Args:
+        layers: the tower layers after the one the tokens were chosen at, up to the feature layer.
+        hidden: ``(B, [1 +] N, D)`` the output of the layer the tokens were chosen at, for ``B`` tiles (its CLS
+            token first where the tower has one).
+        keep: per tile, the ascending patch indices (in ``0..N-1``) that go on; the CLS token always does.
+        has_cls: whether token 0 of ``hidden`` is a CLS token.
+
+    Returns:
+        ``(B, N, D)`` the last layer's output at each tile's kept patches, zeros at the others. Tiles that keep
+        as many patches run as one batch; each layer is called as the tower's encoder calls it (with no
+        attention mask: a vision tower attends to every token of its tile).
+    """
+    first = 1 if has_cls else 0
+    batch, _, width = hidden.shape
+    out = hidden.new_zeros(batch, hidden.shape[1] - first, width)
+    sizes: dict[int, list[int]] = {}
+    for tile, patches in enumerate(keep):
+        sizes.setdefault(len(patches), []).append(tile)
+    for size, tiles in sizes.items():
+        if size == 0:
+            continue  # a tile whose share is nothing runs no further
+        rows = torch.tensor(tiles, device=hidden.device)
+        patches = torch.stack([keep[tile] for tile in tiles]).to(hidden.device)
+        tokens = patches + first
+        if first:
+            tokens = torch.cat([tokens.new_zeros(len(tiles), 1), tokens], dim=1)
+        states = hidden[rows[:, None], tokens]
+        for layer in layers:
+            states = _output(layer(states, *[None] * _required_after_input(layer)))
+        out[rows[:, None], patches] = states[:, first:]
+    return out
+
+
 class VisionProbe:
     """Reads features, keys and CLS attention out of a ViT from transformers (CLIP, DINOv2, SigLIP, ...).
 
@@ -290,40 +327,10 @@ class VisionProbe:
             setattr(self.encoder, self.layers_attribute, full)
 
     def resume(self, hidden: torch.Tensor, keep: list[torch.Tensor], start: int, end: int) -> torch.Tensor:
-        """Run layers ``start + 1`` to ``end`` over each tile's kept patches only (the early drop).
-
-        Args:
-            hidden: ``(B, [1 +] N, D)`` layer ``start``'s output for ``B`` tiles (its CLS token first where the tower
-                has one).
-            keep: per tile, the ascending patch indices (in ``0..N-1``) that go on; the CLS token always does.
-            start: the layer the tokens were chosen at.
-            end: the last layer to run (the feature layer).
-
-        Returns:
-            ``(B, N, D)`` layer ``end``'s output at each tile's kept patches, zeros at the others. Tiles that keep
-            as many patches run as one batch; each layer is called as the tower's encoder calls it (with no
-            attention mask: a vision tower attends to every token of its tile).
-        """
-        first = 1 if self.has_cls else 0
-        batch, _, width = hidden.shape
-        out = hidden.new_zeros(batch, hidden.shape[1] - first, width)
-        layers = list(self.layers)[start + 1:end + 1]
-        sizes: dict[int, list[int]] = {}
-        for tile, patches in enumerate(keep):
-            sizes.setdefault(len(patches), []).append(tile)
-        for size, tiles in sizes.items():
-            if size == 0:
-                continue  # a tile whose share is nothing runs no further
-            rows = torch.tensor(tiles, device=hidden.device)
-            patches = torch.stack([keep[tile] for tile in tiles]).to(hidden.device)
-            tokens = patches + first
-            if first:
-                tokens = torch.cat([tokens.new_zeros(len(tiles), 1), tokens], dim=1)
-            states = hidden[rows[:, None], tokens]
-            for layer in layers:
-                states = _output(layer(states, *[None] * _required_after_input(layer)))
-            out[rows[:, None], patches] = states[:, first:]
-        return out
+        """Run layers ``start + 1`` to ``end`` over each tile's kept patches only (the early drop): see
+        :func:`resume_layers`, whose arguments ``hidden`` and ``keep`` are; ``start`` is the layer the tokens were
+        chosen at, ``end`` the last layer to run (the feature layer)."""
+        return resume_layers(list(self.layers)[start + 1:end + 1], hidden, keep, self.has_cls)
 
     def resolve_score(self, score: str) -> str:
         """``"auto"`` -> ``"cls"`` on a tower with a CLS token, the CLS-free default without; others as given.

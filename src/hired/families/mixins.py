@@ -21,7 +21,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..config import HiredConfig
 from ..geometry import PartitionGeometry
-from ..selecting import EarlyDrop, SelectedImages, all_fed_whole, choose_images, full_record, kept_counts, select_images
+from ..selecting import (EarlyDrop, SelectedImages, all_fed_whole, choose_images, full_record, kept_counts,
+                         name_drop_layer, select_images)
 from ..signals import TowerRun
 from ..state import ModelState
 from .records import check_counts
@@ -94,10 +95,8 @@ def select_call(family, inner, probe, call: ImageCall, counts: Sequence[int | No
         candidate_tokens=candidate_tokens,
         drop=drop,
     )
-    if config.drop_layer is not None:  # the records say where the method selected
-        for record in selected.records:
-            if not record.extras.get("stock_model"):
-                record.extras["drop_layer"] = drop_layer
+    if config.drop_layer is not None:
+        name_drop_layer(selected.records, drop_layer)
     return runs, selected
 
 

@@ -78,7 +78,7 @@ REGISTRATION = (
 TOWER = (
     ("", ("vision_tower", "multi_modal_projector", "config")),
     ("vision_tower", ("vision_model",)),
-    ("vision_tower.vision_model", ("encoder",)),
+    ("vision_tower.vision_model", ("encoder", "post_layernorm")),
     ("vision_tower.vision_model.encoder", ("layers",)),
     ("vision_tower.vision_model.encoder.layers.0.self_attn", ("qkv_proj", "num_heads", "num_heads_per_partition")),
 )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 from typing import Any, Callable, ClassVar, Iterable, Mapping
 
@@ -30,8 +31,8 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement
 
 from ... import FamilyAdapter, HiredConfig
-from ...selecting import all_fed_whole, runs_per_image, select_images
-from ...signals import TowerRun, run_from_attention, split_fused
+from ...selecting import EarlyDrop, all_fed_whole, choose_images, name_drop_layer, runs_per_image, select_images
+from ...signals import TowerRun, resume_layers, run_from_attention, split_fused
 from ...state import SelectionRecord
 from . import internals
 from .internals import Internal
@@ -282,19 +283,55 @@ class HiredVisionModel(HiredEncoderModel):
         return super()._process_image_input(image_input) if diverted is None else diverted
 
     def _hired_encode(self, image_input, counts: list[int | None]) -> list[torch.Tensor]:
-        family = self.hired_family
+        family, config = self.hired_family, self.hired_config
         tiles, sizes = self._hired_tiles(image_input)
         geometries = [family.geometry(self.config, size) for size in sizes]
-        tiles = [pixels[: geometry.num_partitions] for pixels, geometry in zip(tiles, geometries)]
-        with self._hired_capture() as captured:
-            features = self._image_pixels_to_features(self.vision_tower, torch.cat(tiles))
-        runs = runs_per_image(self._hired_run(features, captured), geometries)
-        selected = select_images(runs, geometries, sizes, counts, self.hired_config,
+        pixels = torch.cat([tiles[: geometry.num_partitions] for tiles, geometry in zip(tiles, geometries)])
+        candidate_tokens = functools.partial(family.candidate_tokens, self)
+        drop = None
+        if self.hired_plan.drop is None:
+            with self._hired_capture() as captured:
+                features = self._image_pixels_to_features(self.vision_tower, pixels)
+            runs = runs_per_image(self._hired_run(features, captured), geometries)
+        else:
+            drop = EarlyDrop(self.hired_plan.drop, functools.partial(
+                choose_images, geometries=geometries, image_sizes=sizes, counts=counts, config=config,
+                candidate_tokens=candidate_tokens))
+            runs = self._hired_dropped_runs(pixels, geometries, drop)
+        selected = select_images(runs, geometries, sizes, counts, config,
                                  pack_stock=self._hired_pack_stock,
                                  project=None if family.selects_projected else self.multi_modal_projector,
-                                 candidate_tokens=functools.partial(family.candidate_tokens, self))
+                                 candidate_tokens=candidate_tokens, drop=drop)
+        if config.drop_layer is not None:
+            name_drop_layer(selected.records, self.hired_plan.feature if drop is None else drop.layer)
         self.hired_selections.extend(selected.records)
         return selected.features
+
+    def _hired_dropped_runs(self, pixels: torch.Tensor, geometries: list, drop: EarlyDrop) -> list[TowerRun]:
+        """Each image's run with the early drop: the tower up to ``drop.layer``, the method's choice there, then the
+        later layers over the kept patches only (those :meth:`FamilyAdapter.kept_patches` names) and vLLM's post-norm
+        where the built tower has one, as transformers runs it (:meth:`FamilyAdapter.tower_runs`)."""
+        plan, vision = self.hired_plan, self.vision_tower.vision_model
+        layers = self._hired_layers()
+        captured_hidden: list[torch.Tensor] = []
+        handle = layers[drop.layer].register_forward_hook(
+            lambda module, inputs, output: captured_hidden.append(output[0] if isinstance(output, tuple) else output))
+        full = vision.encoder.layers
+        vision.encoder.layers = full[: drop.layer + 1]  # vLLM's tower call, stopped at the drop layer
+        try:
+            with self._hired_capture() as captured:
+                self._image_pixels_to_features(self.vision_tower, pixels)
+        finally:
+            vision.encoder.layers = full
+            handle.remove()
+        hidden = captured_hidden[0]
+        run = self._hired_run(hidden[:, plan.skip:], captured)
+        drop.choices = drop.choose(runs_per_image(run, geometries))
+        keep = self.hired_family.kept_patches(self, hidden.shape[1] - plan.skip, geometries, drop.choices)
+        features = resume_layers(layers[drop.layer + 1: plan.feature + 1], hidden, keep, has_cls=bool(plan.skip))
+        if vision.post_layernorm is not None:
+            features = vision.post_layernorm(features)
+        return runs_per_image(dataclasses.replace(run, features=features, hidden=features), geometries)
 
     def _hired_tiles(self, image_input) -> tuple[list[torch.Tensor], list]:
         """Each image's tiles (padding tiles included) and its ``(height, width)``, ``None`` where vLLM has none."""

@@ -38,11 +38,13 @@ import functools
 from typing import Any, Mapping
 
 import torch
+from torch import nn
 from vllm.distributed import tensor_model_parallel_all_gather
 
 from ...geometry import NativeGeometry
-from ...selecting import select_images
-from ...signals import merged_runs
+from ...native_drop import NativeTowerDrop
+from ...selecting import EarlyDrop, choose_images, name_drop_layer, select_images
+from ...signals import TowerRun, merged_runs
 from .internals import Internal
 from .mixins import ENCODING, HiredEncoderModel, HiredMultiModalProcessor, HiredProcessingInfo
 from .settings import KEPT_FIELD, field_count, native_tower_plan
@@ -52,6 +54,9 @@ from .settings import KEPT_FIELD, field_count, native_tower_plan
 OFFSET_CHANNELS = 4
 DIGIT = 256
 POSITIONS = "placing each kept token at its stock M-RoPE position"
+DROPPING = "running the tower's later blocks over the kept patches (drop_layer)"
+# The arguments of a tower block that the early drop narrows to the kept patches (hired.native_drop).
+DROP_BLOCK_ARGUMENTS = ("cu_seqlens", "rotary_pos_emb_cos", "rotary_pos_emb_sin", "max_seqlen")
 
 
 def grid_geometries(grids, vision_config) -> list[NativeGeometry]:
@@ -130,6 +135,11 @@ class HiredNativeModel(HiredEncoderModel):
         if getattr(self, "is_multimodal_pruning_enabled", False):
             raise ValueError("vLLM's video pruning (video_pruning_rate) adds position channels to every image's "
                              "embeddings and rewrites their positions; serve hired without video_pruning_rate")
+        backend = getattr(getattr(self.visual, "attn_backend", None), "name", None)
+        if self.hired_config.drop_layer is not None and backend == "FLASHINFER":
+            raise ValueError("drop_layer runs the tower's later blocks over the kept patches, with each image's attention "
+                             "spans recounted in patches, but vLLM's FlashInfer vision attention counts its spans in "
+                             "other units; serve with another mm_encoder_attn_backend, or without drop_layer")
         graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
         if graphs is not None and graphs.mixed_mode().name == "FULL":
             # forward places the kept tokens in Python, which a full graph of a prefill batch would skip
@@ -145,21 +155,37 @@ class HiredNativeModel(HiredEncoderModel):
 
     def _hired_encode(self, image_input, counts: list[int | None]) -> list[torch.Tensor]:
         """Each image's embeddings: its kept tokens with their offsets, or every token where its count is ``None``."""
-        visual, plan = self.visual, self.hired_plan
+        visual, plan, config = self.visual, self.hired_plan, self.hired_config
         grids = image_input["image_grid_thw"].tolist()
         geometries = grid_geometries(grids, self.config.vision_config)
         metadata = visual.prepare_encoder_metadata(grids)
-        with self._hired_capture() as captured:
-            merged = visual(image_input["pixel_values"], grid_thw=grids, encoder_metadata=metadata)
-        width = self.config.vision_config.out_hidden_size
-        planes = merged[:, width:].reshape(merged.shape[0], self.hired_planes, width) if self.hired_planes else None
-        # A windowed tower (Qwen2.5-VL) attends over its merge groups permuted; the metadata holds the way back.
-        runs = merged_runs(merged[:, :width], planes, captured["distribution"], captured["selection"], geometries,
-                           unit=visual.spatial_merge_size ** 2, order=metadata.get("reverse_indices"),
-                           score=plan.score, num_heads=self._hired_heads(), aggregation=plan.aggregation)
+        unit = visual.spatial_merge_size ** 2
+        drop = None if plan.drop is None else EarlyDrop(plan.drop, functools.partial(
+            choose_images, geometries=geometries, image_sizes=[None] * len(geometries), counts=counts, config=config))
+        with self._hired_capture() as read:
+            def read_runs(merged: torch.Tensor, planes: torch.Tensor | None) -> list[TowerRun]:
+                # A windowed tower (Qwen2.5-VL) attends over its merge groups permuted; the metadata holds the way back.
+                return merged_runs(merged, planes, *read(), geometries, unit=unit,
+                                   order=metadata.get("reverse_indices"), score=plan.score,
+                                   num_heads=self._hired_heads(), aggregation=plan.aggregation)
+
+            with _hookable_tower(visual, drop is not None):
+                handles = [] if drop is None else NativeTowerDrop(
+                    visual, drop, geometries, unit, lambda: metadata.get("window_index"), read_runs).install()
+                try:
+                    merged = visual(image_input["pixel_values"], grid_thw=grids, encoder_metadata=metadata)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+            width = self.config.vision_config.out_hidden_size
+            planes = merged[:, width:].reshape(merged.shape[0], self.hired_planes, width) if self.hired_planes else None
+            runs = read_runs(merged[:, :width], planes)
         # As in transformers, the model sees only the resized image: its records give no original size.
-        selected = select_images(runs, geometries, [None] * len(geometries), counts, self.hired_config,
-                                 pack_stock=functools.partial(self.hired_family.pack_stock, self), project=None)
+        selected = select_images(runs, geometries, [None] * len(geometries), counts, config,
+                                 pack_stock=functools.partial(self.hired_family.pack_stock, self), project=None,
+                                 drop=drop)
+        if config.drop_layer is not None:
+            name_drop_layer(selected.records, plan.feature if drop is None else drop.layer)
         self.hired_selections.extend(selected.records)
         embeddings = []
         for features, rows, run, geometry, count in zip(selected.features, selected.kept_rows, runs, geometries,
@@ -180,8 +206,10 @@ class HiredNativeModel(HiredEncoderModel):
 
     @contextlib.contextmanager
     def _hired_capture(self):
-        """Keep, per layer the method reads, ``(query, key, raw_key)`` of every patch, ``(patches, heads * head_dim)``
-        each, in the tower's order (gathered across tensor-parallel ranks)."""
+        """Keep, per layer the method reads, the queries and keys of one tower call; yields a function that returns,
+        once those layers have run, ``(query, key, raw_key)`` of every patch for the distribution layer and for the
+        selection layer, ``(patches, heads * head_dim)`` each, in the tower's order (gathered across
+        tensor-parallel ranks)."""
         plan = self.hired_plan
         raw: dict[int, torch.Tensor] = {}
         rotated: dict[int, torch.Tensor] = {}
@@ -197,21 +225,21 @@ class HiredNativeModel(HiredEncoderModel):
             attention = self.visual.blocks[layer].attn
             handles.append(attention.qkv.register_forward_hook(functools.partial(keep_qkv, layer)))
             handles.append(attention.apply_rotary_emb.register_forward_hook(functools.partial(keep_rotated, layer)))
-        captured: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        try:
-            yield captured
-        finally:
-            for handle in handles:
-                handle.remove()
-        attention = self.visual.blocks[plan.selection].attn
-        local_heads = attention.num_attention_heads_per_partition
-        for name, layer in (("distribution", plan.distribution), ("selection", plan.selection)):
+        local_heads = self.visual.blocks[plan.selection].attn.num_attention_heads_per_partition
+
+        def read(layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             fused = raw[layer].reshape(raw[layer].shape[0], 3, local_heads, -1)  # (patches, q/k/v, heads, head_dim)
             both = rotated[layer]  # (2, patches, heads, head_dim): the rotated queries, then keys
             parts = [both[0].flatten(1), both[1].flatten(1), fused[:, 1].flatten(1)]
             if local_heads != self._hired_heads():  # this rank holds a share of the heads
                 parts = [tensor_model_parallel_all_gather(part.contiguous(), dim=-1) for part in parts]
-            captured[name] = tuple(parts)
+            return tuple(parts)
+
+        try:
+            yield lambda: (read(plan.distribution), read(plan.selection))
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # Positions
 
@@ -275,9 +303,38 @@ class HiredNativeModel(HiredEncoderModel):
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
 
+class _Hookable(nn.Module):
+    """A tower module behind one whose hooks run: vLLM's compilable blocks and mergers call their ``forward`` from a
+    ``__call__`` of their own, which skips the hooks registered on them."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.block(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _hookable_tower(visual, wanted: bool):
+    """While it lasts, the tower's blocks and mergers (those :class:`hired.native_drop.NativeTowerDrop`
+    hooks) each behind a :class:`_Hookable`, when ``wanted``."""
+    names = [name for name in ("blocks", "merger", "deepstack_merger_list") if hasattr(visual, name)]
+    modules = {name: getattr(visual, name) for name in names}
+    if wanted:
+        for name, module in modules.items():
+            setattr(visual, name, nn.ModuleList(_Hookable(part) for part in module)
+                    if isinstance(module, nn.ModuleList) else _Hookable(module))
+    try:
+        yield
+    finally:
+        for name, module in modules.items():
+            setattr(visual, name, module)
+
+
 def _field_value(data, key: str) -> int | None:
     element = data.get(key) if data is not None else None
     return None if element is None else int(element.data)
 
 
-__all__ = ["HiredNativeModel", "HiredNativeProcessingInfo", "HiredNativeProcessor", "OFFSET_CHANNELS"]
+__all__ = ["DROPPING", "DROP_BLOCK_ARGUMENTS", "HiredNativeModel", "HiredNativeProcessingInfo", "HiredNativeProcessor", "OFFSET_CHANNELS"]

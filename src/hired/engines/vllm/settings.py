@@ -20,6 +20,7 @@ from ...compat import require_attribute
 from ...geometry import PartitionGeometry
 from ...algorithm import CLS_FREE_SCORE
 from ...methods import available_methods, get_method
+from ...native_drop import drop_block
 from ...state import CONFIG_KEY
 
 
@@ -92,12 +93,6 @@ def engine_config(hf_config) -> HiredConfig | None:
 def check_servable(config: HiredConfig) -> None:
     """Refuse a method whose token count is not known before the vision tower runs."""
     method = get_method(config.method)
-    if config.drop_layer is not None:
-        raise ValueError(
-            f"drop_layer={config.drop_layer} selects inside the vision tower, which the vLLM plugin does not do yet: it "
-            "runs the tower in full and selects after it; drop the setting to serve this model, or run the early drop "
-            "in transformers"
-        )
     if method.stage == "llm":
         raise ValueError(
             f"method {config.method!r} prunes inside the language model, but vLLM fixes each prompt's length "
@@ -260,14 +255,18 @@ def field_count(value: int | None) -> int | None:
 @dataclass(frozen=True)
 class TowerPlan:
     """What the model reads from vLLM's vision tower for a method: two layers (indices into the built
-    tower), the score, the head aggregation, and ``skip``, the tokens ahead of the patches in the
-    layers' queries and keys (a CLS token)."""
+    tower), the score, the head aggregation, ``skip``, the tokens ahead of the patches in the
+    layers' queries and keys (a CLS token), and where an early drop selects."""
 
     distribution: int
     selection: int
     score: str
     aggregation: str
     skip: int = 0
+    # The early drop (HiredConfig.drop_layer): the layer the method selects at, before the feature layer ``feature``,
+    # after which only the kept tokens run on; None: the method selects after the tower.
+    drop: int | None = None
+    feature: int | None = None
 
 
 # The towers over tiles the plugin reads (the LLaVA families' CLIP and SigLIP, InternVL's InternViT), by model type:
@@ -305,10 +304,17 @@ def tower_plan(config: HiredConfig, hf_config) -> TowerPlan:
     if not has_cls:
         get_method(config.method).check_tower(False, f"the {kind} tower of this {hf_config.model_type} model")
     layers = config.method_options.signal_layers()
+    drop = feature
+    if config.drop_layer is not None:
+        if not -depth <= config.drop_layer < depth or config.drop_layer % depth > feature:
+            raise ValueError(f"drop_layer={config.drop_layer} is out of range: this {hf_config.model_type} model takes "
+                             f"its features from layer {feature} of {depth}, so drop at a layer from {-depth} to "
+                             f"{feature}")
+        drop = config.drop_layer % depth
     indices = []
     for name, value in (("distribution_layer", layers.distribution), ("selection_layer", layers.selection)):
         if value is None:
-            indices.append(feature)
+            indices.append(drop)
             continue
         if not -depth <= value < depth:
             raise ValueError(f"{name}={value} is out of range for a vision tower of {depth} layers "
@@ -317,9 +323,12 @@ def tower_plan(config: HiredConfig, hf_config) -> TowerPlan:
             raise ValueError(f"{name}={value} is layer {value % depth} of the vision tower, after the feature layer "
                              f"{feature}; vLLM builds the tower only up to the feature layer, so that layer does not "
                              f"exist there: choose a layer up to {feature}")
+        if value % depth > drop:
+            raise ValueError(f"{name}={value} lies after drop_layer={config.drop_layer} (layer {drop}), whose tokens "
+                             "the method must choose from; read layers at or before it")
         indices.append(value % depth)
     return TowerPlan(indices[0], indices[1], resolved_score(layers.score, has_cls, hf_config), layers.aggregation,
-                     skip=int(has_cls))
+                     skip=int(has_cls), drop=None if drop == feature else drop, feature=feature)
 
 
 def resolved_score(score: str, has_cls: bool, hf_config) -> str:
@@ -347,13 +356,21 @@ def native_tower_plan(config: HiredConfig, hf_config) -> TowerPlan:
     depth = int(vision.depth)
     get_method(config.method).check_tower(False, f"the vision tower of this {hf_config.model_type} model")
     layers = config.method_options.signal_layers()
+    feature = drop = depth - 1
+    if config.drop_layer is not None:
+        whole = sorted(getattr(vision, "fullatt_block_indexes", None) or range(depth))
+        drop = drop_block(config.drop_layer, depth, whole, hf_config.model_type)
     indices = []
     for name, value in (("distribution_layer", layers.distribution), ("selection_layer", layers.selection)):
         if value is None:
-            indices.append(depth - 1)
+            indices.append(drop)
             continue
         if not -depth <= value < depth:
             raise ValueError(f"{name}={value} is out of range for a vision tower of {depth} blocks "
                              f"(valid: {-depth}..{depth - 1})")
+        if value % depth > drop:
+            raise ValueError(f"{name}={value} lies after drop_layer={config.drop_layer} (block {drop}), whose tokens "
+                             "the method must choose from; read blocks at or before it")
         indices.append(value % depth)
-    return TowerPlan(indices[0], indices[1], resolved_score(layers.score, False, hf_config), layers.aggregation)
+    return TowerPlan(indices[0], indices[1], resolved_score(layers.score, False, hf_config), layers.aggregation,
+                     drop=None if drop == feature else drop, feature=feature)

@@ -30,6 +30,7 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 
 from ... import compat
 from ...geometry import NativeGeometry
+from ...native_drop import NativeTowerDrop, drop_block, full_attention_blocks
 from ...selecting import EarlyDrop
 from ...signals import TowerRun, VisionProbe, merged_runs
 from ...state import ModelState
@@ -242,83 +243,6 @@ def restore_kept_positions(state: ModelState, module, args, kwargs):
     return args, kwargs
 
 
-def full_attention_blocks(visual, count: int) -> list[int]:
-    """The blocks of a Qwen-VL tower that attend across the whole image (Qwen2.5-VL's ``fullatt_block_indexes``;
-    every block of a tower without windows)."""
-    return sorted(getattr(visual, "fullatt_block_indexes", range(count)))
-
-
-class _TowerDrop:
-    """The hooks of one tower call that select at ``drop.layer`` and run the blocks after it over the kept tokens.
-
-    At the drop block's output the method chooses each image's merged tokens from the runs at that
-    block (a token's features: the mean of its patches there); the hidden states then shrink to the
-    kept tokens' patches, in the tower's own order, and every later block gets them with their own
-    rotary positions and the attention spans recounted over them: each image, and in a windowed
-    tower each window, holds its kept patches. The merger (and each DeepStack merger from the drop
-    block on) writes its kept tokens back into a tensor of every token, zeros elsewhere, so that the
-    tower's own reordering and output stay as they are.
-    """
-
-    def __init__(self, visual, drop: EarlyDrop, geometries: list[NativeGeometry], unit: int, captured: dict,
-                 runs) -> None:
-        self.visual, self.drop, self.geometries, self.unit = visual, drop, geometries, unit
-        self.captured, self.runs = captured, runs
-        self.groups = self.patches = self.counted = None
-        self.total = 0
-
-    def install(self) -> list:
-        blocks = self.visual.blocks
-        layer = self.drop.layer
-        handles = [blocks[layer].register_forward_hook(self.select)]
-        handles += [block.register_forward_pre_hook(self.narrow, with_kwargs=True) for block in list(blocks)[layer + 1:]]
-        handles.append(self.visual.merger.register_forward_hook(self.widen))
-        deepstack = zip(getattr(self.visual, "deepstack_visual_indexes", ()),
-                        getattr(self.visual, "deepstack_merger_list", ()))
-        handles += [merger.register_forward_hook(self.widen) for index, merger in deepstack if index >= layer]
-        return handles
-
-    def select(self, module, inputs, hidden: torch.Tensor) -> torch.Tensor:
-        unit = self.unit
-        window = self.captured.get("window")  # per position in the tower's order, its merged token in raster order
-        groups = hidden.reshape(-1, unit, hidden.shape[-1]).mean(1)
-        raster = groups if window is None else groups[torch.argsort(window)]
-        choices = self.drop.choose(self.runs(raster, None))
-        self.drop.choices = choices
-        keep = torch.zeros(groups.shape[0], dtype=torch.bool)
-        start = 0
-        for geometry, choice in zip(self.geometries, choices):
-            count = geometry.tokens[0] * geometry.tokens[1]
-            if choice is None:
-                keep[start:start + count] = True
-            else:
-                rank = geometry.candidates[0].long().cumsum(0) - 1  # lattice position -> raster index
-                keep[start + rank[choice.selection.kept[0]]] = True
-            start += count
-        if window is not None:
-            keep = keep[window.cpu()]
-        kept = keep.nonzero().flatten()
-        self.total = groups.shape[0]
-        self.groups = kept.to(hidden.device)
-        self.patches = (kept[:, None] * unit + torch.arange(unit)).flatten().to(hidden.device)
-        self.counted = torch.cat([torch.zeros(1, dtype=torch.long), keep.repeat_interleave(unit).long().cumsum(0)])
-        return hidden[self.patches]
-
-    def narrow(self, module, args, kwargs):
-        spans = kwargs["cu_seqlens"]
-        kept = torch.unique_consecutive(self.counted[spans.long().cpu()]).to(spans)
-        kwargs["cu_seqlens"] = kept
-        if kwargs.get("max_seqlen") is not None:
-            kwargs["max_seqlen"] = int((kept[1:] - kept[:-1]).max())
-        kwargs["position_embeddings"] = tuple(value[self.patches] for value in kwargs["position_embeddings"])
-        return args, kwargs
-
-    def widen(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
-        every = output.new_zeros(self.total, *output.shape[1:])
-        every[self.groups] = output
-        return every
-
-
 class NativeResolutionProcessor(HiredProcessor):
     """Mixed into a swapped Qwen-VL processor: ``<|image_pad|>`` expands into exactly the tokens the method keeps.
 
@@ -397,20 +321,12 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         every block)."""
         if drop_layer is None:
             return feature_layer
-        count = probe.num_layers
-        if not -count <= drop_layer < count:
-            raise ValueError(f"drop_layer={drop_layer} is out of range for a vision tower of {count} blocks (valid: "
-                             f"{-count}..{count - 1})")
-        index = drop_layer % count
         visual = inner.visual
         purpose = "running the tower's later blocks over the kept tokens (drop_layer)"
         compat.require_arguments(type(visual.blocks[0]).forward, ("cu_seqlens", "position_embeddings"), purpose)
         compat.require_attribute(visual, "merger", purpose)
-        whole = full_attention_blocks(visual, count)
-        if index not in whole:
-            raise ValueError(f"drop_layer={drop_layer}: block {index} of this {self.name} tower attends within windows, "
-                             f"so its scores rank tokens only inside each window; drop at a block that attends across "
-                             f"the whole image: {', '.join(map(str, whole))}")
+        count = probe.num_layers
+        index = drop_block(drop_layer, count, full_attention_blocks(visual, count), self.name)
         return index
 
     def tower_runs(self, inner, call: ImageCall, probe: VisionProbe, feature_layer: int, distribution_layer: int,
@@ -456,7 +372,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         if windowed:
             visual.permute_input_for_window_attn = keep_window
         if drop is not None:
-            handles += _TowerDrop(visual, drop, call.geometries, unit, captured, runs).install()
+            handles += NativeTowerDrop(visual, drop, call.geometries, unit, lambda: captured.get("window"), runs).install()
         try:
             output = visual(torch.cat(call.tiles).type(visual.dtype), grid_thw=grid)
         finally:

@@ -12,7 +12,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ...engines.vllm.internals import Internal
 from ...engines.vllm.mixins import ENCODING
-from ...engines.vllm.native import HiredNativeModel, HiredNativeProcessingInfo, HiredNativeProcessor
+from ...engines.vllm.native import DROP_BLOCK_ARGUMENTS, DROPPING, HiredNativeModel, HiredNativeProcessingInfo, HiredNativeProcessor
 from . import QWEN2_5_VL
 
 
@@ -36,6 +36,7 @@ class HiredQwen2_5_VLForConditionalGeneration(HiredNativeModel, qwen2_5_vl.Qwen2
                                        qwen2_5_vl.Qwen2_5_VLImagePixelInputs),
         Internal.of(qwen2_5_vl.Qwen2_5_VisionTransformer, "prepare_encoder_metadata", ENCODING, ("grid_thw",)),
         Internal.of(qwen2_5_vl.Qwen2_5_VisionTransformer, "forward", ENCODING, ("x", "grid_thw", "encoder_metadata")),
+        Internal.of(qwen2_5_vl.Qwen2_5_VisionBlock, "forward", DROPPING, DROP_BLOCK_ARGUMENTS),
     )
 
 

@@ -12,7 +12,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ...engines.vllm.internals import Internal
 from ...engines.vllm.mixins import COUNTING, ENCODING
-from ...engines.vllm.native import HiredNativeModel, HiredNativeProcessingInfo, HiredNativeProcessor
+from ...engines.vllm.native import DROP_BLOCK_ARGUMENTS, DROPPING, HiredNativeModel, HiredNativeProcessingInfo, HiredNativeProcessor
 from ...engines.vllm.settings import split_request_kwargs
 from . import QWEN3_VL
 
@@ -45,6 +45,7 @@ class HiredQwen3VLForConditionalGeneration(HiredNativeModel, qwen3_vl.Qwen3VLFor
         *HiredNativeModel.internals_of(qwen3_vl.Qwen3VLForConditionalGeneration, qwen2_5_vl.Qwen2_5_VLImagePixelInputs),
         Internal.of(qwen3_vl.Qwen3_VisionTransformer, "prepare_encoder_metadata", ENCODING, ("grid_thw_list",)),
         Internal.of(qwen3_vl.Qwen3_VisionTransformer, "forward", ENCODING, ("x", "grid_thw", "encoder_metadata")),
+        Internal.of(qwen3_vl.Qwen3_VisionBlock, "forward", DROPPING, DROP_BLOCK_ARGUMENTS),
     )
 
 
